@@ -1,0 +1,414 @@
+"""FTAG HDF5 files: variables by name, normalisation, labels, and the checks around them.
+
+A file holds structured datasets (``jets``: one row per jet; ``tracks``: ``(n_jets, n_slots)``
+with a ``valid`` flag). Each *input type* of the model (``jets``, ``tracks``, ``global``) reads
+its variables from one dataset (``input_map``). Everything that is read from one dataset is read
+in a single HDF5 call into a packed float32 record, so HDF5 does the type conversion in C and the
+result is viewed as a plain ``float32`` array without another copy.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import yaml
+
+DEFAULT_INPUT_MAP: dict[str, str] = {"jets": "jets", "tracks": "tracks", "global": "jets"}
+VALID = "valid"
+
+
+class DataError(ValueError):
+    """Bad input data or data configuration; the message names the file, key and expectation."""
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """How a label variable becomes class indices.
+
+    ``label_map`` maps values in the file to class indices (a target of -1 means "ignored by the
+    loss"); any other value in the file is an error. Without a map, values must lie in
+    ``[0, num_classes)`` when ``num_classes`` is known.
+    """
+
+    label_map: Mapping[int, int] | None = None
+    num_classes: int | None = None
+
+
+LabelsConfig = Mapping[str, Mapping[str, LabelSpec | Mapping[int, int] | None]]
+
+
+def _closest(name: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
+    return f" Closest available: {', '.join(close)}." if close else ""
+
+
+def open_h5(path: str | Path) -> h5py.File:
+    """Open an HDF5 file for reading with one clear error for a missing or unreadable file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found.")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(
+            f"{path}: not a readable HDF5 file (truncated or corrupt?): {err}"
+        ) from None
+
+
+def load_yaml_dict(path: str | Path, what: str) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: {what} not found.")
+    with path.open() as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise DataError(f"{path}: {what} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise DataError(
+            f"{path}: {what} must be a mapping of input -> variable -> ..., got "
+            f"{type(data).__name__}."
+        )
+    return data
+
+
+def _norm_section(
+    norm_dict: Mapping, input_type: str, dataset: str, where: str
+) -> tuple[str, Mapping]:
+    """The norm_dict section for an input type: its own name first, then its dataset's."""
+    for key in (input_type, dataset):
+        if key in norm_dict:
+            return key, norm_dict[key]
+    raise DataError(
+        f"{where}norm_dict has no section for input '{input_type}' (dataset '{dataset}'); "
+        f"sections: "
+        f"{sorted(norm_dict)}."
+    )
+
+
+def norm_arrays(
+    norm_dict: Mapping, input_type: str, dataset: str, variables: Sequence[str], source: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, 1/std) as float32 arrays for ``variables``, checked for presence and std > 0."""
+    where = f"{source}: " if source else ""
+    key, section = _norm_section(norm_dict, input_type, dataset, where)
+    mean, inv_std = [], []
+    for var in variables:
+        if var not in section:
+            raise DataError(
+                f"{where}norm_dict['{key}'] has no entry for variable '{var}'."
+                f"{_closest(var, list(section))}"
+            )
+        entry = section[var]
+        try:
+            m, s = float(entry["mean"]), float(entry["std"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(
+                f"{where}norm_dict['{key}']['{var}'] must be {{mean: float, std: float}}, "
+                f"got {entry!r}."
+            ) from None
+        if not np.isfinite(m) or not np.isfinite(s) or s <= 0:
+            raise DataError(
+                f"{where}norm_dict['{key}']['{var}'] has mean={m}, std={s}: std must be finite "
+                f"and > 0 (a constant variable carries no information; drop it)."
+            )
+        mean.append(m)
+        inv_std.append(1.0 / s)
+    return np.asarray(mean, np.float32), np.asarray(inv_std, np.float32)
+
+
+def _as_spec(spec: LabelSpec | Mapping[int, int] | None) -> LabelSpec:
+    if isinstance(spec, LabelSpec):
+        return spec
+    if spec is None:
+        return LabelSpec()
+    return LabelSpec(label_map={int(k): int(v) for k, v in dict(spec).items()})
+
+
+@dataclass
+class _LabelPlan:
+    input_type: str
+    name: str
+    column: int
+    spec: LabelSpec
+    lut: np.ndarray | None = None  # value - lut_offset -> class index; -2 marks "not in map"
+    lut_offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.spec.label_map:
+            keys = np.array(sorted(self.spec.label_map), dtype=np.int64)
+            self.lut_offset = int(keys.min())
+            self.lut = np.full(int(keys.max()) - self.lut_offset + 1, -2, dtype=np.int64)
+            for k, v in self.spec.label_map.items():
+                self.lut[int(k) - self.lut_offset] = int(v)
+
+
+@dataclass
+class _InputPlan:
+    input_type: str
+    columns: np.ndarray
+    mean: np.ndarray
+    inv_std: np.ndarray
+    variables: list[str]
+
+
+@dataclass
+class _DatasetPlan:
+    """Everything read from one dataset in one call."""
+
+    name: str
+    fields: list[str] = field(default_factory=list)
+    inputs: list[_InputPlan] = field(default_factory=list)
+    labels: list[_LabelPlan] = field(default_factory=list)
+    valid_column: int | None = None
+
+    def column(self, name: str) -> int:
+        if name not in self.fields:
+            self.fields.append(name)
+        return self.fields.index(name)
+
+    @property
+    def read_dtype(self) -> np.dtype:
+        return np.dtype([(f, np.float32) for f in self.fields])
+
+
+@dataclass
+class Chunk:
+    """Arrays for a contiguous range of jets, ready to be cut into batches."""
+
+    inputs: dict[str, np.ndarray]  # normalised float32, padded slots zero
+    valid: dict[str, np.ndarray]  # bool masks (True = real) for per-track input types
+    labels: dict[str, dict[str, np.ndarray]]  # int64, label maps applied
+    num_real: dict[str, np.ndarray] = field(default_factory=dict)  # real tracks per jet
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+
+class FTAGReader:
+    """Reads normalised inputs and labels from one FTAG file, by variable name.
+
+    The file is opened lazily, so the object can be created in the main process and used in
+    DataLoader workers (each opens its own handle).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        variables: Mapping[str, Sequence[str]],
+        norm_dict: Mapping,
+        labels: LabelsConfig | None = None,
+        input_map: Mapping[str, str] | None = None,
+        nan_policy: str = "error",
+        compact_tracks: bool = True,
+    ) -> None:
+        if nan_policy not in ("error", "replace"):
+            raise DataError(f"nan_policy must be 'error' or 'replace', got '{nan_policy}'.")
+        self.path = Path(path)
+        self.nan_policy = nan_policy
+        self.compact_tracks = compact_tracks
+        self.input_map = {**DEFAULT_INPUT_MAP, **dict(input_map or {})}
+        self._file: h5py.File | None = None
+        _ = self.file  # fail early, naming the file, if it is missing or unreadable
+        self.plans: dict[str, _DatasetPlan] = {}
+        for input_type, var_list in variables.items():
+            if not var_list:
+                continue
+            dataset = self._dataset_for(input_type)
+            plan = self.plans.setdefault(dataset, _DatasetPlan(dataset))
+            cols = np.array([plan.column(v) for v in var_list], dtype=np.intp)
+            mean, inv_std = norm_arrays(norm_dict, input_type, dataset, var_list, str(self.path))
+            plan.inputs.append(_InputPlan(input_type, cols, mean, inv_std, list(var_list)))
+        for input_type, label_specs in (labels or {}).items():
+            dataset = self._dataset_for(input_type)
+            plan = self.plans.setdefault(dataset, _DatasetPlan(dataset))
+            for name, spec in label_specs.items():
+                plan.labels.append(_LabelPlan(input_type, name, plan.column(name), _as_spec(spec)))
+        self.num_jets, self.num_slots = self._validate()
+
+    def _dataset_for(self, input_type: str) -> str:
+        if input_type not in self.input_map:
+            raise DataError(
+                f"input type '{input_type}' has no dataset in input_map {self.input_map}."
+            )
+        return self.input_map[input_type]
+
+    @property
+    def file(self) -> h5py.File:
+        if self._file is None:
+            self._file = open_h5(self.path)
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # h5py handles cannot cross process boundaries; workers reopen the file.
+        return {**self.__dict__, "_file": None}
+
+    def _validate(self) -> tuple[int, int | None]:
+        """Check datasets, variables and shapes once, up front; return (n_jets, n_slots)."""
+        lengths: dict[str, int] = {}
+        num_slots = None
+        for name, plan in self.plans.items():
+            if name not in self.file:
+                raise DataError(
+                    f"{self.path}: no dataset '{name}'. Datasets in file: {sorted(self.file)}."
+                )
+            ds = self.file[name]
+            if ds.dtype.names is None:
+                raise DataError(f"{self.path}: dataset '{name}' is not a structured array.")
+            available = list(ds.dtype.names)
+            if ds.ndim == 2:
+                if VALID not in available:
+                    raise DataError(
+                        f"{self.path}: dataset '{name}' has per-slot rows but no '{VALID}' field."
+                    )
+                plan.valid_column = plan.column(VALID)
+                num_slots = ds.shape[1]
+            elif ds.ndim != 1:
+                raise DataError(
+                    f"{self.path}: dataset '{name}' has shape {ds.shape}; expected "
+                    "(n_jets,) or (n_jets, n_slots)."
+                )
+            for var in plan.fields:
+                if var not in available:
+                    raise DataError(
+                        f"{self.path}: dataset '{name}' has no variable '{var}'."
+                        f"{_closest(var, available)}"
+                    )
+            lengths[name] = ds.shape[0]
+        if len(set(lengths.values())) > 1:
+            raise DataError(
+                f"{self.path}: datasets have different numbers of jets: {lengths}; each must "
+                "have one row per jet."
+            )
+        n = next(iter(lengths.values()), 0)
+        if n == 0:
+            raise DataError(f"{self.path}: datasets {sorted(lengths)} are empty.")
+        return n, num_slots
+
+    def read(self, start: int, stop: int) -> Chunk:
+        """Read jets [start, stop): normalised inputs, masks and mapped labels."""
+        inputs: dict[str, np.ndarray] = {}
+        valid: dict[str, np.ndarray] = {}
+        num_real: dict[str, np.ndarray] = {}
+        labels: dict[str, dict[str, np.ndarray]] = {}
+        for name, plan in self.plans.items():
+            raw = np.empty((stop - start, *self.file[name].shape[1:]), dtype=plan.read_dtype)
+            try:
+                self.file[name].read_direct(raw, np.s_[start:stop])
+            except (OSError, RuntimeError) as err:
+                raise DataError(
+                    f"{self.path}: reading '{name}' rows {start}:{stop} failed (corrupt or "
+                    f"truncated file?): {err}"
+                ) from None
+            flat = raw.view(np.float32).reshape(*raw.shape, len(plan.fields))
+            mask = None
+            if plan.valid_column is not None:
+                mask = flat[..., plan.valid_column] != 0
+                if self.compact_tracks and not _is_prefix(mask):
+                    order = np.argsort(~mask, axis=1, kind="stable")
+                    flat = np.take_along_axis(flat, order[..., None], axis=1)
+                    mask = np.take_along_axis(mask, order, axis=1)
+            for ip in plan.inputs:
+                x = flat[..., ip.columns]  # fancy index: a fresh array we may modify in place
+                x -= ip.mean
+                x *= ip.inv_std
+                if mask is not None:
+                    x[~mask] = 0.0
+                self._check_finite(x, ip, start)
+                inputs[ip.input_type] = x
+                if mask is not None:
+                    valid[ip.input_type] = mask
+                    num_real[ip.input_type] = mask.sum(axis=1)
+            for lp in plan.labels:
+                values = flat[..., lp.column]
+                labels.setdefault(lp.input_type, {})[lp.name] = self._map_label(
+                    values, lp, name, mask, start
+                )
+        return Chunk(inputs, valid, labels, num_real)
+
+    def _check_finite(self, x: np.ndarray, ip: _InputPlan, start: int) -> None:
+        bad = ~np.isfinite(x)
+        if not bad.any():
+            return
+        if self.nan_policy == "replace":
+            x[bad] = 0.0  # zero in normalised units is the variable's mean
+            return
+        idx = np.argwhere(bad)[0]
+        var = ip.variables[idx[-1]]
+        raise DataError(
+            f"{self.path}: non-finite value (NaN/inf) in '{self._dataset_for(ip.input_type)}' "
+            f"variable '{var}' at jet {start + int(idx[0])}. Fix the file, or set "
+            "data.nan_policy=replace to replace non-finite inputs by the variable's mean."
+        )
+
+    def _map_label(
+        self, values: np.ndarray, lp: _LabelPlan, dataset: str, mask: np.ndarray | None, start: int
+    ) -> np.ndarray:
+        ints = values.astype(np.int64)
+        real = mask if mask is not None else np.ones(ints.shape, dtype=bool)
+        if lp.lut is not None:
+            idx = ints - lp.lut_offset
+            inside = (idx >= 0) & (idx < len(lp.lut))
+            mapped = np.full(ints.shape, -1, dtype=np.int64)
+            mapped[inside] = lp.lut[idx[inside]]
+            bad = real & ((~inside) | (mapped == -2))
+            if bad.any():
+                found = np.unique(ints[bad])
+                raise DataError(
+                    f"{self.path}: '{dataset}' label '{lp.name}' has values {found.tolist()} not "
+                    f"in its label_map {dict(lp.spec.label_map or {})} (first at jet "
+                    f"{start + int(np.argwhere(bad)[0][0])}). Add them to the map (-1 to ignore "
+                    "them in the loss)."
+                )
+            mapped[~real] = -1
+            return mapped
+        if lp.spec.num_classes is not None:
+            bad = real & ((ints < 0) | (ints >= lp.spec.num_classes))
+            if bad.any():
+                raise DataError(
+                    f"{self.path}: '{dataset}' label '{lp.name}' has values "
+                    f"{np.unique(ints[bad]).tolist()} outside [0, {lp.spec.num_classes}) "
+                    f"(first at jet {start + int(np.argwhere(bad)[0][0])}); use a label_map."
+                )
+        if mask is not None:
+            ints[~real] = -1
+        return ints
+
+
+def _is_prefix(mask: np.ndarray) -> bool:
+    """True when every row's real slots come first (the usual FTAG layout)."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+def class_weights(
+    class_dict: Mapping | str | Path, input_type: str, label: str, num_classes: int
+) -> list[float]:
+    """Class weights for a label from class_dict, checked against the number of classes."""
+    source = ""
+    if not isinstance(class_dict, Mapping):
+        source = f"{class_dict}: "
+        class_dict = load_yaml_dict(class_dict, "class_dict")
+    try:
+        weights = class_dict[input_type][label]
+    except (KeyError, TypeError):
+        raise DataError(
+            f"{source}class_dict has no weights for '{input_type}' label '{label}'; it has "
+            f"{ {k: sorted(v) for k, v in class_dict.items() if isinstance(v, Mapping)} }."
+        ) from None
+    if len(weights) != num_classes:
+        raise DataError(
+            f"{source}class_dict['{input_type}']['{label}'] has {len(weights)} weights but the "
+            f"task has {num_classes} classes."
+        )
+    return [float(w) for w in weights]
