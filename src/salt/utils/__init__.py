@@ -1,0 +1,1 @@
+"""Small helpers shared across salt (no physics, no torch models)."""
