@@ -252,8 +252,16 @@ class BatchLoader:
             kwargs["persistent_workers"] = persistent_workers
             if prefetch_factor is not None:
                 kwargs["prefetch_factor"] = prefetch_factor
+        # Our own generator: creating an iterator must not draw from the global RNG, or a resumed
+        # run would see different dropout than an uninterrupted one. The order of batches does
+        # not depend on it (see H5BatchDataset).
         self.loader = DataLoader(
-            dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
         )
 
     def __len__(self) -> int:

@@ -1,0 +1,46 @@
+"""The errors a user can cause and fix (bad data, config, checkout, checkpoint): these are
+reported as one clear message without a traceback (``debug=true`` shows it)."""
+
+from __future__ import annotations
+
+from omegaconf.errors import OmegaConfBaseException
+
+from salt.data.ftag import DataError
+from salt.models.config import ModelConfigError
+from salt.provenance import ProvenanceError
+from salt.tracking import LoggerConfigError
+from salt.training.checkpoint import CheckpointError
+from salt.training.distributed import RankFailedError
+
+
+class ConfigError(ValueError):
+    """An inconsistent or invalid run configuration."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the message says where and why."""
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after saving its state; resume continues it."""
+
+    def __init__(self, signum: int, step: int, run_dir: object) -> None:
+        self.signum, self.step = int(signum), step
+        where = f" with resume={run_dir}" if run_dir else ""
+        super().__init__(
+            f"stopped by signal {self.signum} at step {step}; state saved, continue{where}"
+        )
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    DataError,
+    ModelConfigError,
+    ProvenanceError,
+    LoggerConfigError,
+    CheckpointError,
+    ConfigError,
+    TrainingError,
+    OmegaConfBaseException,
+    FileNotFoundError,
+    RankFailedError,
+)

@@ -1,0 +1,119 @@
+r"""``python -m salt.train``: compose the config, then train (one process per device).
+
+Examples::
+
+    python -m salt.train                                   # GN2 on the built-in sample
+    python -m salt.train model=GN1 attention=gatv2 pooling=cross_attention
+    python -m salt.train trainer.fast_dev_run=2
+    python -m salt.train resume=logs/GN2_20260101-120000    # latest complete checkpoint
+    python -m salt.train --config-dir logs/<run> --config-name config \
+        ckpt_path=logs/<run>/ckpts/last.ckpt
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from salt.errors import USER_ERRORS, Interrupted
+from salt.training import checkpoint as ckpt
+from salt.training.distributed import cleanup, detect_environment, init_distributed, spawn
+from salt.training.run_dir import load_run_config
+
+log = logging.getLogger("salt")
+GROUPS = ("data", "model", "attention", "pooling", "logger")
+
+
+def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``resume=<run dir>``: that run's config, this command line's key overrides on top,
+    and its latest complete checkpoint."""
+    run_dir = Path(str(cfg.resume))
+    found = ckpt.latest_checkpoint(run_dir / "ckpts")
+    if found is None:
+        raise ckpt.CheckpointError(f"{run_dir / 'ckpts'}: no complete checkpoint to resume from.")
+    base = load_run_config(run_dir)
+    for item in overrides:
+        key, _, value = item.lstrip("+~").partition("=")
+        if key == "resume":
+            continue
+        if key in GROUPS:
+            raise ValueError(
+                f"'{item}': resume={run_dir} continues that run with its own {key} config; "
+                "change keys (e.g. trainer.max_epochs=30), not groups."
+            )
+        OmegaConf.update(base, key, yaml.safe_load(value) if value else None, force_add=True)
+    base.ckpt_path = str(found)
+    base.resume = None
+    return base
+
+
+def world_size(cfg: DictConfig) -> int:
+    devices = cfg.trainer.devices
+    accelerator = str(cfg.trainer.accelerator)
+    if isinstance(devices, int):
+        return devices
+    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        return len(devices)
+    if str(devices) in ("auto", "cpu") and accelerator != "cpu" and torch.cuda.is_available():
+        return torch.cuda.device_count() if str(devices) == "auto" else 1
+    return 1
+
+
+def _worker(rank: int, cfg_dict: dict[str, Any]) -> None:
+    from salt.training.loop import fit
+
+    cfg = OmegaConf.create(cfg_dict)
+    dist = init_distributed(cfg.trainer.devices, str(cfg.trainer.accelerator))
+    try:
+        fit(cfg, dist)
+    except USER_ERRORS as err:
+        if cfg.get("debug") or (rank == 0 and detect_environment() is None):
+            raise  # reported by main()
+        # a spawned or launched rank: one clear line, then a non-zero exit for the launcher
+        print(f"salt: error on rank {dist.rank}: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        cleanup()
+
+
+def train(cfg: DictConfig, overrides: list[str] | None = None) -> None:
+    """Train with a composed config: spawns one process per device when needed.
+
+    ``overrides`` (default: this command line's) are applied on top of a resumed run's config.
+    """
+    if cfg.get("resume"):
+        if overrides is None:
+            overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        cfg = resume_config(cfg, overrides)
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    n = world_size(cfg)
+    if n > 1 and detect_environment() is None:
+        spawn(_worker, n, (cfg_dict,))
+    else:
+        _worker(0, cfg_dict)
+
+
+@hydra.main(version_base=None, config_path="../../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except Interrupted as err:
+        print(f"salt: {err}", file=sys.stderr, flush=True)
+        sys.exit(128 + err.signum)
+    except USER_ERRORS as err:
+        if cfg.get("debug"):
+            raise
+        print(f"salt: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

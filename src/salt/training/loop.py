@@ -1,0 +1,559 @@
+"""The training loop: set-up, steps, validation, checkpoints; top to bottom, small functions.
+
+``fit(cfg, dist)`` runs one training on one rank. Everything resumable (model, optimizer,
+scheduler, grad scaler, data position, RNG, counters, logger) goes into each checkpoint, so a run
+continues bit for bit from any checkpoint, at an epoch boundary or in the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from salt import models
+from salt.data.build import DataFiles, make_loader, resolve_files
+from salt.data.dataset import Batch, BatchLoader
+from salt.data.ftag import load_yaml_dict
+from salt.errors import Interrupted, TrainingError
+from salt.provenance import check_clean, collect_metadata, git_state, push_tag, seed_everything
+from salt.tracking import Logger, NullLogger, build_logger
+from salt.training import checkpoint as ckpt
+from salt.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
+from salt.training.run_dir import create_run_dir, write_run_files
+from salt.utils.atomic import atomic_path
+
+log = logging.getLogger("salt")
+
+
+@dataclass
+class Counters:
+    """Where the run is: resumable like everything else."""
+
+    epoch: int = 0
+    step: int = 0
+    epoch_complete: bool = False
+    best_val_loss: float = math.inf
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "epoch_complete": self.epoch_complete,
+            "best_val_loss": self.best_val_loss,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.epoch_complete = bool(state["epoch_complete"])
+        self.best_val_loss = float(state["best_val_loss"])
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by :func:`setup`."""
+
+    cfg: DictConfig
+    dist: DistInfo
+    model: nn.Module  # the DDP wrapper when distributed
+    tagger: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    train_loader: BatchLoader
+    val_loader: BatchLoader
+    counters: Counters
+    logger: Logger
+    run_dir: Path | None
+    total_steps: int
+    autocast_dtype: torch.dtype | None
+    stop: StopSignal | None = None
+
+
+# ---- set-up -------------------------------------------------------------------------------
+def autocast_dtype(precision: Any) -> torch.dtype | None:
+    value = str(precision).lower().replace("-mixed", "").replace("-true", "")
+    choices = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+    if value not in choices:
+        raise ValueError(f"trainer.precision={precision!r}: expected one of 32, bf16, 16.")
+    return choices[value]
+
+
+def build_loaders(cfg: DictConfig, files: DataFiles, dist: DistInfo) -> tuple[BatchLoader, ...]:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    assert isinstance(data, dict)
+    common = {
+        "variables": models.input_variables(cfg.model),
+        "labels": models.label_specs(cfg.model),
+        "seed": int(cfg.seed),
+        "rank": dist.rank,
+        "world_size": dist.world_size,
+        "pin_memory": dist.device.type == "cuda",
+    }
+    train = make_loader(
+        data, files.train, files.norm_dict, num_jets=int(data["num_train"]), train=True, **common
+    )
+    val = make_loader(
+        data, files.val, files.norm_dict, num_jets=int(data["num_val"]), train=False, **common
+    )
+    return train, val
+
+
+def build_optimizer(
+    cfg: DictConfig,
+    model: nn.Module,
+    total_steps: int,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
+    opt_cfg = cfg.optimizer
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=float(opt_cfg.max),
+            weight_decay=float(opt_cfg.weight_decay),
+            fused=(device.type == "cuda") or None,
+        )
+    # one-cycle: initial -> max over pct_start of the steps, then cosine down to end
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=float(opt_cfg.max),
+        total_steps=max(total_steps, 2),
+        div_factor=float(opt_cfg.max) / float(opt_cfg.initial),
+        final_div_factor=float(opt_cfg.initial) / float(opt_cfg.end),
+        pct_start=float(opt_cfg.pct_start),
+    )
+    return optimizer, scheduler
+
+
+def setup(cfg: DictConfig, dist: DistInfo) -> Run:
+    fast_dev_run = int(cfg.trainer.fast_dev_run or 0)
+    state = git_state()
+    if not fast_dev_run:
+        check_clean(state, bool(cfg.force))
+    seed_everything(int(cfg.seed))
+
+    if dist.is_main:
+        files = resolve_files(OmegaConf.to_container(cfg.data, resolve=True))
+    barrier()  # the sample is written once, by rank 0
+    files = resolve_files(OmegaConf.to_container(cfg.data, resolve=True))
+    train_loader, val_loader = build_loaders(cfg, files, dist)
+
+    class_dict = load_yaml_dict(files.class_dict, "class_dict") if files.class_dict else None
+    tagger = models.build_tagger(cfg.model, class_dict).to(dist.device)
+    model: nn.Module = tagger
+    if dist.world_size > 1:
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(tagger, device_ids=ids)
+
+    epochs_steps = int(cfg.trainer.max_epochs) * len(train_loader)
+    max_steps = int(cfg.trainer.max_steps)
+    total_steps = min(epochs_steps, max_steps) if max_steps > 0 else epochs_steps
+    if fast_dev_run:
+        total_steps = fast_dev_run
+    optimizer, scheduler = build_optimizer(cfg, tagger, total_steps, dist.device)
+    amp = autocast_dtype(cfg.trainer.precision)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp is torch.float16)
+
+    counters = Counters()
+    resume_from = cfg.get("ckpt_path")
+    loaded = ckpt.load_checkpoint(resume_from, map_location=dist.device) if resume_from else None
+
+    run_dir = None
+    logger: Logger = NullLogger()
+    if not fast_dev_run:
+        run_dir = create_run_dir(cfg) if dist.is_main else None
+        run_dir = broadcast_object(run_dir)
+        if dist.is_main:
+            num_params = models.count_parameters(tagger)
+            meta = collect_metadata(
+                state=state,
+                seed=int(cfg.seed),
+                num_params=num_params,
+                data_files={
+                    "train": {
+                        "path": [str(p) for p in files.train],
+                        "num_jets": train_loader.dataset.num_jets,
+                    },
+                    "val": {
+                        "path": [str(p) for p in files.val],
+                        "num_jets": val_loader.dataset.num_jets,
+                    },
+                },
+                extra={
+                    "resumed_from": str(resume_from) if resume_from else None,
+                    "world_size": dist.world_size,
+                },
+            )
+            write_run_files(run_dir, cfg, meta, files)
+            logger = build_logger(
+                cfg.get("logger"),
+                run_dir,
+                run_name=run_dir.name,
+                resume_state=(loaded or {}).get("logger"),
+            )
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            logger.log_metadata({"git_commit": state.commit, "num_params": num_params})
+            if cfg.tag:
+                push_tag(state, run_dir.name, str(cfg.tag_remote), force=bool(cfg.force))
+            log.info("salt: run directory %s (%d parameters)", run_dir, num_params)
+
+    run = Run(
+        cfg,
+        dist,
+        model,
+        tagger,
+        optimizer,
+        scheduler,
+        scaler,
+        train_loader,
+        val_loader,
+        counters,
+        logger,
+        run_dir,
+        total_steps,
+        amp,
+    )
+    if loaded is not None:
+        restore(run, loaded, Path(resume_from))
+    return run
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+def checkpoint_state(run: Run) -> dict[str, Any]:
+    return {
+        "model": run.tagger.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "data": run.train_loader.state_dict(),
+        "rng": ckpt.rng_state(),
+        "counters": run.counters.state_dict(),
+        "logger": run.logger.state_dict(),
+        "config": OmegaConf.to_container(run.cfg.model, resolve=True),
+    }
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, Mapping):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def check_model_config(saved: Any, current: Any, path: Path) -> None:
+    """A checkpoint only fits the model config it was trained with: name what differs."""
+    a, b = _flat(saved), _flat(current)
+    differing = sorted(
+        k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>")
+    )
+    if differing:
+        shown = "; ".join(
+            f"model.{k}: checkpoint {a.get(k, '<absent>')!r}, config {b.get(k, '<absent>')!r}"
+            for k in differing[:10]
+        )
+        more = f" (and {len(differing) - 10} more)" if len(differing) > 10 else ""
+        raise ckpt.CheckpointError(
+            f"{path}: checkpoint was trained with a different model config: {shown}{more}. "
+            "Resume with that run's config.yaml (resume=<run dir> does so)."
+        )
+
+
+def restore(run: Run, state: Mapping[str, Any], path: Path) -> None:
+    check_model_config(
+        state.get("config"), OmegaConf.to_container(run.cfg.model, resolve=True), path
+    )
+    run.tagger.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state["scheduler"].get("total_steps") != run.total_steps:
+        # the run was extended (or shortened): a new one-cycle over the new length, at this step
+        log.warning(
+            "salt: the schedule length changed from %s to %d steps on resume; the "
+            "learning-rate cycle is recomputed for the new length",
+            state["scheduler"].get("total_steps"),
+            run.total_steps,
+        )
+        _, run.scheduler = build_optimizer(
+            run.cfg, run.tagger, run.total_steps, run.dist.device, optimizer=run.optimizer
+        )
+        for _ in range(min(int(state["counters"]["step"]), run.total_steps - 1)):
+            run.scheduler.step()
+    run.scaler.load_state_dict(state["scaler"])
+    run.train_loader.load_state_dict(state["data"])
+    run.counters.load_state_dict(state["counters"])
+    ckpt.set_rng_state(state["rng"])
+    log.info(
+        "salt: resumed from %s at epoch %d, step %d", path, run.counters.epoch, run.counters.step
+    )
+
+
+def save(run: Run, name: str, also_last: bool = True) -> None:
+    if run.run_dir is None or not run.dist.is_main:
+        return
+    state = checkpoint_state(run)
+    ckpt_dir = run.run_dir / "ckpts"
+    ckpt.save_checkpoint(state, ckpt_dir / name)
+    if also_last and name != ckpt.LAST:
+        # a copy, not a second serialisation: last.ckpt is always a complete checkpoint
+        with atomic_path(ckpt_dir / ckpt.LAST) as tmp:
+            shutil.copyfile(ckpt_dir / name, tmp)
+
+
+# ---- one step -----------------------------------------------------------------------------
+def forward(run: Run, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    ctx = (
+        torch.autocast(run.dist.device.type, dtype=run.autocast_dtype)
+        if run.autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with ctx:
+        return run.model(batch["inputs"], batch["pad_masks"], batch["labels"])
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+
+    def move(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        return x.to(device, non_blocking=True)
+
+    return move(batch)
+
+
+def check_finite(run: Run, losses: Mapping[str, Tensor]) -> None:
+    # One host sync per step: a NaN must stop the run before it reaches the weights.
+    if bool(torch.isfinite(losses["loss"])):
+        return
+    bad = [k for k, v in losses.items() if k != "loss" and not bool(torch.isfinite(v))]
+    raise TrainingError(
+        f"non-finite loss at step {run.counters.step} (epoch {run.counters.epoch}) in task(s) "
+        f"{', '.join(bad) or 'loss'}: {[float(losses[k]) for k in bad]}. Stopping; the last good "
+        "checkpoint is kept. Check the inputs (data.nan_policy) and the learning rate."
+    )
+
+
+def train_step(run: Run, batch: Batch) -> dict[str, Tensor]:
+    _, losses = forward(run, batch)
+    check_finite(run, losses)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(losses["loss"]).backward()
+    clip = run.cfg.trainer.gradient_clip_val
+    if clip:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.tagger.parameters(), float(clip), foreach=True)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    return {k: v.detach() for k, v in losses.items()}
+
+
+# ---- epochs -------------------------------------------------------------------------------
+def limited(loader: BatchLoader, n: int) -> Iterator[Batch]:
+    for i, batch in enumerate(loader):
+        if n and i >= n:
+            return
+        yield batch
+
+
+def progress(run: Run, total: int, desc: str):
+    if not (run.dist.is_main and run.cfg.trainer.progress_bar):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, mininterval=1.0)
+
+
+def train_epoch(run: Run) -> bool:
+    """One (possibly resumed) epoch; True when it ran to its end."""
+    c = run.counters
+    run.model.train()
+    run.train_loader.set_epoch(c.epoch)
+    fast = int(run.cfg.trainer.fast_dev_run or 0)
+    log_every = int((run.cfg.get("logger") or {}).get("log_every_n_steps", 50))
+    ckpt_every = int(run.cfg.trainer.ckpt_every_n_steps or 0)
+    max_steps = int(run.cfg.trainer.max_steps)
+    total = fast or len(run.train_loader)
+    bar = progress(run, total, f"epoch {c.epoch}")
+    if bar is not None:
+        bar.update(run.train_loader.state_dict()["consumed"] if not fast else 0)
+    sums: dict[str, Tensor] = {}
+    n_batches, n_jets, t0 = 0, 0, time.perf_counter()
+    for batch in limited(run.train_loader, fast):
+        losses = train_step(run, to_device(batch, run.dist.device))
+        c.step += 1
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0) + v
+        n_batches += 1
+        n_jets += len(batch["inputs"]["jets"]) if "jets" in batch["inputs"] else 0
+        if bar is not None:
+            bar.update(1)
+        if c.step % log_every == 0 or n_batches == total:
+            rate = n_jets * run.dist.world_size / (time.perf_counter() - t0)
+            metrics = {
+                f"train/{k}" if k == "loss" else f"train/{k}_loss": float(v) / n_batches
+                for k, v in sums.items()
+            }
+            metrics |= {"train/lr": run.scheduler.get_last_lr()[0], "train/jets_per_s": rate}
+            run.logger.log_metrics(metrics, step=c.step, epoch=c.epoch)
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", jets_s=f"{rate:.0f}")
+            sums, n_batches, n_jets, t0 = {}, 0, 0, time.perf_counter()
+        if ckpt_every and c.step % ckpt_every == 0 and not fast:
+            save(run, ckpt.LAST, also_last=False)
+        if 0 < max_steps <= c.step or stop_requested(run):
+            break
+    if bar is not None:
+        bar.close()
+    return fast > 0 or run.train_loader.consumed >= len(run.train_loader)
+
+
+@torch.no_grad()
+def validate(run: Run) -> dict[str, float]:
+    run.model.eval()
+    fast = int(run.cfg.trainer.fast_dev_run or 0)
+    jet_task = next(
+        (
+            t
+            for t in run.tagger.tasks.values()
+            if t.input_type == "jets" and getattr(t, "class_names", None)
+        ),
+        None,
+    )
+    sums: dict[str, Tensor] = {}
+    correct = torch.zeros((), device=run.dist.device, dtype=torch.float64)
+    counted = torch.zeros((), device=run.dist.device, dtype=torch.float64)
+    for batch in limited(run.val_loader, fast):
+        batch = to_device(batch, run.dist.device)
+        outputs, losses = forward(run, batch)
+        n = len(next(iter(batch["inputs"].values())))
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0) + v.double() * n
+        sums["_jets"] = sums.get("_jets", 0) + n
+        if jet_task is not None:
+            target = batch["labels"][jet_task.input_type][jet_task.label]
+            keep = target >= 0
+            correct += (outputs[jet_task.name].argmax(-1) == target)[keep].sum()
+            counted += keep.sum()
+    keys = sorted(sums)
+    totals = all_reduce_sum(
+        torch.stack(
+            [torch.as_tensor(sums[k], dtype=torch.float64, device=run.dist.device) for k in keys]
+            + [correct, counted]
+        )
+    )
+    values = dict(zip([*keys, "_correct", "_counted"], totals.tolist(), strict=True))
+    jets = max(values.pop("_jets"), 1.0)
+    metrics = {
+        f"val/{k}" if k == "loss" else f"val/{k}_loss": v / jets
+        for k, v in values.items()
+        if not k.startswith("_")
+    }
+    if jet_task is not None:
+        metrics["val/jet_accuracy"] = values["_correct"] / max(values["_counted"], 1.0)
+    return metrics
+
+
+class StopSignal:
+    """SIGTERM/SIGUSR1/SIGINT (Slurm's cancel, pre-timeout signal, Ctrl-C) -> stop cleanly.
+
+    The handler only sets a flag; the loop saves at the next step boundary, so the checkpoint
+    is consistent and nothing is lost but the step in flight.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                num = getattr(signal, name)
+                self._previous[num] = signal.signal(num, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for num, handler in self._previous.items():
+            signal.signal(num, handler)
+
+
+def stop_requested(run: Run) -> bool:
+    """Whether any rank received a stop signal (all ranks must stop at the same step)."""
+    flag = run.stop is not None and run.stop.received is not None
+    if run.dist.world_size > 1:
+        t = torch.tensor([float(flag)], device=run.dist.device)
+        flag = bool(all_reduce_sum(t).item() > 0)
+    return flag
+
+
+def fit(cfg: DictConfig, dist: DistInfo) -> Run:
+    """Train as configured on this rank; returns the finished run (``run.run_dir`` is None for
+    fast_dev_run)."""
+    with StopSignal() as stop:
+        run = setup(cfg, dist)
+        run.stop = stop
+        return _fit(run)
+
+
+def _fit(run: Run) -> Run:
+    cfg, dist, c = run.cfg, run.dist, run.counters
+    if c.epoch_complete:
+        c.epoch, c.epoch_complete = c.epoch + 1, False
+    fast = int(cfg.trainer.fast_dev_run or 0)
+    max_epochs = 1 if fast else int(cfg.trainer.max_epochs)
+    max_steps = int(cfg.trainer.max_steps)
+    status = "failed"
+    try:
+        while c.epoch < max_epochs and not (0 < max_steps <= c.step):
+            complete = train_epoch(run)
+            if not complete and stop_requested(run):
+                save(run, ckpt.LAST, also_last=False)
+                status = "interrupted"
+                raise Interrupted(run.stop.received or signal.SIGTERM, c.step, run.run_dir)
+            metrics = validate(run)
+            c.epoch_complete = complete
+            c.best_val_loss = min(c.best_val_loss, metrics["val/loss"])
+            run.logger.log_metrics(metrics | {"epoch": c.epoch}, step=c.step, epoch=c.epoch)
+            run.logger.on_epoch_end(c.epoch)
+            if dist.is_main:
+                accuracy = metrics.get("val/jet_accuracy")
+                print(
+                    f"epoch {c.epoch}: val loss {metrics['val/loss']:.4f}"
+                    + (f", jet accuracy {accuracy:.3f}" if accuracy is not None else ""),
+                    flush=True,
+                )
+            if not fast:
+                save(run, ckpt.checkpoint_name(c.epoch, metrics["val/loss"]))
+            if not complete:
+                break  # max_steps reached mid-epoch: a resume continues this epoch
+            c.epoch, c.epoch_complete = c.epoch + 1, False
+        status = "success"
+    finally:
+        run.logger.finalize(status)
+    if dist.is_main and run.run_dir is not None:
+        print(f"salt: run directory {run.run_dir}", flush=True)
+    return run

@@ -1,0 +1,70 @@
+"""The run directory: its unique name, the merged config, metadata and copies of the dicts."""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from salt.utils.atomic import atomic_path, atomic_write_text, atomic_write_yaml
+
+if TYPE_CHECKING:
+    from salt.data.build import DataFiles
+
+# Keys of the saved config.yaml that make it a complete Hydra primary config on its own:
+# `python -m salt.train --config-dir <run> --config-name config` trains again from it.
+HYDRA_HEADER: dict[str, Any] = {
+    "defaults": [{"override hydra/job_logging": "stdout"}, "_self_"],
+    "hydra": {"output_subdir": None, "run": {"dir": "."}},
+}
+
+
+def create_run_dir(cfg: DictConfig) -> Path:
+    """``<log_dir>/<name>_<YYYYmmdd-HHMMSS>``, made unique (a suffix) if that name is taken."""
+    root = Path(str(cfg.log_dir))
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = f"{cfg.name}_{stamp}"
+    for i in range(1000):
+        path = root / (base if i == 0 else f"{base}_{i}")
+        try:
+            path.mkdir()  # atomic: two runs starting in the same second get different dirs
+        except FileExistsError:
+            continue
+        (path / "ckpts").mkdir()
+        return path
+    raise RuntimeError(f"{root}: could not create a unique run directory for {base}")
+
+
+def config_to_save(cfg: DictConfig) -> dict[str, Any]:
+    """The full merged config, with run-specific keys reset so that it trains the run again."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    data.pop("hydra", None)
+    data["ckpt_path"] = None
+    data["resume"] = None
+    return {**HYDRA_HEADER, **data}
+
+
+def load_run_config(run_dir: str | Path) -> DictConfig:
+    """A run's saved config.yaml, without the Hydra header."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no config.yaml; is {run_dir} a salt run directory?")
+    cfg = OmegaConf.load(path)
+    assert isinstance(cfg, DictConfig)
+    for key in HYDRA_HEADER:
+        cfg.pop(key, None)
+    return cfg
+
+
+def write_run_files(run_dir: Path, cfg: DictConfig, metadata: dict, files: DataFiles) -> None:
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(config_to_save(cfg)))
+    atomic_write_yaml(run_dir / "metadata.yaml", metadata)
+    for src in (files.norm_dict, files.class_dict):
+        if src is not None:
+            with atomic_path(run_dir / src.name) as tmp:
+                shutil.copyfile(src, tmp)

@@ -1,0 +1,363 @@
+"""End-to-end training on the built-in sample: run directory, resume, seeds, DDP, AMP, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from salt.data.build import resolve_files
+from salt.errors import TrainingError
+from salt.train import train
+from salt.training import checkpoint as ckpt
+from salt.training.distributed import DistInfo, init_distributed, spawn
+from salt.training.loop import build_loaders, build_optimizer, fit, forward, setup
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+TASKS = ("jet_classification", "track_origin", "track_vertexing")
+TINY = [
+    "force=true",
+    "logger=none",
+    "trainer.progress_bar=false",
+    "data.sample.num_jets=1200",
+    "data.batch_size=100",
+    "data.chunk_batches=3",
+    "data.num_workers=0",
+    "trainer.max_epochs=2",
+    "model.embed_dim=16",
+    "model.init_net.hidden_layers=[16]",
+    "model.encoder.num_layers=1",
+    "model.encoder.out_dim=16",
+    "model.attention.num_heads=2",
+    *[f"model.tasks.{t}.hidden_layers=[8]" for t in TASKS],
+]
+NO_DROPOUT = ["model.encoder.dropout=0", *[f"model.tasks.{t}.dropout=0" for t in TASKS]]
+
+
+@pytest.fixture(scope="session")
+def sample_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sample_cache")
+
+
+def make_cfg(tmp_path: Path, cache: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose(
+            "train",
+            overrides=[
+                *TINY,
+                f"log_dir={tmp_path / 'logs'}",
+                f"data.sample.dir={cache}",
+                *overrides,
+            ],
+        )
+
+
+def cpu() -> DistInfo:
+    return DistInfo(0, 0, 1, torch.device("cpu"), True, "gloo")
+
+
+def run_dirs(tmp_path: Path) -> list[Path]:
+    return sorted(p for p in (tmp_path / "logs").iterdir() if p.is_dir())
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_checkpoint(path)["model"]
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def env() -> dict[str, str]:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_fast_dev_run_cli(tmp_path: Path, sample_cache: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "salt.train",
+        *TINY,
+        "trainer.fast_dev_run=2",
+        f"data.sample.dir={sample_cache}",
+        "force=false",
+    ]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "val loss" in out.stdout
+    assert not (tmp_path / "logs").exists()  # no run directory, no checkpoints
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written at all
+
+
+def test_help_lists_groups(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "salt.train", "--help"],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    for text in (
+        "model: GN1, GN2, GN2Cat",
+        "attention: gatv2, scaled_dot_product",
+        "pooling: cross_attention, global_attention",
+        "logger: comet, local, none",
+    ):
+        assert text in out.stdout
+
+
+def test_run_directory_contents(tmp_path: Path, sample_cache: Path) -> None:
+    cfg = make_cfg(tmp_path, sample_cache, "logger=local", "model.name=tiny")
+    train(cfg)
+    (run,) = run_dirs(tmp_path)
+    assert run.name.startswith("tiny_")
+    files = {p.name for p in run.iterdir()}
+    assert {
+        "config.yaml",
+        "metadata.yaml",
+        "norm_dict.yaml",
+        "class_dict.yaml",
+        "metrics.jsonl",
+        "ckpts",
+        "plots",
+    } <= files
+    names = sorted(p.name for p in (run / "ckpts").iterdir())
+    assert names[-1] == "last.ckpt" and len(names) == 3
+    assert names[0].startswith("epoch=000-val_loss=") and names[1].startswith("epoch=001-")
+    assert not [p for p in run.rglob("*") if ".tmp-" in p.name]
+    meta = yaml.safe_load((run / "metadata.yaml").read_text())
+    assert meta["seed"] == 42 and meta["num_params"] > 0
+    assert meta["data"]["train"]["num_jets"] == 1200
+    assert "commit" in meta["git"] and "dirty" in meta["git"]
+    saved = OmegaConf.load(run / "config.yaml")
+    assert saved.model.name == "tiny" and saved.trainer.max_epochs == 2
+    assert saved.ckpt_path is None
+    last = ckpt.load_checkpoint(run / "ckpts" / "last.ckpt")
+    assert last["counters"]["epoch"] == 1 and last["counters"]["epoch_complete"]
+    assert last["counters"]["step"] == 2 * 12
+
+
+def test_config_yaml_trains_the_run_again(tmp_path: Path, sample_cache: Path) -> None:
+    train(make_cfg(tmp_path, sample_cache, "trainer.max_epochs=1"))
+    (first,) = run_dirs(tmp_path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "salt.train",
+        "--config-dir",
+        str(first),
+        "--config-name",
+        "config",
+    ]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    second = next(p for p in run_dirs(tmp_path) if p != first)
+    assert_bitwise_equal(weights(first / "ckpts/last.ckpt"), weights(second / "ckpts/last.ckpt"))
+
+
+def test_resume_at_epoch_boundary_is_bitwise_identical(tmp_path: Path, sample_cache: Path) -> None:
+    straight = fit(make_cfg(tmp_path, sample_cache), cpu()).run_dir
+    (epoch0,) = (straight / "ckpts").glob("epoch=000-*.ckpt")
+    # resume from the end of epoch 0 with the short form and with the saved config + ckpt_path
+    train(make_cfg(tmp_path, sample_cache, f"resume={straight}"), overrides=[])
+    cmd = [
+        sys.executable,
+        "-m",
+        "salt.train",
+        "--config-dir",
+        str(straight),
+        "--config-name",
+        "config",
+        f"ckpt_path='{epoch0}'",  # quoted for Hydra: the file name holds '='
+    ]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    from_last, from_epoch0 = (p for p in run_dirs(tmp_path) if p != straight)
+    # resume=<dir> took last.ckpt, the end of training: nothing left to do, nothing written
+    assert not list((from_last / "ckpts").iterdir())
+    ckpts = sorted(p.name for p in (from_epoch0 / "ckpts").iterdir())
+    assert ckpts[0].startswith("epoch=001-")  # the epoch count continues
+    final = weights(straight / "ckpts/last.ckpt")
+    assert_bitwise_equal(final, weights(from_epoch0 / "ckpts/last.ckpt"))
+
+
+def test_resume_with_more_epochs_extends_the_run(tmp_path: Path, sample_cache: Path) -> None:
+    first = fit(make_cfg(tmp_path, sample_cache, "trainer.max_epochs=1"), cpu()).run_dir
+    train(
+        make_cfg(tmp_path, sample_cache, f"resume={first}"),
+        overrides=[f"resume={first}", "trainer.max_epochs=2"],
+    )
+    second = next(p for p in run_dirs(tmp_path) if p != first)
+    names = sorted(p.name for p in (second / "ckpts").iterdir())
+    assert names[0].startswith("epoch=001-") and names[-1] == "last.ckpt"
+    state = ckpt.load_checkpoint(second / "ckpts/last.ckpt")
+    assert state["counters"]["step"] == 24 and state["scheduler"]["total_steps"] == 24
+    with pytest.raises(ValueError, match="continues that run with its own model config"):
+        train(make_cfg(tmp_path, sample_cache, f"resume={first}"), overrides=["model=GN1"])
+
+
+def test_resume_mid_epoch_after_sigterm_is_bitwise_identical(
+    tmp_path: Path, sample_cache: Path
+) -> None:
+    small = ["data.batch_size=10", "trainer.ckpt_every_n_steps=0"]  # 120 steps per epoch
+    straight = fit(make_cfg(tmp_path / "a", sample_cache, *small), cpu()).run_dir
+    # a real process, stopped by a real signal somewhere during training
+    overrides = [
+        *TINY,
+        f"log_dir={tmp_path / 'b' / 'logs'}",
+        f"data.sample.dir={sample_cache}",
+        *small,
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "salt.train", *overrides],
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "b" / "logs").glob("*/metadata.yaml")):
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by signal" in err
+    (first,) = run_dirs(tmp_path / "b")
+    state = ckpt.load_checkpoint(first / "ckpts" / "last.ckpt")
+    step, epoch = state["counters"]["step"], state["counters"]["epoch"]
+    assert 0 < step < 240 and not state["counters"]["epoch_complete"]  # stopped mid-epoch
+    assert state["data"] == {"epoch": epoch, "consumed": step - 120 * epoch}
+    train(make_cfg(tmp_path / "b", sample_cache, f"resume={first}", *small))
+    resumed = next(p for p in run_dirs(tmp_path / "b") if p != first)
+    assert_bitwise_equal(
+        weights(straight / "ckpts/last.ckpt"), weights(resumed / "ckpts/last.ckpt")
+    )
+
+
+def test_same_seed_same_loss_curve(tmp_path: Path, sample_cache: Path) -> None:
+    curves = []
+    for name in ("a", "b", "c"):
+        seed = "seed=7" if name == "c" else "seed=42"
+        run = fit(
+            make_cfg(
+                tmp_path / name, sample_cache, "logger=local", "logger.log_every_n_steps=1", seed
+            ),
+            cpu(),
+        ).run_dir
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        curves.append([r["train/loss"] for r in rows if "train/loss" in r])
+    assert len(curves[0]) == 24
+    assert curves[0] == curves[1]
+    assert curves[0] != curves[2]
+
+
+def test_bf16_autocast_on_cpu(tmp_path: Path, sample_cache: Path) -> None:
+    cfg = make_cfg(tmp_path, sample_cache, "trainer.precision=bf16", "trainer.fast_dev_run=2")
+    run = setup(cfg, cpu())
+    batch = next(iter(run.train_loader))
+    outputs, losses = forward(run, batch)
+    assert outputs["jet_classification"].dtype == torch.bfloat16
+    assert torch.isfinite(losses["loss"])
+    assert not run.scaler.is_enabled()  # a GradScaler only for fp16
+    fit(cfg, cpu())
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+    tmp_path: Path, sample_cache: Path
+) -> None:
+    first = fit(make_cfg(tmp_path, sample_cache, "trainer.max_epochs=1"), cpu()).run_dir
+    good = ckpt.load_checkpoint(first / "ckpts" / "last.ckpt")
+    # a training state that has blown up
+    bad = dict(good)
+    bad["model"] = {
+        k: (torch.full_like(v, float("nan")) if "init" in k else v)
+        for k, v in good["model"].items()
+    }
+    ckpt.save_checkpoint(bad, tmp_path / "bad.ckpt")
+    cfg = make_cfg(
+        tmp_path, sample_cache, f"ckpt_path={tmp_path / 'bad.ckpt'}", "trainer.ckpt_every_n_steps=1"
+    )
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 12 \(epoch 1\) in task"):
+        fit(cfg, cpu())
+    second = next(p for p in run_dirs(tmp_path) if p != first)
+    assert not list((second / "ckpts").iterdir())  # nothing written after the bad state
+    assert (first / "ckpts" / "last.ckpt").exists()
+
+
+def test_checkpoint_from_other_model_config_is_refused(tmp_path: Path, sample_cache: Path) -> None:
+    first = fit(make_cfg(tmp_path, sample_cache, "trainer.max_epochs=1"), cpu()).run_dir
+    cfg = make_cfg(
+        tmp_path,
+        sample_cache,
+        f"ckpt_path={first / 'ckpts/last.ckpt'}",
+        "model.encoder.num_layers=2",
+    )
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"model.encoder.num_layers: checkpoint 1, config 2"
+    ):
+        fit(cfg, cpu())
+
+
+def _ddp_rank(rank: int, cfg_dict: dict, out: str) -> None:
+    cfg = OmegaConf.create(cfg_dict)
+    run = fit(cfg, init_distributed("cpu", "cpu"))
+    torch.save(run.tagger.state_dict(), Path(out) / f"rank{rank}.pt")
+
+
+def test_ddp_two_ranks_match_single_process(tmp_path: Path, sample_cache: Path) -> None:
+    cfg = make_cfg(
+        tmp_path,
+        sample_cache,
+        "trainer.max_epochs=1",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        *NO_DROPOUT,
+    )
+    spawn(_ddp_rank, 2, (OmegaConf.to_container(cfg), str(tmp_path)))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert_bitwise_equal(r0, r1)
+    (run,) = run_dirs(tmp_path)  # rank 0 only writes
+    assert_bitwise_equal(r0, weights(run / "ckpts" / "last.ckpt"))
+
+    # one process over the same global batches: the mean of the two ranks' losses per step
+    single = make_cfg(tmp_path / "single", sample_cache, "trainer.max_epochs=1", *NO_DROPOUT)
+    ref = setup(single, cpu())
+    files = resolve_files(OmegaConf.to_container(single.data, resolve=True))
+    shards = [
+        build_loaders(single, files, DistInfo(r, r, 2, torch.device("cpu"), r == 0, "gloo"))[0]
+        for r in (0, 1)
+    ]
+    steps = len(shards[0])
+    assert steps == 6
+    ref.optimizer, ref.scheduler = build_optimizer(single, ref.tagger, steps, torch.device("cpu"))
+    for b0, b1 in zip(*shards, strict=True):
+        ref.optimizer.zero_grad()
+        loss = (
+            ref.model(b0["inputs"], b0["pad_masks"], b0["labels"])[1]["loss"]
+            + ref.model(b1["inputs"], b1["pad_masks"], b1["labels"])[1]["loss"]
+        ) / 2
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(
+            ref.tagger.parameters(), float(single.trainer.gradient_clip_val)
+        )
+        ref.optimizer.step()
+        ref.scheduler.step()
+    for k, v in ref.tagger.state_dict().items():
+        torch.testing.assert_close(v, r0[k], rtol=1e-4, atol=1e-5, msg=k)
