@@ -1,0 +1,156 @@
+"""Padding-aware multi-head attention with a pluggable score.
+
+Scores (the `type` of an attention config node):
+
+- `scaled_dot_product`: softmax(q k^T / sqrt(d)) through `F.scaled_dot_product_attention`.
+- `gatv2`: per head `e_ij = a . LeakyReLU(W_q x_i + W_k x_j)` (Brody et al., GATv2),
+  softmax over the real keys j, messages `W_v x_j`.
+
+Padding: padded keys (`kv_mask` True) never influence any query. A query whose keys are all
+padded (a jet with no real tracks) receives a zero message instead of the NaN a softmax over
+nothing gives; its gradients stay finite. Queries and keys may come from different sets
+(cross-attention: a class token attending to the tracks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from salt.models.config import ModelConfigError
+
+ATTENTION_TYPES = ("scaled_dot_product", "gatv2")
+
+
+def resolve_heads(
+    embed_dim: int, num_heads: int | None, head_dim: int | None, where: str
+) -> tuple[int, int]:
+    """Return (num_heads, head_dim) with num_heads * head_dim == embed_dim.
+
+    The config gives one of the two (the other is derived) or both consistently; anything
+    else is a ModelConfigError naming `where` and the values.
+    """
+    for key, value in (("num_heads", num_heads), ("head_dim", head_dim)):
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ModelConfigError(f"{where}.{key} must be a positive int or null, got {value!r}")
+    if num_heads is None and head_dim is None:
+        raise ModelConfigError(
+            f"{where}: set num_heads or head_dim (the other follows from the embedding "
+            f"dimension {embed_dim})"
+        )
+    if num_heads is not None and head_dim is not None:
+        if num_heads * head_dim != embed_dim:
+            raise ModelConfigError(
+                f"{where}: num_heads={num_heads} x head_dim={head_dim} = {num_heads * head_dim}"
+                f" does not equal the embedding dimension {embed_dim}; set only one of "
+                f"num_heads / head_dim and the other is derived"
+            )
+        return num_heads, head_dim
+    given_key, given = ("num_heads", num_heads) if num_heads is not None else ("head_dim", head_dim)
+    assert given is not None
+    if embed_dim % given:
+        raise ModelConfigError(
+            f"{where}: the embedding dimension {embed_dim} is not divisible by {given_key}={given}"
+        )
+    other = embed_dim // given
+    return (given, other) if given_key == "num_heads" else (other, given)
+
+
+def masked_softmax(scores: Tensor, pad_mask: Tensor, dim: int = -1) -> Tensor:
+    """Softmax over the entries where `pad_mask` (broadcastable, True = padded) is False.
+
+    Padded entries get weight 0; a row with no real entry gets all-zero weights (not NaN).
+    """
+    empty = pad_mask.all(dim=dim, keepdim=True)
+    # Rows without any real entry keep finite scores so the softmax stays finite; their
+    # weights are zeroed below with all other padded entries.
+    scores = scores.masked_fill(pad_mask & ~empty, float("-inf"))
+    return torch.softmax(scores, dim=dim).masked_fill(pad_mask, 0.0)
+
+
+class GATv2Score(nn.Module):
+    """GATv2 attention scores per head: `e_ij = a_h . LeakyReLU(q_i + k_j)`."""
+
+    def __init__(self, num_heads: int, head_dim: int, negative_slope: float = 0.2) -> None:
+        super().__init__()
+        self.negative_slope = float(negative_slope)
+        self.weight = nn.Parameter(torch.empty(num_heads, head_dim))
+        nn.init.xavier_uniform_(self.weight)
+
+    def forward(self, q: Tensor, k: Tensor) -> Tensor:
+        """Scores `[B, H, Tq, Tk]` from projected queries `[B, H, Tq, D]`, keys `[B, H, Tk, D]`."""
+        pairs = F.leaky_relu(q.unsqueeze(-2) + k.unsqueeze(-3), self.negative_slope)
+        # [B, H, Tq, Tk, D] @ [H, 1, D, 1] -> [B, H, Tq, Tk, 1]
+        return torch.matmul(pairs, self.weight[:, None, :, None]).squeeze(-1)
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention: project, score per head, weight the values, project out.
+
+    `embed_dim` is the query (and output) size and the total size of all heads
+    (`num_heads * head_dim`); keys and values may have another size (`kv_dim`).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        score: str = "scaled_dot_product",
+        kv_dim: int | None = None,
+        dropout: float = 0.0,
+        negative_slope: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if score not in ATTENTION_TYPES:
+            raise ModelConfigError(
+                f"attention type {score!r} unknown; choose from {ATTENTION_TYPES}"
+            )
+        num_heads, head_dim = resolve_heads(embed_dim, num_heads, None, "attention")
+        kv_dim = embed_dim if kv_dim is None else kv_dim
+        self.embed_dim, self.kv_dim = embed_dim, kv_dim
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.score_type = score
+        self.dropout = float(dropout)
+        self.linear_q = nn.Linear(embed_dim, embed_dim)
+        self.linear_k = nn.Linear(kv_dim, embed_dim)
+        self.linear_v = nn.Linear(kv_dim, embed_dim)
+        self.linear_out = nn.Linear(embed_dim, embed_dim)
+        self.gatv2 = GATv2Score(num_heads, head_dim, negative_slope) if score == "gatv2" else None
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """`[B, T, H*D] -> [B, H, T, D]`."""
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, q: Tensor, kv: Tensor | None = None, kv_mask: Tensor | None = None) -> Tensor:
+        """Attend from `q[B, Tq, E]` to `kv[B, Tk, kv_dim]` (self-attention when kv is None).
+
+        `kv_mask[B, Tk]` is True for padded keys. Returns `[B, Tq, E]`.
+        """
+        kv = q if kv is None else kv
+        qh = self._heads(self.linear_q(q))
+        kh = self._heads(self.linear_k(kv))
+        vh = self._heads(self.linear_v(kv))
+        dropout = self.dropout if self.training else 0.0
+        # [B]: jets whose keys are all padded (no real track); None without a mask
+        empty = None if kv_mask is None else kv_mask.all(dim=-1)
+
+        if self.gatv2 is not None:
+            scores = self.gatv2(qh, kh)
+            if kv_mask is None:
+                weights = torch.softmax(scores, dim=-1)
+            else:
+                weights = masked_softmax(scores, kv_mask[:, None, None, :])
+            out = torch.matmul(F.dropout(weights, dropout, self.training), vh)
+        else:
+            attend = None  # SDPA's boolean mask: True = take part in the attention
+            if kv_mask is not None and empty is not None:
+                # A row with nothing to attend gives NaN in some SDPA backends: such rows
+                # attend to all (padded) keys here and their message is zeroed below.
+                attend = (~kv_mask | empty[:, None])[:, None, None, :]
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attend, dropout_p=dropout)
+
+        out = self.linear_out(out.transpose(1, 2).flatten(-2))
+        if empty is not None:
+            out = out.masked_fill(empty[:, None, None], 0.0)
+        return out

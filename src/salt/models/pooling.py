@@ -1,0 +1,119 @@
+"""Pooling: one vector per jet from its track representations.
+
+- `global_attention`: a learned gate scores every track; the softmax over the real tracks
+  weights a sum of the track vectors.
+- `cross_attention`: a learned class token attends to the tracks through `num_layers`
+  pre-norm cross-attention blocks (attention + feed-forward, residual).
+
+A jet without real tracks pools to a fixed vector (zero, or the class token's path without
+attention messages), never NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from salt.models.attention import MultiheadAttention, masked_softmax
+from salt.models.dense import Dense
+
+POOLING_TYPES = ("global_attention", "cross_attention")
+
+
+class GlobalAttentionPooling(nn.Module):
+    """Gated sum: `sum_j softmax_j(w . x_j + b) x_j` over the real tracks j."""
+
+    def __init__(self, input_size: int) -> None:
+        super().__init__()
+        self.input_size = self.output_size = input_size
+        self.gate = nn.Linear(input_size, 1)
+
+    def forward(self, x: Tensor, pad_mask: Tensor) -> Tensor:
+        """`x[B, T, D]`, `pad_mask[B, T]` -> `[B, D]`."""
+        weights = masked_softmax(self.gate(x).squeeze(-1), pad_mask)
+        return torch.einsum("bt,btd->bd", weights, x)
+
+
+class CrossAttentionBlock(nn.Module):
+    """`c + attn(norm(c), norm(x))` then `c + ff(norm(c))` for class token(s) `c`."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        kv_dim: int,
+        num_heads: int,
+        attention: str,
+        attention_dropout: float,
+        negative_slope: float,
+        hidden_layers: list[int],
+        activation: str,
+        norm: str | None,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.q_norm = nn.LayerNorm(embed_dim)
+        self.kv_norm = nn.LayerNorm(kv_dim)
+        self.attn = MultiheadAttention(
+            embed_dim,
+            num_heads,
+            score=attention,
+            kv_dim=kv_dim,
+            dropout=attention_dropout,
+            negative_slope=negative_slope,
+        )
+        self.ff_norm = nn.LayerNorm(embed_dim)
+        self.ff = Dense(embed_dim, embed_dim, hidden_layers, activation, norm, dropout)
+
+    def forward(self, c: Tensor, x: Tensor, pad_mask: Tensor) -> Tensor:
+        c = c + self.attn(self.q_norm(c), self.kv_norm(x), kv_mask=pad_mask)
+        return c + self.ff(self.ff_norm(c))
+
+
+class CrossAttentionPooling(nn.Module):
+    """A learnable class token attends to the tracks through `num_layers` blocks.
+
+    Keys and values come from the tracks (`input_size`); the class token, every attention
+    and the output have size `output_size` (heads are resolved against it).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        num_layers: int,
+        num_heads: int,
+        attention: str = "scaled_dot_product",
+        attention_dropout: float = 0.0,
+        negative_slope: float = 0.2,
+        hidden_layers: list[int] | None = None,
+        activation: str = "SiLU",
+        norm: str | None = "LayerNorm",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.input_size, self.output_size = input_size, output_size
+        self.class_token = nn.Parameter(torch.empty(1, 1, output_size))
+        nn.init.trunc_normal_(self.class_token, std=0.02)
+        self.blocks = nn.ModuleList(
+            CrossAttentionBlock(
+                output_size,
+                input_size,
+                num_heads,
+                attention,
+                attention_dropout,
+                negative_slope,
+                list(hidden_layers or []),
+                activation,
+                norm,
+                dropout,
+            )
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(output_size)
+
+    def forward(self, x: Tensor, pad_mask: Tensor) -> Tensor:
+        """`x[B, T, input_size]`, `pad_mask[B, T]` -> `[B, output_size]`."""
+        c = self.class_token.expand(x.shape[0], -1, -1)
+        for block in self.blocks:
+            c = block(c, x, pad_mask)
+        return self.norm(c).squeeze(1)

@@ -1,0 +1,298 @@
+"""The tagger: init net -> transformer encoder -> (global concat) -> pooling -> task heads.
+
+`build_tagger` assembles it from the `model` config node; every layer size follows from the
+variable lists and the chosen parts:
+
+- init net input: tracks variables, with the jets variables appended to every track;
+- encoder: `embed_dim` -> `encoder.out_dim`;
+- track representations: encoder out_dim + len(global variables) (global appended after
+  the encoder);
+- pooled jet vector: the track representation size (global_attention) or the pooling's
+  out_dim (cross_attention, default the encoder out_dim);
+- jet tasks see the pooled vector; track tasks the track representations, with the pooled
+  vector appended as context when `context: true`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from salt.models import config as schema
+from salt.models.attention import resolve_heads
+from salt.models.dense import Dense
+from salt.models.pooling import CrossAttentionPooling, GlobalAttentionPooling
+from salt.models.tasks import ClassificationTask, RegressionTask, Task, VertexingTask
+from salt.models.transformer import TransformerEncoder
+
+ModelConfig = DictConfig | Mapping[str, Any]
+
+
+class Tagger(nn.Module):
+    """A jet tagger; `forward` returns (outputs, losses) per task."""
+
+    def __init__(
+        self,
+        name: str,
+        variables: Mapping[str, list[str]],
+        init_net: Dense,
+        encoder: TransformerEncoder,
+        pooling: nn.Module,
+        tasks: Mapping[str, Task],
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.variables = {k: list(v) for k, v in variables.items()}
+        self.init_net = init_net
+        self.encoder = encoder
+        self.pooling = pooling
+        self.tasks = nn.ModuleDict(tasks)
+
+    def _input(self, inputs: Mapping[str, Tensor], input_type: str) -> Tensor:
+        """The batch input `input_type`, checked against its variable list."""
+        names = self.variables[input_type]
+        if input_type not in inputs:
+            raise KeyError(
+                f"model {self.name}: the batch has no input {input_type!r} (model.variables."
+                f"{input_type} lists {len(names)} variables); it has {sorted(inputs)}"
+            )
+        x = inputs[input_type]
+        if x.shape[-1] != len(names):
+            raise ValueError(
+                f"model {self.name}: input {input_type!r} has {x.shape[-1]} features but "
+                f"model.variables.{input_type} lists {len(names)}: {names}"
+            )
+        return x
+
+    def forward(
+        self,
+        inputs: Mapping[str, Tensor],
+        pad_masks: Mapping[str, Tensor],
+        labels: Mapping[str, Mapping[str, Tensor]] | None = None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Outputs per task and, with labels, the task losses plus the weighted sum "loss".
+
+        `inputs`: {"tracks": [B, T, Ft], "jets": [B, Fj], "global": [B, Fg]} (as configured);
+        `pad_masks`: {"tracks": bool [B, T]}, True for padded slots.
+        """
+        tracks = self._input(inputs, "tracks")
+        pad_mask = pad_masks["tracks"]
+        jets = self._input(inputs, "jets") if "jets" in self.variables else None
+
+        x = self.encoder(self.init_net(tracks, jets), pad_mask)
+        if "global" in self.variables:
+            glob = self._input(inputs, "global").to(x.dtype)
+            x = _concat_masked(x, glob[:, None, :].expand(-1, x.shape[1], -1), pad_mask)
+        pooled = self.pooling(x, pad_mask)
+
+        outputs = {name: task(pooled, x, pad_mask) for name, task in self.tasks.items()}
+        if labels is None:
+            return outputs, {}
+        losses: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        for name, task in self.tasks.items():
+            losses[name] = task.loss(outputs[name], task.target(labels), pad_mask)
+            term = task.weight * losses[name]
+            total = term if total is None else total + term
+        assert total is not None  # build_tagger requires at least one task
+        losses["loss"] = total
+        return outputs, losses
+
+    def predict(self, outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Probabilities (classification: softmax, vertexing: sigmoid) or regression values.
+
+        Values on padded tracks (pairs) carry no meaning; select real ones with the pad mask.
+        """
+        return {name: task.predict(outputs[name]) for name, task in self.tasks.items()}
+
+
+def _concat_masked(x: Tensor, extra: Tensor, pad_mask: Tensor) -> Tensor:
+    """Concatenate `extra` to `x` along features; padded slots stay zero."""
+    return torch.cat([x, extra], dim=-1).masked_fill(pad_mask.unsqueeze(-1), 0.0)
+
+
+def input_variables(model_cfg: ModelConfig) -> dict[str, list[str]]:
+    """The input variable lists by input type ("jets", "tracks", "global"), for the loader."""
+    return schema.variables(schema.to_dict(model_cfg))
+
+
+def label_specs(model_cfg: ModelConfig) -> dict[str, dict[str, dict[int, int] | None]]:
+    """`{input_type: {label: label_map}}` of all tasks, for the loader to read the labels.
+
+    Two tasks reading the same label with different label maps is a config error.
+    """
+    specs: dict[str, dict[str, dict[int, int] | None]] = {}
+    owner: dict[tuple[str, str], str] = {}
+    for name, task in schema.tasks(schema.to_dict(model_cfg)).items():
+        key = (task["input"], task["label"])
+        mapping = task.get("label_map")
+        if key in owner and specs[key[0]][key[1]] != mapping:
+            raise schema.ModelConfigError(
+                f"model.tasks.{owner[key]} and model.tasks.{name} read label {key[1]!r} of "
+                f"{key[0]} with different label_map ({specs[key[0]][key[1]]} vs {mapping})"
+            )
+        owner.setdefault(key, name)
+        specs.setdefault(key[0], {})[key[1]] = mapping
+    return specs
+
+
+def _encoder(top: dict[str, Any], embed_dim: int) -> TransformerEncoder:
+    enc = schema.take(top["encoder"], "model.encoder", schema.ENCODER_KEYS)
+    att = schema.take_typed(
+        top["attention"],
+        "model.attention",
+        schema.ATTENTION_COMMON_KEYS,
+        schema.ATTENTION_TYPE_KEYS,
+        ignore_other_types=True,
+    )
+    num_heads, _ = resolve_heads(embed_dim, att["num_heads"], att["head_dim"], "model.attention")
+    return TransformerEncoder(
+        embed_dim=embed_dim,
+        num_layers=schema.positive_int(enc["num_layers"], "model.encoder.num_layers"),
+        num_heads=num_heads,
+        out_dim=schema.positive_int(enc["out_dim"], "model.encoder.out_dim", allow_none=True),
+        attention=att["type"],
+        attention_dropout=schema.number(att["dropout"], "model.attention.dropout", 0.0, 1.0),
+        negative_slope=schema.number(
+            att.get("negative_slope", 0.2), "model.attention.negative_slope"
+        ),
+        ff_hidden_scale=schema.positive_int(
+            enc["ff_hidden_scale"], "model.encoder.ff_hidden_scale"
+        ),
+        activation=schema.check_activation(enc["activation"], "model.encoder.activation"),
+        dropout=schema.number(enc["dropout"], "model.encoder.dropout", 0.0, 1.0),
+    )
+
+
+def _pooling(raw: Any, input_size: int, encoder_out: int) -> nn.Module:
+    where = "model.pooling"
+    pool = schema.take_typed(raw, where, {}, schema.POOLING_TYPE_KEYS, ignore_other_types=True)
+    if pool["type"] == "global_attention":
+        return GlobalAttentionPooling(input_size)
+    out_dim = (
+        schema.positive_int(pool["out_dim"], f"{where}.out_dim", allow_none=True) or encoder_out
+    )
+    att = schema.take_typed(
+        pool["attention"],
+        f"{where}.attention",
+        schema.ATTENTION_COMMON_KEYS,
+        schema.ATTENTION_TYPE_KEYS,
+        ignore_other_types=True,
+    )
+    num_heads, _ = resolve_heads(out_dim, att["num_heads"], att["head_dim"], f"{where}.attention")
+    dense = schema.dense_settings(pool["dense"], f"{where}.dense")
+    return CrossAttentionPooling(
+        input_size=input_size,
+        output_size=out_dim,
+        num_layers=schema.positive_int(pool["num_layers"], f"{where}.num_layers"),
+        num_heads=num_heads,
+        attention=att["type"],
+        attention_dropout=schema.number(att["dropout"], f"{where}.attention.dropout", 0.0, 1.0),
+        negative_slope=schema.number(
+            att.get("negative_slope", 0.2), f"{where}.attention.negative_slope"
+        ),
+        **dense,
+    )
+
+
+def _class_weights(
+    name: str, spec: dict[str, Any], class_dict: Mapping[str, Any] | None
+) -> list[float] | None:
+    if not spec["use_class_weights"]:
+        return None
+    where = f"model.tasks.{name}.use_class_weights"
+    input_type, label = spec["input"], spec["label"]
+    if class_dict is None:
+        raise schema.ModelConfigError(f"{where} is true but no class_dict was given")
+    try:
+        weights = class_dict[input_type][label]
+    except (KeyError, TypeError):
+        raise schema.ModelConfigError(
+            f"{where}: the class_dict has no weights for input {input_type!r}, label {label!r}"
+        ) from None
+    expected = len(spec["class_names"])
+    if not isinstance(weights, list | tuple) or len(weights) != expected:
+        found = len(weights) if isinstance(weights, list | tuple) else repr(weights)
+        raise schema.ModelConfigError(
+            f"{where}: class_dict[{input_type!r}][{label!r}] must hold {expected} weights "
+            f"(one per class in {spec['class_names']}), found {found}"
+        )
+    return [float(w) for w in weights]
+
+
+def _task(
+    name: str,
+    spec: dict[str, Any],
+    track_size: int,
+    pooled_size: int,
+    class_dict: Mapping[str, Any] | None,
+) -> Task:
+    dense = {k: spec[k] for k in ("hidden_layers", "activation", "norm", "dropout")}
+    context_size = pooled_size if spec["context"] else 0
+    if spec["type"] == "classification":
+        on_jets = spec["input"] == "jets"
+        return ClassificationTask(
+            name=name,
+            input_type=spec["input"],
+            label=spec["label"],
+            class_names=spec["class_names"],
+            input_size=pooled_size if on_jets else track_size,
+            context_size=context_size,
+            weight=spec["weight"],
+            label_map=spec["label_map"],
+            class_weights=_class_weights(name, spec, class_dict),
+            **dense,
+        )
+    if spec["type"] == "vertexing":
+        return VertexingTask(
+            name=name,
+            label=spec["label"],
+            input_size=track_size,
+            context_size=context_size,
+            weight=spec["weight"],
+            **dense,
+        )
+    return RegressionTask(
+        name=name,
+        label=spec["label"],
+        input_size=pooled_size,
+        loss=spec["loss"],
+        huber_delta=spec["huber_delta"],
+        weight=spec["weight"],
+        **dense,
+    )
+
+
+def build_tagger(model_cfg: ModelConfig, class_dict: Mapping[str, Any] | None = None) -> Tagger:
+    """Build the tagger described by the `model` config node.
+
+    `class_dict` ({input: {label: [weight per class]}}) supplies the class weights of tasks
+    with `use_class_weights: true`.
+    """
+    cfg = schema.to_dict(model_cfg)
+    top = schema.take(cfg, "model", schema.MODEL_KEYS)
+    variables = schema.variables(cfg)
+    specs = schema.tasks(cfg)
+    label_specs(cfg)  # the label_map consistency check
+    embed_dim = schema.positive_int(top["embed_dim"], "model.embed_dim")
+    assert embed_dim is not None
+
+    init = schema.dense_settings(top["init_net"], "model.init_net")
+    init_net = Dense(
+        len(variables["tracks"]),
+        embed_dim,
+        context_size=len(variables.get("jets", [])),
+        **init,
+    )
+    encoder = _encoder(top, embed_dim)
+    track_size = encoder.out_dim + len(variables.get("global", []))
+    pooling = _pooling(top["pooling"], track_size, encoder.out_dim)
+    pooled_size = pooling.output_size
+    tasks = {
+        name: _task(name, spec, track_size, pooled_size, class_dict) for name, spec in specs.items()
+    }
+    return Tagger(str(top["name"]), variables, init_net, encoder, pooling, tasks)

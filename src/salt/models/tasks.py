@@ -1,0 +1,229 @@
+"""Task heads: a dense network on the pooled jet vector or the track vectors, and its loss.
+
+- `ClassificationTask`: jets (`[B, C]` logits) or tracks (`[B, T, C]`), cross entropy with
+  optional class weights. Negative labels (padded tracks, unknown origin) are ignored.
+- `VertexingTask`: a logit for every ordered pair of tracks (`[B, T, T]`): do tracks i and
+  j come from the same vertex? Target: equal `ftagTruthVertexIndex` and index >= 0. The loss
+  is the binary cross entropy averaged over ordered pairs of distinct real tracks (i != j;
+  the diagonal is trivially "same vertex" and carries no information).
+- `RegressionTask`: one jet-level number (`[B]`), MSE or Huber, non-finite targets ignored.
+
+Track tasks may take the pooled jet vector as context, appended to every track (pair).
+Outputs on padded tracks (pairs with a padded track) are set to 0. Losses are finite for
+jets without real tracks; a batch without any real track gives a track loss of 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from salt.models.dense import Dense
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Losses and probabilities in fp32 even under fp16/bf16 autocast (fp64 stays fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _safe_mean(total: Tensor, count: Tensor) -> Tensor:
+    """`total / count`, or 0 when nothing was counted (no host sync)."""
+    return total / torch.where(count > 0, count, torch.ones_like(count))
+
+
+def weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+    """Cross entropy of `logits[N, C]` and `target[N]`, ignoring negative targets.
+
+    With class weights it is the weighted mean (as `nn.CrossEntropyLoss(weight=...)`).
+    """
+    valid = target >= 0
+    safe = target.clamp_min(0)
+    nll = F.cross_entropy(_at_least_fp32(logits), safe, reduction="none")
+    w = valid.to(nll.dtype) if weight is None else weight[safe] * valid
+    return _safe_mean((nll * w).sum(), w.sum())
+
+
+class Task(nn.Module):
+    """Base of all task heads: identity, label and loss weight."""
+
+    def __init__(
+        self,
+        name: str,
+        input_type: str,
+        label: str,
+        weight: float = 1.0,
+        class_names: Sequence[str] | None = None,
+        label_map: Mapping[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.input_type = input_type
+        self.label = label
+        self.weight = float(weight)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.label_map = dict(label_map) if label_map is not None else None
+
+    def target(self, labels: Mapping[str, Mapping[str, Tensor]]) -> Tensor:
+        """This task's labels from the batch's `labels` dict."""
+        try:
+            return labels[self.input_type][self.label]
+        except KeyError:
+            raise KeyError(
+                f"task {self.name}: the batch has no label labels[{self.input_type!r}]"
+                f"[{self.label!r}]"
+            ) from None
+
+    def forward(self, pooled: Tensor, tracks: Tensor, pad_mask: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, output: Tensor, target: Tensor, pad_mask: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def predict(self, output: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class ClassificationTask(Task):
+    """Jet or track classification into `len(class_names)` classes."""
+
+    def __init__(
+        self,
+        name: str,
+        input_type: str,
+        label: str,
+        class_names: Sequence[str],
+        input_size: int,
+        context_size: int = 0,
+        hidden_layers: Sequence[int] = (),
+        activation: str = "SiLU",
+        norm: str | None = "LayerNorm",
+        dropout: float = 0.0,
+        weight: float = 1.0,
+        label_map: Mapping[int, int] | None = None,
+        class_weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(name, input_type, label, weight, class_names, label_map)
+        num_classes = len(class_names)
+        self.net = Dense(
+            input_size, num_classes, hidden_layers, activation, norm, dropout, context_size
+        )
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(
+                f"task {name}: {len(class_weights)} class weights for {num_classes} classes"
+            )
+        # Not persistent: weights come from the class_dict, not from the checkpoint.
+        cw = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", cw, persistent=False)
+
+    def forward(self, pooled: Tensor, tracks: Tensor, pad_mask: Tensor) -> Tensor:
+        if self.input_type == "jets":
+            return self.net(pooled)
+        context = pooled if self.net.context_size else None
+        return self.net(tracks, context).masked_fill(pad_mask.unsqueeze(-1), 0.0)
+
+    def loss(self, output: Tensor, target: Tensor, pad_mask: Tensor) -> Tensor:
+        if self.input_type == "tracks":
+            target = target.masked_fill(pad_mask, -1)
+        return weighted_cross_entropy(
+            output.flatten(0, -2), target.flatten().long(), self.class_weights
+        )
+
+    def predict(self, output: Tensor) -> Tensor:
+        return torch.softmax(_at_least_fp32(output), dim=-1)
+
+
+class VertexingTask(Task):
+    """Same-vertex classification of every ordered track pair.
+
+    The pair network's input is `[x_i; x_j; context]`; its first layer is computed as
+    `W1 x_i + W2 x_j + W3 c` (per-track projections added pairwise), the same math as the
+    concatenation at a fraction of the cost.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        label: str,
+        input_size: int,
+        context_size: int = 0,
+        hidden_layers: Sequence[int] = (),
+        activation: str = "SiLU",
+        norm: str | None = None,
+        dropout: float = 0.0,
+        weight: float = 1.0,
+    ) -> None:
+        super().__init__(name, "tracks", label, weight)
+        self.net = Dense(
+            [input_size, input_size], 1, hidden_layers, activation, norm, dropout, context_size
+        )
+
+    def forward(self, pooled: Tensor, tracks: Tensor, pad_mask: Tensor) -> Tensor:
+        first = self.net.first
+        x_i, x_j = first.project(0, tracks), first.project(1, tracks)  # [B, T, H]
+        if self.net.context_size:  # W3 c + bias, once per jet
+            per_jet = first.project(2, pooled, bias=True)[:, None, None, :]
+        else:
+            per_jet = first.linear.bias
+        # pairwise sum [B, T, T, H]; per_jet cast to the (autocast) dtype of the projections
+        h = x_i.unsqueeze(2) + x_j.unsqueeze(1) + per_jet.to(x_i.dtype)
+        logits = self.net.rest(h).squeeze(-1)  # [B, T, T]
+        pair_pad = pad_mask.unsqueeze(2) | pad_mask.unsqueeze(1)
+        return logits.masked_fill(pair_pad, 0.0)
+
+    def loss(self, output: Tensor, target: Tensor, pad_mask: Tensor) -> Tensor:
+        real = ~pad_mask
+        eye = torch.eye(real.shape[1], dtype=torch.bool, device=real.device)
+        pairs = real.unsqueeze(2) & real.unsqueeze(1) & ~eye
+        same = (target.unsqueeze(2) == target.unsqueeze(1)) & (target >= 0).unsqueeze(2)
+        output = _at_least_fp32(output)
+        bce = F.binary_cross_entropy_with_logits(output, same.to(output.dtype), reduction="none")
+        pairs_f = pairs.to(bce.dtype)
+        return _safe_mean((bce * pairs_f).sum(), pairs_f.sum())
+
+    def predict(self, output: Tensor) -> Tensor:
+        return torch.sigmoid(_at_least_fp32(output))
+
+
+class RegressionTask(Task):
+    """Jet-level regression of one label variable with an MSE or Huber loss."""
+
+    def __init__(
+        self,
+        name: str,
+        label: str,
+        input_size: int,
+        loss: str = "mse",
+        huber_delta: float = 1.0,
+        hidden_layers: Sequence[int] = (),
+        activation: str = "SiLU",
+        norm: str | None = "LayerNorm",
+        dropout: float = 0.0,
+        weight: float = 1.0,
+    ) -> None:
+        super().__init__(name, "jets", label, weight)
+        if loss not in ("mse", "huber"):
+            raise ValueError(f"task {name}: loss must be mse or huber, got {loss!r}")
+        self.loss_type = loss
+        self.huber_delta = float(huber_delta)
+        self.net = Dense(input_size, 1, hidden_layers, activation, norm, dropout)
+
+    def forward(self, pooled: Tensor, tracks: Tensor, pad_mask: Tensor) -> Tensor:
+        return self.net(pooled).squeeze(-1)
+
+    def loss(self, output: Tensor, target: Tensor, pad_mask: Tensor) -> Tensor:
+        output = _at_least_fp32(output)
+        target = target.to(output.dtype)
+        valid = torch.isfinite(target)
+        target = torch.where(valid, target, output.detach())  # ignored entries: zero loss
+        if self.loss_type == "mse":
+            per_jet = F.mse_loss(output, target, reduction="none")
+        else:
+            per_jet = F.huber_loss(output, target, reduction="none", delta=self.huber_delta)
+        valid_f = valid.to(per_jet.dtype)
+        return _safe_mean((per_jet * valid_f).sum(), valid_f.sum())
+
+    def predict(self, output: Tensor) -> Tensor:
+        return output
