@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -361,3 +362,65 @@ def test_ddp_two_ranks_match_single_process(tmp_path: Path, sample_cache: Path) 
         ref.scheduler.step()
     for k, v in ref.tagger.state_dict().items():
         torch.testing.assert_close(v, r0[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _git(cwd: Path, *args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+def test_dirty_checkout_refused_then_tag_pushed(tmp_path: Path, sample_cache: Path) -> None:
+    """salt runs from a real git checkout with a bare remote: refusal, force, tag push."""
+    root = Path(__file__).resolve().parents[1]
+    code, remote = tmp_path / "code", tmp_path / "remote.git"
+    _git(tmp_path, "init", "-q", "--bare", str(remote))
+    _git(tmp_path, "init", "-q", "-b", "main", str(code))
+    shutil.copytree(
+        root / "src" / "salt", code / "src" / "salt", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copytree(root / "conf", code / "conf")
+    for args in (
+        ("config", "user.email", "t@example.com"),
+        ("config", "user.name", "t"),
+        ("add", "-A"),
+        ("commit", "-qm", "code"),
+        ("remote", "add", "origin", str(remote)),
+    ):
+        _git(code, *args)
+    env_code = {**os.environ, "PYTHONPATH": str(code / "src")}
+    base = [
+        sys.executable,
+        "-m",
+        "salt.train",
+        *[o for o in TINY if o != "force=true"],
+        f"data.sample.dir={sample_cache}",
+        f"log_dir={tmp_path / 'logs'}",
+        "trainer.max_epochs=1",
+    ]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*base, *extra], cwd=tmp_path, env=env_code, capture_output=True, text=True, timeout=300
+        )
+
+    (code / "src" / "salt" / "train.py").write_text(
+        (code / "src" / "salt" / "train.py").read_text() + "\n# local edit\n"
+    )
+    refused = run()
+    assert refused.returncode == 1
+    assert "src/salt/train.py" in refused.stderr and "force=true" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "logs").exists()
+
+    forced = run("force=true", "tag=true")
+    assert forced.returncode == 0, forced.stderr
+    assert _git(remote, "tag") == ""  # force disables tagging
+
+    _git(code, "commit", "-qam", "edit")
+    tagged = run("tag=true")
+    assert tagged.returncode == 0, tagged.stderr
+    newest = max((p for p in (tmp_path / "logs").iterdir()), key=lambda p: p.stat().st_mtime)
+    assert _git(remote, "tag").split() == [newest.name]
+    meta = yaml.safe_load((newest / "metadata.yaml").read_text())
+    assert meta["git"]["commit"] == _git(code, "rev-parse", "HEAD").strip()
+    assert meta["git"]["dirty"] is False

@@ -32,7 +32,12 @@ from salt.provenance import check_clean, collect_metadata, git_state, push_tag, 
 from salt.tracking import Logger, NullLogger, build_logger
 from salt.training import checkpoint as ckpt
 from salt.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
-from salt.training.run_dir import create_run_dir, write_run_files
+from salt.training.run_dir import (
+    create_run_dir,
+    remember_job,
+    requeued_run_dir,
+    write_run_files,
+)
 from salt.utils.atomic import atomic_path
 
 log = logging.getLogger("salt")
@@ -170,12 +175,19 @@ def setup(cfg: DictConfig, dist: DistInfo) -> Run:
 
     counters = Counters()
     resume_from = cfg.get("ckpt_path")
+    # a job requeued by Slurm (preemption, time limit) continues its own run directory
+    requeued = None if fast_dev_run else requeued_run_dir(cfg)
+    if requeued is not None:
+        resume_from = ckpt.latest_checkpoint(requeued / "ckpts") or resume_from
+        log.info("salt: requeued job continues %s from %s", requeued, resume_from)
     loaded = ckpt.load_checkpoint(resume_from, map_location=dist.device) if resume_from else None
 
     run_dir = None
     logger: Logger = NullLogger()
     if not fast_dev_run:
-        run_dir = create_run_dir(cfg) if dist.is_main else None
+        if dist.is_main:
+            run_dir = requeued or create_run_dir(cfg)
+            remember_job(cfg, run_dir)
         run_dir = broadcast_object(run_dir)
         if dist.is_main:
             num_params = models.count_parameters(tagger)
@@ -478,7 +490,7 @@ class StopSignal:
     is consistent and nothing is lost but the step in flight.
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -499,6 +511,15 @@ class StopSignal:
     def __exit__(self, *exc: Any) -> None:
         for num, handler in self._previous.items():
             signal.signal(num, handler)
+
+    def chain(self) -> None:
+        """After our state is saved: let the handler we replaced act on the signal too.
+
+        Under submitit that handler requeues the job (pre-timeout signal) and exits.
+        """
+        previous = self._previous.get(self.received) if self.received is not None else None
+        if callable(previous):
+            previous(self.received, None)
 
 
 def stop_requested(run: Run) -> bool:
@@ -533,6 +554,9 @@ def _fit(run: Run) -> Run:
             if not complete and stop_requested(run):
                 save(run, ckpt.LAST, also_last=False)
                 status = "interrupted"
+                run.logger.finalize(status)
+                if run.stop is not None:
+                    run.stop.chain()
                 raise Interrupted(run.stop.received or signal.SIGTERM, c.step, run.run_dir)
             metrics = validate(run)
             c.epoch_complete = complete

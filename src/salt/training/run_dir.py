@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,3 +69,38 @@ def write_run_files(run_dir: Path, cfg: DictConfig, metadata: dict, files: DataF
         if src is not None:
             with atomic_path(run_dir / src.name) as tmp:
                 shutil.copyfile(src, tmp)
+
+
+def _job_key() -> str | None:
+    """This Slurm job's identity, the same after a requeue (array tasks included)."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def _job_marker(cfg: DictConfig) -> Path | None:
+    key = _job_key()
+    return Path(str(cfg.log_dir)) / ".slurm_jobs" / key if key else None
+
+
+def remember_job(cfg: DictConfig, run_dir: Path) -> None:
+    """Record which run directory this Slurm job writes, for its requeued self."""
+    marker = _job_marker(cfg)
+    if marker is not None:
+        atomic_write_text(marker, str(run_dir.resolve()))
+
+
+def requeued_run_dir(cfg: DictConfig) -> Path | None:
+    """The run directory of this job's previous attempt, when Slurm requeued it.
+
+    Only a requeued job (``SLURM_RESTART_COUNT`` >= 1) continues in place; a new job, or a
+    second run inside the same allocation, gets its own run directory.
+    """
+    marker = _job_marker(cfg)
+    if marker is None or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1:
+        return None
+    if not marker.exists():
+        return None
+    run_dir = Path(marker.read_text().strip())
+    return run_dir if (run_dir / "config.yaml").exists() else None
