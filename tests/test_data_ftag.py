@@ -52,39 +52,37 @@ def test_values_equal_direct_computation(tmp_path: Path, scattered: bool) -> Non
     path = write_ftag_file(tmp_path / "f.h5", n_jets=50, scattered=scattered)
     labels = {"tracks": {"ftagTruthOriginLabel": None}, "jets": {"flavour_label": None}}
     for compact in (False, True):
-        chunk = reader(path, labels=labels, compact_tracks=compact).read(5, 45)
+        inputs, masks, got = reader(path, labels=labels, compact_tracks=compact).load(5, 45)
         want = direct(path, 5, 45, compact=compact)
-        assert chunk.inputs["jets"].dtype == np.float32
-        np.testing.assert_allclose(chunk.inputs["jets"], want["jets"], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(chunk.inputs["tracks"], want["tracks"], rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(chunk.valid["tracks"], want["valid"])
-        np.testing.assert_array_equal(
-            chunk.labels["tracks"]["ftagTruthOriginLabel"], want["origin"]
-        )
-        np.testing.assert_array_equal(chunk.num_real["tracks"], want["valid"].sum(1))
+        assert inputs["jets"].dtype == np.float32 and inputs["tracks"].dtype == np.float32
+        np.testing.assert_allclose(inputs["jets"], want["jets"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(inputs["tracks"], want["tracks"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(~masks["tracks"], want["valid"])
+        np.testing.assert_array_equal(got["tracks"]["ftagTruthOriginLabel"], want["origin"])
+        np.testing.assert_array_equal(got["jets"]["flavour_label"].dtype, np.int64)
         if compact:  # real tracks first, their order kept
-            v = chunk.valid["tracks"]
+            v = ~masks["tracks"]
             assert (v[:, 1:] <= v[:, :-1]).all()
 
 
 def test_label_map_applied_and_unmapped_value_rejected(ftag_file: Path) -> None:
     labels = {"jets": {"HadronConeExclTruthLabelID": {5: 0, 4: 1, 0: 2}}}
-    chunk = reader(ftag_file, labels=labels).read(0, 100)
+    got = reader(ftag_file, labels=labels).load(0, 100)[2]
     with h5py.File(ftag_file) as f:
         want = f["jets"]["flavour_label"]
-    np.testing.assert_array_equal(chunk.labels["jets"]["HadronConeExclTruthLabelID"], want)
+    np.testing.assert_array_equal(got["jets"]["HadronConeExclTruthLabelID"], want)
     bad = {"jets": {"HadronConeExclTruthLabelID": {5: 0, 4: 1}}}
     with pytest.raises(DataError, match=r"HadronConeExclTruthLabelID.*\[0\] not in its label_map"):
-        reader(ftag_file, labels=bad).read(0, 100)
+        reader(ftag_file, labels=bad).load(0, 100)
     ignored = {"jets": {"HadronConeExclTruthLabelID": {5: 0, 4: 1, 0: -1}}}
-    mapped = reader(ftag_file, labels=ignored).read(0, 100).labels["jets"]
+    mapped = reader(ftag_file, labels=ignored).load(0, 100)[2]["jets"]
     assert set(np.unique(mapped["HadronConeExclTruthLabelID"])) <= {-1, 0, 1}
 
 
 def test_label_outside_class_count(ftag_file: Path) -> None:
     labels = {"jets": {"flavour_label": LabelSpec(num_classes=2)}}
     with pytest.raises(DataError, match=r"flavour_label.*\[2\] outside \[0, 2\)"):
-        reader(ftag_file, labels=labels).read(0, 100)
+        reader(ftag_file, labels=labels).load(0, 100)
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -147,10 +145,10 @@ def test_non_finite_input(tmp_path: Path) -> None:
     with pytest.raises(
         DataError, match=r"nan.h5: non-finite value .* 'tracks' variable 'd0' at jet 7"
     ):
-        reader(path, norm).read(0, 20)
-    chunk = reader(path, norm, nan_policy="replace").read(0, 20)
-    assert np.isfinite(chunk.inputs["tracks"]).all()
-    assert chunk.inputs["tracks"][7, 0, 0] == 0.0
+        reader(path, norm).load(0, 20)
+    inputs = reader(path, norm, nan_policy="replace").load(0, 20)[0]
+    assert np.isfinite(inputs["tracks"]).all()
+    assert inputs["tracks"][7, 0, 0] == 0.0
 
 
 def test_mismatched_lengths(tmp_path: Path) -> None:

@@ -190,8 +190,9 @@ class H5BatchDataset(IterableDataset):
             if cached is None or cached[0] != chunk_id:
                 cached = (chunk_id, *self._load_chunk(chunk_id, epoch))
             _, chunk, perm = cached
-            rows = perm[index * self.batch_size : (index + 1) * self.batch_size]
-            yield self._batch(chunk, rows)
+            # sorted rows: the same jets, gathered in memory order (faster)
+            rows = np.sort(perm[index * self.batch_size : (index + 1) * self.batch_size])
+            yield self._batch(self.chunks[chunk_id].file, chunk, rows)
 
     def _load_chunk(self, chunk_id: int, epoch: int) -> tuple[Chunk, np.ndarray]:
         ref = self.chunks[chunk_id]
@@ -203,28 +204,21 @@ class H5BatchDataset(IterableDataset):
             perm = np.arange(n)
         return chunk, perm
 
-    def _batch(self, chunk: Chunk, rows: np.ndarray) -> Batch:
+    def _batch(self, file: int, chunk: Chunk, rows: np.ndarray) -> Batch:
         if not self.shuffle:
             rows = slice(int(rows[0]), int(rows[-1]) + 1)  # contiguous: a view, no gather
         # one width for all per-track inputs of the batch: its longest jet (real tracks first)
         width = None
         if self.trim_tracks and chunk.num_real:
             width = max(max(int(n[rows].max(initial=0)), 1) for n in chunk.num_real.values())
-        inputs, masks, labels = {}, {}, {}
-        for name, x in chunk.inputs.items():
-            if name in chunk.valid:
-                inputs[name] = torch.from_numpy(np.ascontiguousarray(x[rows, :width]))
-                masks[name] = torch.from_numpy(~chunk.valid[name][rows, :width])
-            else:
-                inputs[name] = torch.from_numpy(np.ascontiguousarray(x[rows]))
-        for input_type, group in chunk.labels.items():
-            labels[input_type] = {
-                k: torch.from_numpy(
-                    np.ascontiguousarray(v[rows, :width] if v.ndim == 2 else v[rows])
-                )
-                for k, v in group.items()
-            }
-        return {"inputs": inputs, "pad_masks": masks, "labels": labels}
+        inputs, masks, labels = self.readers[file].batch(chunk, rows, width)
+        return {
+            "inputs": {k: torch.from_numpy(v) for k, v in inputs.items()},
+            "pad_masks": {k: torch.from_numpy(v) for k, v in masks.items()},
+            "labels": {
+                t: {k: torch.from_numpy(v) for k, v in group.items()} for t, group in labels.items()
+            },
+        }
 
 
 class BatchLoader:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,7 @@ class _LabelPlan:
 @dataclass
 class _InputPlan:
     input_type: str
-    columns: np.ndarray
+    columns: slice | np.ndarray
     mean: np.ndarray
     inv_std: np.ndarray
     variables: list[str]
@@ -173,22 +174,23 @@ class _DatasetPlan:
             self.fields.append(name)
         return self.fields.index(name)
 
-    @property
+    @cached_property
     def read_dtype(self) -> np.dtype:
         return np.dtype([(f, np.float32) for f in self.fields])
 
 
 @dataclass
 class Chunk:
-    """Arrays for a contiguous range of jets, ready to be cut into batches."""
+    """The needed fields of a contiguous range of jets as float32, real tracks first; cut into
+    batches by :meth:`FTAGReader.batch`, which normalises only what a batch needs."""
 
-    inputs: dict[str, np.ndarray]  # normalised float32, padded slots zero
-    valid: dict[str, np.ndarray]  # bool masks (True = real) for per-track input types
-    labels: dict[str, dict[str, np.ndarray]]  # int64, label maps applied
-    num_real: dict[str, np.ndarray] = field(default_factory=dict)  # real tracks per jet
+    start: int  # file row of the first jet
+    raw: dict[str, np.ndarray]  # dataset -> float32 (n, [slots,] fields): the plan's fields
+    valid: dict[str, np.ndarray]  # per-slot datasets -> bool (n, slots), True = real
+    num_real: dict[str, np.ndarray]  # per-slot datasets -> real slots per jet
 
     def __len__(self) -> int:
-        return len(next(iter(self.inputs.values())))
+        return len(next(iter(self.raw.values())))
 
 
 class FTAGReader:
@@ -222,7 +224,7 @@ class FTAGReader:
                 continue
             dataset = self._dataset_for(input_type)
             plan = self.plans.setdefault(dataset, _DatasetPlan(dataset))
-            cols = np.array([plan.column(v) for v in var_list], dtype=np.intp)
+            cols = _as_slice([plan.column(v) for v in var_list])
             mean, inv_std = norm_arrays(norm_dict, input_type, dataset, var_list, str(self.path))
             plan.inputs.append(_InputPlan(input_type, cols, mean, inv_std, list(var_list)))
         for input_type, label_specs in (labels or {}).items():
@@ -297,47 +299,70 @@ class FTAGReader:
         return n, num_slots
 
     def read(self, start: int, stop: int) -> Chunk:
-        """Read jets [start, stop): normalised inputs, masks and mapped labels."""
-        inputs: dict[str, np.ndarray] = {}
-        valid: dict[str, np.ndarray] = {}
-        num_real: dict[str, np.ndarray] = {}
-        labels: dict[str, dict[str, np.ndarray]] = {}
+        """Read jets [start, stop) as stored (whole records: HDF5 reads them fastest)."""
+        raw, valid, num_real = {}, {}, {}
         for name, plan in self.plans.items():
-            raw = np.empty((stop - start, *self.file[name].shape[1:]), dtype=plan.read_dtype)
+            ds = self.file[name]
+            records = np.empty((stop - start, *ds.shape[1:]), dtype=ds.dtype)
             try:
-                self.file[name].read_direct(raw, np.s_[start:stop])
+                ds.read_direct(records, np.s_[start:stop])
             except (OSError, RuntimeError) as err:
                 raise DataError(
                     f"{self.path}: reading '{name}' rows {start}:{stop} failed (corrupt or "
                     f"truncated file?): {err}"
                 ) from None
-            flat = raw.view(np.float32).reshape(*raw.shape, len(plan.fields))
-            mask = None
+            # whole records are read fastest; then the needed fields -> one packed float32
+            # record each -> a plain float32 array (the view costs nothing)
+            flat = records[plan.fields].astype(plan.read_dtype)
+            flat = flat.view(np.float32).reshape(*records.shape, len(plan.fields))
             if plan.valid_column is not None:
                 mask = flat[..., plan.valid_column] != 0
                 if self.compact_tracks and not _is_prefix(mask):
                     order = np.argsort(~mask, axis=1, kind="stable")
                     flat = np.take_along_axis(flat, order[..., None], axis=1)
                     mask = np.take_along_axis(mask, order, axis=1)
+                valid[name], num_real[name] = mask, mask.sum(axis=1)
+            raw[name] = flat
+        return Chunk(start, raw, valid, num_real)
+
+    def load(
+        self, start: int, stop: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+        """Inputs, pad masks and labels of jets [start, stop), all slots kept."""
+        return self.batch(self.read(start, stop), slice(None))
+
+    def batch(
+        self, chunk: Chunk, rows: np.ndarray | slice, width: int | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+        """Inputs (normalised float32, padded slots 0), pad masks and labels of ``rows``.
+
+        ``width`` keeps only the first slots of per-slot datasets (real tracks come first).
+        """
+        inputs: dict[str, np.ndarray] = {}
+        masks: dict[str, np.ndarray] = {}
+        labels: dict[str, dict[str, np.ndarray]] = {}
+        index = np.arange(len(chunk))[rows] + chunk.start  # file rows, for messages
+        for name, plan in self.plans.items():
+            per_slot = plan.valid_column is not None
+            flat = chunk.raw[name][rows, :width] if per_slot else chunk.raw[name][rows]
+            mask = chunk.valid[name][rows, :width] if per_slot else None
             for ip in plan.inputs:
-                x = flat[..., ip.columns]  # fancy index: a fresh array we may modify in place
-                x -= ip.mean
+                x = np.subtract(flat[..., ip.columns], ip.mean, dtype=np.float32)
                 x *= ip.inv_std
                 if mask is not None:
-                    x[~mask] = 0.0
-                self._check_finite(x, ip, start)
+                    np.copyto(x, 0.0, where=~mask[..., None])
+                    masks[ip.input_type] = ~mask
+                self._check_finite(x, ip, index)
                 inputs[ip.input_type] = x
-                if mask is not None:
-                    valid[ip.input_type] = mask
-                    num_real[ip.input_type] = mask.sum(axis=1)
             for lp in plan.labels:
-                values = flat[..., lp.column]
                 labels.setdefault(lp.input_type, {})[lp.name] = self._map_label(
-                    values, lp, name, mask, start
+                    flat[..., lp.column], lp, name, mask, index
                 )
-        return Chunk(inputs, valid, labels, num_real)
+        return inputs, masks, labels
 
-    def _check_finite(self, x: np.ndarray, ip: _InputPlan, start: int) -> None:
+    def _check_finite(self, x: np.ndarray, ip: _InputPlan, index: np.ndarray) -> None:
+        if np.isfinite(x.sum(dtype=np.float64)):
+            return  # one cheap pass; only a non-finite sum needs a closer look
         bad = ~np.isfinite(x)
         if not bad.any():
             return
@@ -348,12 +373,17 @@ class FTAGReader:
         var = ip.variables[idx[-1]]
         raise DataError(
             f"{self.path}: non-finite value (NaN/inf) in '{self._dataset_for(ip.input_type)}' "
-            f"variable '{var}' at jet {start + int(idx[0])}. Fix the file, or set "
+            f"variable '{var}' at jet {int(index[idx[0]])}. Fix the file, or set "
             "data.nan_policy=replace to replace non-finite inputs by the variable's mean."
         )
 
     def _map_label(
-        self, values: np.ndarray, lp: _LabelPlan, dataset: str, mask: np.ndarray | None, start: int
+        self,
+        values: np.ndarray,
+        lp: _LabelPlan,
+        dataset: str,
+        mask: np.ndarray | None,
+        index: np.ndarray,
     ) -> np.ndarray:
         ints = values.astype(np.int64)
         real = mask if mask is not None else np.ones(ints.shape, dtype=bool)
@@ -368,7 +398,7 @@ class FTAGReader:
                 raise DataError(
                     f"{self.path}: '{dataset}' label '{lp.name}' has values {found.tolist()} not "
                     f"in its label_map {dict(lp.spec.label_map or {})} (first at jet "
-                    f"{start + int(np.argwhere(bad)[0][0])}). Add them to the map (-1 to ignore "
+                    f"{int(index[np.argwhere(bad)[0][0]])}). Add them to the map (-1 to ignore "
                     "them in the loss)."
                 )
             mapped[~real] = -1
@@ -379,11 +409,18 @@ class FTAGReader:
                 raise DataError(
                     f"{self.path}: '{dataset}' label '{lp.name}' has values "
                     f"{np.unique(ints[bad]).tolist()} outside [0, {lp.spec.num_classes}) "
-                    f"(first at jet {start + int(np.argwhere(bad)[0][0])}); use a label_map."
+                    f"(first at jet {int(index[np.argwhere(bad)[0][0]])}); use a label_map."
                 )
         if mask is not None:
             ints[~real] = -1
         return ints
+
+
+def _as_slice(columns: list[int]) -> slice | np.ndarray:
+    """Contiguous columns as a slice (a view, no copy); otherwise an index array."""
+    if columns == list(range(columns[0], columns[0] + len(columns))):
+        return slice(columns[0], columns[0] + len(columns))
+    return np.asarray(columns, dtype=np.intp)
 
 
 def _is_prefix(mask: np.ndarray) -> bool:

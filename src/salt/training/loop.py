@@ -357,7 +357,7 @@ def check_finite(run: Run, losses: Mapping[str, Tensor]) -> None:
     bad = [k for k, v in losses.items() if k != "loss" and not bool(torch.isfinite(v))]
     raise TrainingError(
         f"non-finite loss at step {run.counters.step} (epoch {run.counters.epoch}) in task(s) "
-        f"{', '.join(bad) or 'loss'}: {[float(losses[k]) for k in bad]}. Stopping; the last good "
+        f"{', '.join(bad) or 'loss'}: {[float(losses[k].detach()) for k in bad]}. Stopping; the last good "
         "checkpoint is kept. Check the inputs (data.nan_policy) and the learning rate."
     )
 
