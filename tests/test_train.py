@@ -424,3 +424,20 @@ def test_dirty_checkout_refused_then_tag_pushed(tmp_path: Path, sample_cache: Pa
     meta = yaml.safe_load((newest / "metadata.yaml").read_text())
     assert meta["git"]["commit"] == _git(code, "rev-parse", "HEAD").strip()
     assert meta["git"]["dirty"] is False
+
+
+def test_bad_input_gives_one_clear_error(tmp_path: Path, sample_cache: Path) -> None:
+    missing = tmp_path / "missing.h5"
+    cmd = [
+        sys.executable,
+        "-m",
+        "salt.train",
+        *TINY,
+        "data=ftag",
+        f"data.train_file={missing}",
+        f"data.val_file={missing}",
+    ]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert f"salt: error: {missing}: file not found (data.train_file)." in out.stderr
+    assert "Traceback" not in out.stderr
