@@ -174,6 +174,9 @@ def test_config_yaml_trains_the_run_again(tmp_path: Path, sample_cache: Path) ->
 def test_resume_at_epoch_boundary_is_bitwise_identical(tmp_path: Path, sample_cache: Path) -> None:
     straight = fit(make_cfg(tmp_path, sample_cache), cpu()).run_dir
     (epoch0,) = (straight / "ckpts").glob("epoch=000-*.ckpt")
+    # a checkpoint write that was killed: the truncated temp file must be ignored by resume
+    last = (straight / "ckpts" / "last.ckpt").read_bytes()
+    (straight / "ckpts" / ".last.ckpt.tmp-999-dead").write_bytes(last[: len(last) // 2])
     # resume from the end of epoch 0 with the short form and with the saved config + ckpt_path
     train(make_cfg(tmp_path, sample_cache, f"resume={straight}"), overrides=[])
     cmd = [
