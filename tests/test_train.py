@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -444,3 +445,31 @@ def test_bad_input_gives_one_clear_error(tmp_path: Path, sample_cache: Path) -> 
     assert out.returncode == 1
     assert f"salt: error: {missing}: file not found (data.train_file)." in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_comet_offline_run_keeps_no_secret_and_resume_continues_experiment(
+    tmp_path: Path, sample_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "fake-secret-key-0123456789abcdef"
+    monkeypatch.setenv("COMET_API_KEY", secret)
+    monkeypatch.setenv("COMET_WORKSPACE", "someone")
+    comet = ["logger=comet", "logger.offline=true", "trainer.max_epochs=1"]
+    first = fit(make_cfg(tmp_path, sample_cache, *comet), cpu()).run_dir
+    key = ckpt.load_checkpoint(first / "ckpts/last.ckpt")["logger"]["experiment_key"]
+    archives = list((first / "comet").glob("*.zip"))
+    assert archives, "offline archive left in the run directory"
+    train(
+        make_cfg(tmp_path, sample_cache, f"resume={first}", *comet),
+        overrides=[f"resume={first}", "trainer.max_epochs=2"],
+    )
+    second = next(p for p in run_dirs(tmp_path) if p != first)
+    assert ckpt.load_checkpoint(second / "ckpts/last.ckpt")["logger"]["experiment_key"] == key
+    for run in (first, second):
+        for path in run.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                assert secret.encode() not in data, path
+                if path.suffix == ".zip":
+                    with zipfile.ZipFile(path) as z:
+                        for name in z.namelist():
+                            assert secret.encode() not in z.read(name), f"{path}:{name}"
