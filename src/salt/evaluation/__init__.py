@@ -1,0 +1,10 @@
+"""Evaluation and export of trained runs.
+
+- `run`: a run directory -> its config, checkpoint (lowest validation loss by default), tagger
+  and dicts;
+- `predictions`: the predictions HDF5 file in the test file's row order;
+- `performance`: the b-tagging discriminant, rejections at working points and the ROC plot;
+- `onnx_model`: the ONNX wrapper (raw inputs, normalisation in the graph), export and parity.
+
+Entry points: ``python -m salt.evaluate`` and ``python -m salt.export``.
+"""

@@ -1,0 +1,381 @@
+"""The predictions file: one row per test jet, in the test file's order, for the FTAG plot tools.
+
+``<ckpt dir>/<checkpoint stem>__test_<sample><suffix>.h5`` holds
+
+- ``jets`` (n_jets,): ``<model>_p<class>`` (float32) for every class of the jet classification
+  task (``GN2_pb, GN2_pc, GN2_pu, GN2_ptau``), ``<model>_<task>_p<class>`` for any other jet
+  classification task and ``<model>_<task>`` for jet regression tasks; then the task's truth
+  label and the extra jet variables, copied unchanged (raw values, not label-mapped) from the
+  test file's jets dataset. puma and atlas-ftag-tools read it as it is.
+- ``tracks`` (n_jets, n_slots), with ``write_tracks``: the test file's slot layout;
+  ``<model>_p<origin class>`` (float16) of the track origin task (``<model>_<task>_p<class>``
+  for other track classification tasks), ``<model>_VertexIndex`` (int16), and the track tasks'
+  truth labels and ``valid``, copied from the test file. Padded slots have probabilities 0 and
+  vertex index -1.
+
+Predicted vertices are the connected components of the graph of real tracks joined where the
+symmetrised same-vertex probability ``(p_ij + p_ji) / 2`` exceeds 0.5, numbered 0, 1, ... per
+jet in the order of their first track.
+
+Everything is written batch by batch into a temporary file that is renamed into place at the end,
+so memory stays bounded and an interrupted evaluation leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+import salt
+from salt.data.ftag import DEFAULT_INPUT_MAP, VALID, DataError, open_h5
+from salt.errors import ConfigError
+from salt.evaluation.run import LoadedRun, jet_classification_task
+from salt.models.tasks import ClassificationTask, RegressionTask, Task, VertexingTask
+from salt.utils.atomic import atomic_path
+
+log = logging.getLogger("salt")
+
+PROBABILITY_DTYPE = np.float32
+TRACK_PROBABILITY_DTYPE = np.float16  # (n_jets x n_slots x classes): half the size, ample precision
+VERTEX_INDEX_DTYPE = np.int16
+VERTEX_THRESHOLD = 0.5
+
+
+def sample_name(test_file: str | Path) -> str:
+    """The sample of a test file: ``ttbar`` for FTAG names like ``pp_output_test_ttbar.h5``
+    (what follows the last ``test_``), else the file's stem."""
+    stem = Path(test_file).stem
+    _, sep, rest = stem.rpartition("test_")
+    return rest if sep and rest else stem
+
+
+def predictions_path(ckpt_path: str | Path, test_file: str | Path, suffix: str = "") -> Path:
+    """``<ckpt dir>/<ckpt stem>__test_<sample><suffix>.h5``; a suffix gets a leading ``_``."""
+    suffix = str(suffix or "")
+    if suffix and not suffix.startswith("_"):
+        suffix = f"_{suffix}"
+    ckpt_path = Path(ckpt_path)
+    return ckpt_path.parent / f"{ckpt_path.stem}__test_{sample_name(test_file)}{suffix}.h5"
+
+
+def class_field(model: str, class_name: str, task: str | None = None) -> str:
+    """``GN2_pb`` (the main task of its kind) or ``GN2_<task>_pb``."""
+    return f"{model}_p{class_name}" if task is None else f"{model}_{task}_p{class_name}"
+
+
+def vertex_groups(
+    pair_probs: Tensor, pad_mask: Tensor, threshold: float = VERTEX_THRESHOLD
+) -> Tensor:
+    """Vertex index per track from same-vertex pair probabilities ``[B, T, T]``.
+
+    Connected components of the real tracks, joined where ``(p_ij + p_ji) / 2 > threshold``;
+    numbered 0, 1, ... per jet in the order of their first track; padded slots get -1.
+    """
+    batch, slots = pad_mask.shape
+    real = ~pad_mask
+    sym = 0.5 * (pair_probs + pair_probs.transpose(1, 2))
+    eye = torch.eye(slots, dtype=torch.bool, device=pad_mask.device)
+    adjacent = ((sym > threshold) | eye) & real[:, :, None] & real[:, None, :]
+    index = torch.arange(slots, device=pad_mask.device).expand(batch, slots)
+    # Minimum-label propagation with pointer jumping: every real track ends with the lowest
+    # slot index of its component (at most `slots` rounds, usually a few).
+    label = torch.where(real, index, slots)
+    for _ in range(slots):
+        # adjacency holds the self loop, so a real track's minimum is at most its own label
+        new = torch.where(adjacent, label[:, None, :], slots).amin(dim=2)
+        new = torch.where(real, new.gather(1, new.clamp(max=slots - 1)), slots)
+        if torch.equal(new, label):
+            break
+        label = new
+    roots = real & (label == index)
+    number = roots.long().cumsum(dim=1) - 1  # component number of each root
+    groups = number.gather(1, label.clamp(max=slots - 1))
+    return torch.where(real, groups, torch.full_like(groups, -1))
+
+
+@dataclass
+class JetScores:
+    """The jet classification task's probabilities and truth classes, for the performance."""
+
+    class_names: list[str]
+    probs: np.ndarray  # [N, C] float32
+    labels: np.ndarray  # [N] class index (the task's label_map applied); -1: no class
+
+
+def map_labels(raw: np.ndarray, task: ClassificationTask) -> np.ndarray:
+    """Class indices of raw label values: the task's label_map, or the values themselves;
+    values without a class (not in the map, mapped to -1, out of range) become -1."""
+    values = np.asarray(raw).astype(np.int64)
+    num_classes = len(task.class_names or [])
+    if task.label_map is None:
+        return np.where((values >= 0) & (values < num_classes), values, -1)
+    out = np.full(values.shape, -1, dtype=np.int64)
+    for key, target in task.label_map.items():
+        out[values == int(key)] = int(target)
+    return out
+
+
+@dataclass
+class _Field:
+    """One output column: where its values come from."""
+
+    name: str
+    dtype: np.dtype
+    task: Task | None = None  # a prediction of this task
+    column: int | None = None  # the class column of a classification output
+    source: str | None = None  # a variable copied from the test file
+
+
+def _closest(name: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
+    return f" Closest available: {', '.join(close)}." if close else ""
+
+
+def _check_source(ds: h5py.Dataset, names: Sequence[str], key: str, path: Path) -> None:
+    available = list(ds.dtype.names or ())
+    for name in names:
+        if name not in available:
+            raise DataError(
+                f"{path}: dataset '{ds.name.lstrip('/')}' has no variable '{name}' ({key})."
+                f"{_closest(name, available)}"
+            )
+
+
+def _unique(names: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+def _prediction_fields(
+    model: str, tasks: Sequence[Task], main: Task | None, dtype: type
+) -> list[_Field]:
+    fields: list[_Field] = []
+    for task in tasks:
+        if isinstance(task, ClassificationTask):
+            prefix = None if task is main else task.name
+            for i, cls in enumerate(task.class_names or []):
+                fields.append(_Field(class_field(model, cls, prefix), np.dtype(dtype), task, i))
+        elif isinstance(task, RegressionTask):
+            fields.append(_Field(f"{model}_{task.name}", np.dtype(np.float32), task))
+        elif isinstance(task, VertexingTask):
+            fields.append(_Field(f"{model}_VertexIndex", np.dtype(VERTEX_INDEX_DTYPE), task))
+    return fields
+
+
+def _layout(
+    fields: list[_Field], ds: h5py.Dataset, sources: Sequence[str], key: str, path: Path
+) -> list[_Field]:
+    _check_source(ds, sources, key, path)
+    names = {f.name for f in fields}
+    for src in sources:
+        if src in names:
+            raise ConfigError(
+                f"{key}: variable '{src}' has the name of a prediction column; drop it."
+            )
+        fields.append(_Field(src, ds.dtype.fields[src][0], source=src))
+    return fields
+
+
+class PredictionWriter:
+    """Writes the ``jets`` (and ``tracks``) datasets batch by batch, in the test file's order."""
+
+    def __init__(
+        self,
+        run: LoadedRun,
+        src: h5py.File,
+        dst: h5py.File,
+        num_jets: int,
+        extra_jet_vars: Sequence[str],
+        write_tracks: bool,
+        input_map: Mapping[str, str] | None,
+    ) -> None:
+        self.run, self.src, self.dst = run, src, dst
+        self.path = Path(src.filename)
+        imap = {**DEFAULT_INPUT_MAP, **dict(input_map or {})}
+        tasks = list(run.tagger.tasks.values())
+        self.jet_task = jet_classification_task(run.tagger)
+        jet_tasks = [t for t in tasks if t.input_type == "jets"]
+        truth = [t.label for t in jet_tasks if not isinstance(t, RegressionTask)]
+        self.jets_src = self._dataset(imap["jets"])
+        self.jet_fields = _layout(
+            _prediction_fields(run.name, jet_tasks, self.jet_task, PROBABILITY_DTYPE),
+            self.jets_src,
+            _unique([*truth, *extra_jet_vars]),
+            "extra_jet_vars",
+            self.path,
+        )
+        self.jets = self._create("jets", self.jet_fields, (num_jets,), self.jets_src)
+        self.track_fields: list[_Field] = []
+        self.tracks: h5py.Dataset | None = None
+        if write_tracks:
+            track_tasks = [t for t in tasks if t.input_type == "tracks"]
+            # the first track classification task is "the" origin task: <model>_p<class>
+            origin = next((t for t in track_tasks if isinstance(t, ClassificationTask)), None)
+            self.tracks_src = self._dataset(imap["tracks"])
+            if self.tracks_src.ndim != 2:
+                raise DataError(
+                    f"{self.path}: dataset '{imap['tracks']}' has shape {self.tracks_src.shape}; "
+                    "write_tracks needs (n_jets, n_slots)."
+                )
+            self.track_fields = _layout(
+                _prediction_fields(run.name, track_tasks, origin, TRACK_PROBABILITY_DTYPE),
+                self.tracks_src,
+                _unique([*(t.label for t in track_tasks), VALID]),
+                "write_tracks (track truth)",
+                self.path,
+            )
+            shape = (num_jets, self.tracks_src.shape[1])
+            self.tracks = self._create("tracks", self.track_fields, shape, self.tracks_src)
+        self.num_jets = num_jets
+        self.offset = 0
+        self._probs: list[np.ndarray] = []
+        self._truth: list[np.ndarray] = []
+
+    def _dataset(self, name: str) -> h5py.Dataset:
+        if name not in self.src:
+            raise DataError(f"{self.path}: no dataset '{name}'; datasets: {sorted(self.src)}.")
+        return self.src[name]
+
+    def _create(
+        self, name: str, fields: list[_Field], shape: tuple[int, ...], like: h5py.Dataset
+    ) -> h5py.Dataset:
+        dtype = np.dtype([(f.name, f.dtype) for f in fields])
+        rows = max(1, min(shape[0], 1000 if len(shape) == 1 else 100))
+        ds = self.dst.create_dataset(
+            name, shape=shape, dtype=dtype, chunks=(rows, *shape[1:]), compression="lzf"
+        )
+        for key, value in like.attrs.items():  # e.g. the class names of flavour_label
+            ds.attrs[key] = value
+        return ds
+
+    def write(self, outputs: Mapping[str, Tensor], pad_mask: Tensor | None) -> None:
+        """Write the next batch of model outputs (raw, as the tagger returns them)."""
+        probs = self.run.tagger.predict(outputs)
+        n = len(next(iter(probs.values())))
+        rows = slice(self.offset, self.offset + n)
+        if rows.stop > self.num_jets:
+            raise RuntimeError(f"more jets predicted than the {self.num_jets} expected")
+        self.jets[rows] = self._rows(self.jet_fields, self.jets_src, rows, probs, None)
+        if self.tracks is not None:
+            assert pad_mask is not None
+            if pad_mask.shape[1] != self.tracks.shape[1]:
+                raise RuntimeError(
+                    f"track slots of the batch ({pad_mask.shape[1]}) differ from the file's "
+                    f"({self.tracks.shape[1]}): evaluate with trim_tracks=False"
+                )
+            self.tracks[rows] = self._rows(
+                self.track_fields, self.tracks_src, rows, probs, pad_mask
+            )
+        if self.jet_task is not None:
+            self._probs.append(probs[self.jet_task.name].cpu().numpy().astype(np.float32))
+            raw = self.jets_src.fields(self.jet_task.label)[rows]
+            self._truth.append(map_labels(raw, self.jet_task))
+        self.offset += n
+
+    def _rows(
+        self,
+        fields: list[_Field],
+        src: h5py.Dataset,
+        rows: slice,
+        probs: Mapping[str, Tensor],
+        pad_mask: Tensor | None,
+    ) -> np.ndarray:
+        n = rows.stop - rows.start
+        shape = (n,) if pad_mask is None else tuple(pad_mask.shape)
+        out = np.zeros(shape, dtype=np.dtype([(f.name, f.dtype) for f in fields]))
+        sources = [f.source for f in fields if f.source is not None]
+        copied = src.fields(sources)[rows] if sources else None
+        cache: dict[str, np.ndarray] = {}
+        padded = None if pad_mask is None else pad_mask.cpu().numpy()
+        for f in fields:
+            if f.source is not None:
+                assert copied is not None
+                out[f.name] = copied[f.source]
+                continue
+            assert f.task is not None
+            if f.task.name not in cache:
+                cache[f.task.name] = self._task_values(f.task, probs[f.task.name], pad_mask)
+            values = cache[f.task.name]
+            value = values[..., f.column] if f.column is not None else values
+            if padded is not None and not isinstance(f.task, VertexingTask):
+                value = np.where(padded, 0, value)
+            out[f.name] = value
+        return out
+
+    @staticmethod
+    def _task_values(task: Task, value: Tensor, pad_mask: Tensor | None) -> np.ndarray:
+        if isinstance(task, VertexingTask):
+            assert pad_mask is not None
+            return vertex_groups(value, pad_mask).cpu().numpy()
+        return value.float().cpu().numpy()
+
+    def finish(self) -> JetScores | None:
+        """Check that every jet was written; the jet task's scores for the performance."""
+        if self.offset != self.num_jets:
+            raise RuntimeError(f"{self.offset} jets predicted, {self.num_jets} expected")
+        if self.jet_task is None:
+            return None
+        return JetScores(
+            list(self.jet_task.class_names or []),
+            np.concatenate(self._probs) if self._probs else np.zeros((0, 0), np.float32),
+            np.concatenate(self._truth) if self._truth else np.zeros(0, np.int64),
+        )
+
+
+@torch.no_grad()
+def write_predictions(
+    run: LoadedRun,
+    batches: Iterable[Mapping[str, Any]],
+    test_file: Path,
+    out_path: Path,
+    num_jets: int,
+    *,
+    extra_jet_vars: Sequence[str] = (),
+    write_tracks: bool = False,
+    input_map: Mapping[str, str] | None = None,
+    show_progress: bool = False,
+) -> JetScores | None:
+    """Predict every batch (in the test file's order) and write ``out_path`` atomically.
+
+    ``batches`` must cover jets ``0..num_jets`` of ``test_file`` in order; with
+    ``write_tracks`` they must keep the file's track slots (``trim_tracks=False``).
+    """
+    with (
+        open_h5(test_file) as src,
+        atomic_path(out_path) as tmp,
+        h5py.File(tmp, "w") as dst,
+    ):
+        dst.attrs["salt_version"] = salt.__version__
+        dst.attrs["tagger"] = run.name
+        dst.attrs["checkpoint"] = str(run.ckpt_path)
+        dst.attrs["test_file"] = str(test_file)
+        # built first: it checks the requested variables before any work is done
+        writer = PredictionWriter(run, src, dst, num_jets, extra_jet_vars, write_tracks, input_map)
+        with progress_bar(num_jets, show_progress) as bar:
+            for batch in batches:
+                inputs = {k: v.to(run.device) for k, v in batch["inputs"].items()}
+                masks = {k: v.to(run.device) for k, v in batch["pad_masks"].items()}
+                outputs, _ = run.tagger(inputs, masks)
+                writer.write(outputs, masks.get("tracks"))
+                if bar is not None:
+                    bar.update(len(next(iter(inputs.values()))))
+        scores = writer.finish()
+    return scores
+
+
+def progress_bar(total: int, enabled: bool) -> Any:
+    """A context giving a tqdm bar counting jets, or None when disabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="predicting", unit="jet", dynamic_ncols=True, mininterval=1.0)

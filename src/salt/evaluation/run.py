@@ -1,0 +1,193 @@
+"""A trained run, ready to predict: its config, the chosen checkpoint, the tagger and its dicts.
+
+Shared by ``python -m salt.evaluate`` and ``python -m salt.export``. The normalisation and class
+dicts are taken from the run directory (training copies the ones it used there), so a run can be
+evaluated after the training files have moved.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from salt import models
+from salt.data.build import resolve_files
+from salt.data.dataset import expand_files
+from salt.data.ftag import DataError, load_yaml_dict
+from salt.errors import ConfigError
+from salt.models.tasks import ClassificationTask
+from salt.training import checkpoint as ckpt
+from salt.training.run_dir import load_run_config
+
+log = logging.getLogger("salt")
+
+
+@dataclass
+class LoadedRun:
+    """A run directory with its tagger in eval mode on ``device``."""
+
+    run_dir: Path
+    cfg: DictConfig  # the run's saved config.yaml, without the Hydra header
+    ckpt_path: Path
+    model_cfg: dict[str, Any]  # the model config the weights were trained with
+    tagger: models.Tagger
+    norm_dict: dict[str, Any]
+    device: torch.device
+
+    @property
+    def name(self) -> str:
+        """The model name (``model.name``): the prefix of every output name."""
+        return self.tagger.name
+
+    @property
+    def variables(self) -> dict[str, list[str]]:
+        return models.input_variables(self.model_cfg)
+
+    def data_config(self) -> dict[str, Any]:
+        return run_data_config(self.cfg, self.run_dir)
+
+
+def resolve_device(value: Any) -> torch.device:
+    """``auto`` -> the first GPU if there is one, else the CPU; else the torch device named."""
+    text = str(value)
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ConfigError(f"device={text!r}: expected auto, cpu, cuda or cuda:<index>.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={text}: CUDA is not available on this machine; use device=cpu.")
+    return device
+
+
+def choose_checkpoint(run_dir: Path, ckpt_path: Any) -> Path:
+    """``ckpt_path`` if given, else the run's checkpoint with the lowest validation loss."""
+    if ckpt_path:
+        path = Path(str(ckpt_path))
+        if not path.is_file():
+            raise ckpt.CheckpointError(f"ckpt_path={path}: checkpoint not found.")
+        return path
+    best = ckpt.best_checkpoint(run_dir / "ckpts")
+    if best is None:
+        raise ckpt.CheckpointError(
+            f"{run_dir / 'ckpts'}: no epoch=...-val_loss=....ckpt checkpoint with a finite "
+            "validation loss; pass ckpt_path=... to choose one."
+        )
+    return best
+
+
+def _dict_from_run(run_dir: Path, cfg: DictConfig, name: str, required: bool) -> dict | None:
+    """``norm_dict``/``class_dict``: the run directory's copy, else the run's configured file."""
+    copy = run_dir / f"{name}.yaml"
+    if copy.exists():
+        return load_yaml_dict(copy, name)
+    configured = cfg.get("data", {}).get(name)
+    if configured and Path(str(configured)).exists():
+        return load_yaml_dict(Path(str(configured)), name)
+    if required:
+        raise DataError(
+            f"{copy}: {name} not found (training copies it into the run directory), and the "
+            f"run's data.{name} ({configured}) does not exist either."
+        )
+    return None
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The required ``run_dir`` key of an evaluate/export config."""
+    if OmegaConf.is_missing(cfg, "run_dir") or not cfg.get("run_dir"):
+        raise ConfigError("run_dir is required: e.g. run_dir=logs/GN2_20260101-120000")
+    return Path(str(cfg.run_dir))
+
+
+def run_config(run_dir: Path) -> DictConfig:
+    """A run directory's saved config, with one clear error for a wrong directory."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run_dir={run_dir}: no such directory.")
+    return load_run_config(run_dir)
+
+
+def run_data_config(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """The run's ``data`` config as a plain dict."""
+    data = OmegaConf.to_container(cfg.get("data"), resolve=True) if "data" in cfg else None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{run_dir / 'config.yaml'}: no 'data' mapping; not a salt run?")
+    return data
+
+
+def load_run(run_dir: str | Path, ckpt_path: Any = None, device: Any = "cpu") -> LoadedRun:
+    """Load a run's config and checkpoint (default: lowest validation loss) and build its
+    tagger, in eval mode on ``device``."""
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    path = choose_checkpoint(run_dir, ckpt_path)
+    state = ckpt.load_checkpoint(path, map_location="cpu")
+    # The checkpoint's own model config matches its weights, even when ckpt_path points to
+    # another run; the run's config.yaml is the fallback.
+    model_cfg = state.get("config") or OmegaConf.to_container(cfg.model, resolve=True)
+    if not isinstance(model_cfg, dict):
+        raise ckpt.CheckpointError(f"{path}: the stored model config is not a mapping.")
+    class_dict = _dict_from_run(run_dir, cfg, "class_dict", required=False)
+    norm_dict = _dict_from_run(run_dir, cfg, "norm_dict", required=True)
+    assert norm_dict is not None
+    tagger = models.build_tagger(model_cfg, class_dict)
+    try:
+        tagger.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as err:
+        raise ckpt.CheckpointError(
+            f"{path}: the weights do not fit the model config stored with them: {err}"
+        ) from None
+    dev = resolve_device(device)
+    tagger.to(dev).eval()
+    log.info("salt: loaded %s (%s) on %s", path, tagger.name, dev)
+    return LoadedRun(run_dir, cfg, path, model_cfg, tagger, norm_dict, dev)
+
+
+def single_file(value: Any, key: str) -> Path:
+    """One existing HDF5 file from a path, a glob or a list matching exactly one file."""
+    many = isinstance(value, list | tuple | ListConfig)
+    items = [str(v) for v in value] if many else [str(value)]
+    files = expand_files(items)
+    if len(files) != 1:
+        raise ConfigError(
+            f"{key}={value}: matches {len(files)} files; evaluate one file at a time (the "
+            "output is named after it)."
+        )
+    if not files[0].is_file():
+        raise DataError(f"{files[0]}: file not found ({key}).")
+    return files[0]
+
+
+def resolve_test_file(run_data: dict[str, Any], given: Any) -> Path:
+    """``data.test_file`` if given, else the run's test file (the built-in sample's for a run
+    trained on it; the sample is written again if its cache was removed)."""
+    if given:
+        return single_file(given, "data.test_file")
+    if run_data.get("test_file"):
+        return single_file(run_data["test_file"], "data.test_file (from the run's config)")
+    if run_data.get("train_file") is None and run_data.get("sample"):
+        files = resolve_files(run_data)
+        if files.test:
+            return files.test[0]
+    raise ConfigError(
+        "no test file: the run's config has no data.test_file; pass data.test_file=path/to/test.h5"
+    )
+
+
+def jet_classification_task(tagger: models.Tagger) -> ClassificationTask | None:
+    """The jet flavour task: ``jet_classification`` if present, else the first jet
+    classification task."""
+    candidates = [
+        t
+        for t in tagger.tasks.values()
+        if isinstance(t, ClassificationTask) and t.input_type == "jets"
+    ]
+    for task in candidates:
+        if task.name == "jet_classification":
+            return task
+    return candidates[0] if candidates else None

@@ -1,0 +1,129 @@
+r"""``python -m salt.export``: an ONNX model of a trained run, checked against torch.
+
+Examples::
+
+    python -m salt.export run_dir=logs/GN2_20260101-120000      # -> ckpts/<best ckpt>.onnx
+    python -m salt.export run_dir=logs/<run> ckpt_path=logs/<run>/ckpts/last.ckpt \
+        output=GN2.onnx parity.file=/data/pp_output_test_ttbar.h5
+
+The model takes raw (unnormalised) jet and track features and the track padding mask, applies
+the run's normalisation inside the graph and returns named probabilities; the variable lists
+and the normalisation are in its metadata (see `salt.evaluation.onnx_model`). Before the file
+is written, onnxruntime's outputs are compared with torch's on real jets of the test file (or
+``parity.file``); the largest difference is printed, and above ``parity.tolerance`` nothing is
+written. Needs ``pip install onnx onnxruntime``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from salt.data.ftag import open_h5
+from salt.errors import USER_ERRORS, ConfigError
+from salt.evaluation.onnx_model import (
+    OPSET,
+    ExportError,
+    ONNXTagger,
+    export_bytes,
+    parity,
+    require_onnx,
+)
+from salt.evaluation.run import (
+    choose_checkpoint,
+    load_run,
+    resolve_test_file,
+    run_config,
+    run_data_config,
+    run_dir_of,
+    single_file,
+)
+from salt.utils.atomic import atomic_write_bytes
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    max_difference: float
+    differences: dict[str, float]
+    parity_file: Path
+    parity_jets: int
+
+
+def parity_file(run_data: dict[str, Any], given: Any) -> Path:
+    """``parity.file`` if given, else the run's test file, else its validation file."""
+    if given:
+        return single_file(given, "parity.file")
+    try:
+        return resolve_test_file(run_data, None)
+    except ConfigError:
+        if run_data.get("val_file"):
+            return single_file(run_data["val_file"], "data.val_file (from the run's config)")
+        raise ConfigError(
+            "no file for the parity check: the run has no test or validation file; pass "
+            "parity.file=path/to/file.h5"
+        ) from None
+
+
+def _jets_in(path: Path, dataset: str) -> int:
+    with open_h5(path) as f:
+        if dataset not in f:
+            raise ConfigError(f"{path}: no dataset '{dataset}' for the parity check.")
+        return len(f[dataset])
+
+
+def export(cfg: DictConfig) -> ExportResult:
+    """Export ``cfg.run_dir``'s checkpoint to ONNX after a parity check against torch."""
+    run_dir = run_dir_of(cfg)
+    run_data = run_data_config(run_config(run_dir), run_dir)
+    ckpt_path = choose_checkpoint(run_dir, cfg.get("ckpt_path"))
+    out = Path(str(cfg.output)) if cfg.get("output") else ckpt_path.with_suffix(".onnx")
+    if out.exists() and not cfg.get("overwrite"):
+        raise ConfigError(f"{out} exists; pass overwrite=true to replace it, or output=...")
+    settings = cfg.get("parity") or {}
+    tolerance = float(settings.get("tolerance", 1e-4))
+    num_jets, batch_size = int(settings.get("num_jets", 1000)), int(settings.get("batch_size", 250))
+    if num_jets < 1 or batch_size < 1:
+        raise ConfigError(f"parity.num_jets ({num_jets}) and parity.batch_size must be >= 1.")
+    require_onnx()  # before the model is built: a missing package is reported at once
+
+    run = load_run(run_dir, ckpt_path, "cpu")  # export and reference both on the CPU
+    wrapper = ONNXTagger(run, run_data.get("input_map"))
+    model_bytes = export_bytes(wrapper, ckpt_path, int(cfg.get("opset") or OPSET))
+
+    check_file = parity_file(run_data, settings.get("file"))
+    num_jets = min(num_jets, _jets_in(check_file, wrapper.input_map["jets"]))
+    diffs = parity(wrapper, model_bytes, run, check_file, num_jets, batch_size)
+    worst_name = max(diffs, key=lambda k: diffs[k])
+    worst = diffs[worst_name]
+    print(f"salt: ONNX parity on {num_jets} jets of {check_file}:", flush=True)
+    for name, value in diffs.items():
+        print(f"  {name:<40} max |onnxruntime - torch| = {value:.3g}", flush=True)
+    if not worst <= tolerance:  # also catches nan
+        raise ExportError(
+            f"ONNX parity check failed: largest difference {worst:.3g} (output {worst_name}) "
+            f"exceeds parity.tolerance={tolerance:g}; {out} was not written."
+        )
+    atomic_write_bytes(out, model_bytes)
+    print(f"salt: largest difference {worst:.3g}; ONNX model written to {out}", flush=True)
+    return ExportResult(out, worst, diffs, check_file, num_jets)
+
+
+@hydra.main(version_base=None, config_path="../../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    try:
+        export(cfg)
+    except (*USER_ERRORS, ExportError) as err:
+        if cfg.get("debug"):
+            raise
+        print(f"salt: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

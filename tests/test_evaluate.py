@@ -1,0 +1,372 @@
+"""Evaluation: the predictions file (layout, row order, tracks), the b-tagging performance, the
+entry point's choices and errors. One tiny GN2 is trained once on the built-in sample."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from salt.data.ftag import DataError
+from salt.data.sample import write_sample
+from salt.errors import ConfigError
+from salt.evaluate import evaluate
+from salt.evaluation.onnx_model import INPUT_NAMES, MASK_NAME, ONNXTagger, raw_features
+from salt.evaluation.performance import (
+    b_tagging_performance,
+    discriminant,
+    rejections,
+)
+from salt.evaluation.predictions import (
+    JetScores,
+    map_labels,
+    predictions_path,
+    sample_name,
+    vertex_groups,
+)
+from salt.evaluation.run import load_run
+from salt.models import build_tagger
+from salt.models.tasks import ClassificationTask
+from salt.train import train
+from salt.training import checkpoint as ckpt
+from salt.training.run_dir import config_to_save
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+TASKS = ("jet_classification", "track_origin", "track_vertexing")
+TINY = [
+    "force=true",
+    "logger=none",
+    "trainer.progress_bar=false",
+    "data.batch_size=100",
+    "data.num_workers=0",
+    "model.embed_dim=32",
+    "model.init_net.hidden_layers=[32]",
+    "model.encoder.num_layers=1",
+    "model.encoder.out_dim=32",
+    "model.attention.num_heads=2",
+    *[f"model.tasks.{t}.hidden_layers=[32]" for t in TASKS],
+]
+JET_FIELDS = [
+    "pt_btagJes",
+    "eta_btagJes",
+    "HadronConeExclTruthLabelID",
+    "flavour_label",
+    "n_tracks",
+]
+
+
+def compose_train(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose("train", overrides=[*TINY, *overrides])
+
+
+def compose_evaluate(run_dir: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose(
+            "evaluate", overrides=[f"run_dir={run_dir}", "progress_bar=false", *overrides]
+        )
+
+
+def make_run_dir(tmp: Path, sample: Path, *overrides: str) -> Path:
+    """A run directory without training: the composed config, the sample's dicts and a
+    checkpoint of a freshly initialised tagger (seeded)."""
+    files = [f"data.{split}_file={sample / f'{split}.h5'}" for split in ("train", "val", "test")]
+    cfg = compose_train(*files, *overrides)
+    torch.manual_seed(0)
+    tagger = build_tagger(cfg.model)
+    run_dir = tmp / f"{cfg.model.name}_run"
+    (run_dir / "ckpts").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(config_to_save(cfg)), run_dir / "config.yaml")
+    for name in ("norm_dict.yaml", "class_dict.yaml"):
+        (run_dir / name).write_bytes((sample / name).read_bytes())
+    state = {
+        "model": tagger.state_dict(),
+        "config": OmegaConf.to_container(cfg.model, resolve=True),
+    }
+    ckpt.save_checkpoint(state, run_dir / "ckpts" / ckpt.checkpoint_name(0, 1.0))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(run dir, test file) of GN2 trained 2 epochs on 3000 jets of the built-in sample."""
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = compose_train(
+        f"log_dir={tmp / 'logs'}",
+        f"data.sample.dir={tmp / 'cache'}",
+        "data.sample.num_jets=3000",
+        "trainer.max_epochs=2",
+    )
+    train(cfg)
+    (run_dir,) = (tmp / "logs").iterdir()
+    return run_dir, tmp / "cache" / "3000jets_seed42" / "test.h5"
+
+
+@pytest.fixture(scope="session")
+def evaluated(trained: tuple[Path, Path]):
+    """The default evaluation of the trained run, with track outputs."""
+    run_dir, _ = trained
+    return evaluate(compose_evaluate(run_dir, "write_tracks=true"))
+
+
+def test_predictions_file_layout_and_row_order(trained, evaluated) -> None:
+    run_dir, test_file = trained
+    best = ckpt.best_checkpoint(run_dir / "ckpts")
+    assert best is not None and best.name.startswith("epoch=001")  # loss fell in epoch 1
+    assert evaluated.predictions == run_dir / "ckpts" / f"{best.stem}__test_test.h5"
+    with h5py.File(test_file) as src, h5py.File(evaluated.predictions) as out:
+        jets, truth = out["jets"][:], src["jets"][:]
+        probs = ["GN2_pb", "GN2_pc", "GN2_pu", "GN2_ptau"]
+        # probabilities, the task's truth label, then the other extra variables
+        assert list(jets.dtype.names) == [
+            *probs,
+            "flavour_label",
+            *JET_FIELDS[:2],
+            *JET_FIELDS[2:3],
+            "n_tracks",
+        ]
+        assert all(jets.dtype[p] == np.float32 for p in probs)
+        assert len(jets) == len(truth) == evaluated.num_jets == 750
+        for name in JET_FIELDS:  # copied unchanged, row for row
+            np.testing.assert_array_equal(jets[name], truth[name])
+        assert list(out["jets"].attrs["flavour_label"]) == list(src["jets"].attrs["flavour_label"])
+        assert out.attrs["checkpoint"] == str(best)
+
+
+def test_each_row_holds_its_own_jets_prediction(trained, evaluated) -> None:
+    """Rows far apart, recomputed from the raw file with the model: the right jet in each row."""
+    run_dir, test_file = trained
+    run = load_run(run_dir)
+    wrapper = ONNXTagger(run)
+    rows = slice(437, 449)
+    with h5py.File(test_file) as f, torch.no_grad():
+        feed = {
+            INPUT_NAMES[t]: torch.from_numpy(raw_features(f, t, wrapper.variables[t], rows))
+            for t in ("jets", "tracks")
+        }
+        feed[MASK_NAME] = torch.from_numpy(~f["tracks"].fields("valid")[rows])
+        expected = wrapper(*(feed[name] for name in wrapper.input_names))
+    with h5py.File(evaluated.predictions) as out:
+        jets = out["jets"][rows]
+    for i, cls in enumerate(["b", "c", "u", "tau"]):
+        np.testing.assert_allclose(jets[f"GN2_p{cls}"], expected[i].numpy(), atol=1e-5)
+
+
+def test_probabilities_sum_to_one(evaluated) -> None:
+    with h5py.File(evaluated.predictions) as out:
+        jets, tracks = out["jets"][:], out["tracks"][:]
+    total = sum(jets[f"GN2_p{c}"].astype(np.float64) for c in ["b", "c", "u", "tau"])
+    np.testing.assert_allclose(total, 1.0, atol=1e-5)
+    origin = [n for n in tracks.dtype.names if n.startswith("GN2_p")]
+    assert len(origin) == 8 and tracks.dtype[origin[0]] == np.float16
+    valid = tracks["valid"]
+    track_total = sum(tracks[n].astype(np.float64) for n in origin)
+    np.testing.assert_allclose(track_total[valid], 1.0, atol=5e-3)  # float16
+    assert (track_total[~valid] == 0).all()
+
+
+def test_track_outputs_align_with_the_input_slots(trained, evaluated) -> None:
+    _, test_file = trained
+    with h5py.File(test_file) as src, h5py.File(evaluated.predictions) as out:
+        tracks, truth = out["tracks"][:], src["tracks"][:]
+    assert tracks.shape == truth.shape == (750, 40)
+    for name in ("ftagTruthOriginLabel", "ftagTruthVertexIndex", "valid"):
+        np.testing.assert_array_equal(tracks[name], truth[name])
+    vertex = tracks["GN2_VertexIndex"]
+    assert (vertex[~truth["valid"]] == -1).all() and (vertex[truth["valid"]] >= 0).all()
+    # groups are numbered 0, 1, ... in order of their first track
+    for row in vertex[:50]:
+        firsts = [int(v) for i, v in enumerate(row) if v >= 0 and v not in row[:i]]
+        assert firsts == list(range(len(firsts)))
+
+
+def test_light_rejection_well_above_a_random_taggers(evaluated) -> None:
+    perf = evaluated.performance
+    assert perf is not None
+    # a random tagger rejects 1 / 0.7 = 1.43 of the light jets at 70% b-efficiency
+    assert perf.working_points[70]["light_rejection"] > 2.5
+    assert perf.working_points[70]["c_rejection"] > 1.2
+    saved = yaml.safe_load(evaluated.performance_file.read_text())
+    assert saved["f_c"] == 0.2 and set(saved["working_points"]) == {60, 70, 77, 85}
+    assert saved["num_jets"] == perf.counts
+    assert evaluated.roc_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_performance_recomputed_from_the_predictions_file(evaluated) -> None:
+    """The written file alone gives the printed rejections (what puma would compute)."""
+    with h5py.File(evaluated.predictions) as out:
+        jets = out["jets"][:]
+    d_b = np.log(jets["GN2_pb"] / (0.2 * jets["GN2_pc"] + 0.8 * jets["GN2_pu"]))
+    b, light = d_b[jets["flavour_label"] == 0], d_b[jets["flavour_label"] == 2]
+    cut = np.quantile(b, 0.3)
+    assert (b > cut).mean() == pytest.approx(0.7, abs=0.01)
+    expected = len(light) / (light > cut).sum()
+    assert evaluated.performance.working_points[70]["light_rejection"] == pytest.approx(
+        expected, rel=1e-6
+    )
+
+
+def test_refuses_to_overwrite_then_overwrites(trained, evaluated) -> None:
+    run_dir, _ = trained
+    before = evaluated.predictions.stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"__test_test\.h5 exists; pass overwrite=true"):
+        evaluate(compose_evaluate(run_dir))
+    assert evaluated.predictions.stat().st_mtime_ns == before
+    first = evaluate(compose_evaluate(run_dir, "data.test_suffix=ow", "data.num_test=120"))
+    with pytest.raises(ConfigError, match=r"__test_test_ow\.h5 exists"):
+        evaluate(compose_evaluate(run_dir, "data.test_suffix=ow", "data.num_test=60"))
+    again = evaluate(
+        compose_evaluate(run_dir, "data.test_suffix=ow", "data.num_test=60", "overwrite=true")
+    )
+    assert again.predictions == first.predictions
+    with h5py.File(again.predictions) as out:
+        assert "tracks" not in out and len(out["jets"]) == 60
+    assert not [p for p in (run_dir / "ckpts").iterdir() if p.name.startswith(".")]
+
+
+def test_num_test_suffix_ckpt_path_and_batch_size(trained, evaluated) -> None:
+    run_dir, _ = trained
+    result = evaluate(
+        compose_evaluate(
+            run_dir,
+            f"ckpt_path={run_dir / 'ckpts' / 'last.ckpt'}",
+            "data.num_test=250",
+            "data.test_suffix=small",
+            "data.batch_size=64",
+        )
+    )
+    assert result.predictions == run_dir / "ckpts" / "last__test_test_small.h5"
+    assert result.performance_file.name == "last__test_test_small__performance.yaml"
+    # last.ckpt is a copy of the final epoch's (the best) checkpoint: same predictions
+    with h5py.File(result.predictions) as a, h5py.File(evaluated.predictions) as b:
+        small, full = a["jets"][:], b["jets"][:250]
+    assert len(small) == 250
+    np.testing.assert_allclose(small["GN2_pb"], full["GN2_pb"], atol=1e-5)
+
+
+def test_gn1_three_classes_and_raw_truth(tmp_path: Path) -> None:
+    """GN1 maps HadronConeExclTruthLabelID; tau jets (15, not in its map) still get
+    predictions, keep their raw label and are left out of the performance."""
+    sample = tmp_path / "sample"
+    write_sample(sample, 400, seed=3)
+    run_dir = make_run_dir(tmp_path, sample, "model=GN1")
+    result = evaluate(compose_evaluate(run_dir, f"data.test_file={sample / 'test.h5'}"))
+    with h5py.File(result.predictions) as out, h5py.File(sample / "test.h5") as src:
+        jets, labels = out["jets"][:], src["jets"]["HadronConeExclTruthLabelID"]
+    assert [n for n in jets.dtype.names if n.startswith("GN1_")] == ["GN1_pb", "GN1_pc", "GN1_pu"]
+    np.testing.assert_array_equal(jets["HadronConeExclTruthLabelID"], labels)
+    assert (labels == 15).any()
+    assert result.performance is not None
+    assert result.performance.counts == {
+        "b": int((labels == 5).sum()),
+        "light": int((labels == 0).sum()),
+        "c": int((labels == 4).sum()),
+    }
+    assert "tau_rejection" not in result.performance.working_points[60]
+
+
+def test_user_errors(trained, tmp_path: Path) -> None:
+    run_dir, _ = trained
+    with pytest.raises(DataError, match=r"no variable 'n_trakcs' \(extra_jet_vars\).*n_tracks"):
+        evaluate(compose_evaluate(run_dir, "extra_jet_vars=[n_trakcs]", "data.test_suffix=x"))
+    with pytest.raises(ConfigError, match="run_dir is required"):
+        evaluate(compose_evaluate(run_dir, "run_dir=null"))
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt_path=.*not found"):
+        evaluate(compose_evaluate(run_dir, f"ckpt_path={tmp_path / 'nope.ckpt'}"))
+    with pytest.raises(ConfigError, match=r"f_c=1\.5"):
+        evaluate(compose_evaluate(run_dir, "f_c=1.5"))
+    with pytest.raises(DataError, match="file not found"):
+        evaluate(compose_evaluate(run_dir, f"data.test_file={tmp_path / 'missing.h5'}"))
+    assert not list((run_dir / "ckpts").glob("*__test_test_x*"))
+
+
+def test_cli_reports_user_errors_in_one_line(trained) -> None:
+    run_dir, _ = trained
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "salt.evaluate",
+            f"run_dir={run_dir}",
+            "extra_jet_vars=[nope]",
+            "data.test_suffix=cli",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=run_dir,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"salt: error: {proc.stderr.strip().removeprefix('salt: error: ')}"
+    ]
+    assert "'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- the pieces ---------------------------------------------------------------------------
+def test_output_names() -> None:
+    assert sample_name("pp_output_test_ttbar.h5") == "ttbar"
+    assert sample_name("/data/test.h5") == "test"
+    path = predictions_path(
+        "logs/r/ckpts/epoch=003-val_loss=0.61234.ckpt", "x_test_zprime.h5", "v2"
+    )
+    assert path == Path("logs/r/ckpts/epoch=003-val_loss=0.61234__test_zprime_v2.h5")
+    assert predictions_path("a/last.ckpt", "t.h5", "_b").name == "last__test_t_b.h5"
+
+
+def test_vertex_groups_are_connected_components() -> None:
+    # tracks 0-1 and 1-3 joined (0, 1, 3 one vertex, by transitivity), 2 alone, 4 padded
+    p = torch.zeros(1, 5, 5)
+    for i, j in ((0, 1), (1, 3), (2, 4)):
+        p[0, i, j] = p[0, j, i] = 0.9
+    p[0, 2, 3] = 0.8  # one direction only: symmetrised (0.8 + 0) / 2 < 0.5
+    mask = torch.tensor([[False, False, False, False, True]])
+    assert vertex_groups(p, mask).tolist() == [[0, 0, 1, 0, -1]]
+    # a chain through the slots in scrambled order needs several propagation rounds
+    n = 12
+    line = torch.zeros(1, n, n)
+    order = torch.tensor([5, 0, 9, 3, 11, 1, 7, 2, 10, 4, 8, 6])
+    line[0, order[:-1], order[1:]] = line[0, order[1:], order[:-1]] = 1.0
+    assert vertex_groups(line, torch.zeros(1, n, dtype=torch.bool)).tolist() == [[0] * n]
+
+
+def test_discriminant_and_rejections() -> None:
+    d = discriminant(np.array([0.5]), np.array([0.25]), np.array([0.25]), 0.2)
+    assert d[0] == pytest.approx(np.log(0.5 / 0.25))
+    background = np.arange(100.0)  # 10 of 100 lie above 89.5
+    assert rejections(background, np.array([89.5, 200.0])).tolist() == [10.0, np.inf]
+    assert np.isnan(rejections(np.array([]), np.array([0.0]))).all()
+
+
+def test_performance_of_a_perfect_and_a_useless_tagger() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 3000)
+    perfect = np.eye(3, dtype=np.float32)[labels] * 0.98 + 0.01
+    perf = b_tagging_performance(JetScores(["b", "c", "u"], perfect, labels))
+    assert perf.working_points[70]["light_rejection"] == np.inf
+    useless = np.full((3000, 3), 1 / 3, dtype=np.float32) + rng.normal(0, 1e-3, (3000, 3))
+    perf = b_tagging_performance(JetScores(["b", "c", "u"], useless.astype(np.float32), labels))
+    assert perf.working_points[70]["light_rejection"] == pytest.approx(1 / 0.7, rel=0.1)
+    with pytest.raises(ValueError, match="needs jet classes"):
+        b_tagging_performance(JetScores(["b", "light"], useless[:, :2], labels))
+
+
+def test_map_labels() -> None:
+    task = ClassificationTask(
+        "j", "jets", "HadronConeExclTruthLabelID", ["b", "c", "u"], 4, label_map={5: 0, 4: 1, 0: 2}
+    )
+    assert map_labels(np.array([5, 4, 0, 15]), task).tolist() == [0, 1, 2, -1]
+    task.label_map = None
+    assert map_labels(np.array([0, 2, 3, -1]), task).tolist() == [0, 2, -1, -1]
