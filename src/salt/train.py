@@ -23,6 +23,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from salt.data.staging import StagingInterrupted
 from salt.errors import USER_ERRORS, Interrupted
 from salt.training import checkpoint as ckpt
 from salt.training.distributed import cleanup, detect_environment, init_distributed, spawn
@@ -105,7 +106,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except Interrupted as err:
+    except (Interrupted, StagingInterrupted) as err:
         print(f"salt: {err}", file=sys.stderr, flush=True)
         sys.exit(128 + err.signum)
     except USER_ERRORS as err:

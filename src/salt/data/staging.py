@@ -7,10 +7,10 @@
 
 * normally, with an exception, or with Ctrl-C (KeyboardInterrupt): ``finally``;
 * with a signal while copying: SIGTERM, SIGINT and SIGHUP abort the copy whatever handler is
-  installed (Slurm sends SIGKILL soon after SIGTERM, so a long copy must not run on), the
-  directory is removed, then the signal goes to the handler that was there before (the default
-  action terminates the process; a flag-setting handler such as the training loop's
-  ``StopSignal`` records it and `StagingInterrupted` is raised);
+  installed, unless the signal is ignored (Slurm sends SIGKILL soon after SIGTERM, so a long
+  copy must not run on); the directory is removed, then the signal goes to the handler that
+  was there before (the default action terminates the process; a flag-setting handler such
+  as the training loop's ``StopSignal`` records it and `StagingInterrupted` is raised);
 * with a signal while the block runs, when nobody handles that signal (its default action
   would kill the process without cleanup): the same, so `stage` is safe on its own too. The
   training loop's own handlers are left alone.
@@ -36,6 +36,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -346,19 +347,17 @@ class _Copy:
     size: int
 
 
+def _virtual_dataset(name: str, obj: object) -> bool | None:
+    return True if isinstance(obj, h5py.Dataset) and obj.is_virtual else None
+
+
 def _is_virtual(path: Path) -> bool:
     """Whether an HDF5 file holds virtual datasets (their data lives in other files)."""
     try:
         if not h5py.is_hdf5(path):
             return False
-        found = []
         with h5py.File(path, "r") as f:
-            f.visititems(
-                lambda _, obj: (
-                    found.append(1) if isinstance(obj, h5py.Dataset) and obj.is_virtual else None
-                )
-            )
-        return bool(found)
+            return f.visititems(_virtual_dataset) is True  # stops at the first one found
     except OSError:
         return False  # unreadable: the loader reports it, with the file's name
 
@@ -384,7 +383,7 @@ def _plan(files: DataFiles) -> tuple[list[_Copy], dict[Path, Path]]:
             st = os.stat(real)
         except OSError as err:
             raise StagingError(f"{src}: cannot stage it: {err.strerror}") from err
-        if not os.path.isfile(real):
+        if not stat.S_ISREG(st.st_mode):
             raise StagingError(f"{src}: cannot stage it: not a regular file")
         if _is_virtual(src):
             log.warning(

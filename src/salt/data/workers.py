@@ -61,16 +61,17 @@ def _cgroup_quota() -> int | None:
             candidates.insert(0, f"/sys/fs/cgroup{line[3:].rstrip('/')}/cpu.max")
     quotas = []
     for path in candidates:
-        parts = (_read(path) or "").split()
-        if len(parts) == 2 and parts[0] != "max":
+        parts = (_read(path) or "").split()  # "<quota> <period>" or "max <period>"
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
             quotas.append((int(parts[0]), int(parts[1])))
-    quota = _read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
-    period = _read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
-    if quota and period and int(quota) > 0:
+    quota = _read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") or ""  # -1: no quota
+    period = _read("/sys/fs/cgroup/cpu/cpu.cfs_period_us") or ""
+    if quota.isdigit() and period.isdigit():
         quotas.append((int(quota), int(period)))
+    quotas = [(q, p) for q, p in quotas if q > 0 and p > 0]
     if not quotas:
         return None
-    return max(1, min(math.ceil(q / p) for q, p in quotas if p > 0))
+    return max(1, min(math.ceil(q / p) for q, p in quotas))
 
 
 def cpu_limits() -> dict[str, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shutil
 import signal
 import threading
@@ -27,11 +28,19 @@ from salt import models
 from salt.data.build import DataFiles, make_loader, resolve_files
 from salt.data.dataset import Batch, BatchLoader
 from salt.data.ftag import load_yaml_dict
+from salt.data.staging import stage
+from salt.data.workers import loader_options, resolve_num_workers
 from salt.errors import Interrupted, TrainingError
 from salt.provenance import check_clean, collect_metadata, git_state, push_tag, seed_everything
 from salt.tracking import Logger, NullLogger, build_logger
 from salt.training import checkpoint as ckpt
-from salt.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
+from salt.training.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    detect_environment,
+)
 from salt.training.run_dir import (
     create_run_dir,
     remember_job,
@@ -97,16 +106,32 @@ def autocast_dtype(precision: Any) -> torch.dtype | None:
     return choices[value]
 
 
+def ranks_sharing_cpus(dist: DistInfo) -> int:
+    """Training processes sharing this process's CPUs: Slurm gives each task (srun, submitit)
+    its own; ranks started by spawn or torchrun share the node's."""
+    launch = detect_environment()
+    if launch is None or launch["source"] in ("slurm", "submitit"):
+        return 1
+    return int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+
+
 def build_loaders(cfg: DictConfig, files: DataFiles, dist: DistInfo) -> tuple[BatchLoader, ...]:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     assert isinstance(data, dict)
+    on_gpu = dist.device.type == "cuda"
+    options = loader_options(data, on_gpu)
+    data["persistent_workers"] = options["persistent_workers"]
+    data["prefetch_factor"] = options["prefetch_factor"]
     common = {
         "variables": models.input_variables(cfg.model),
         "labels": models.label_specs(cfg.model),
         "seed": int(cfg.seed),
         "rank": dist.rank,
         "world_size": dist.world_size,
-        "pin_memory": dist.device.type == "cuda",
+        "pin_memory": options["pin_memory"],
+        "num_workers": resolve_num_workers(
+            data.get("num_workers", 0), on_gpu=on_gpu, world_size=ranks_sharing_cpus(dist)
+        ),
     }
     train = make_loader(
         data, files.train, files.norm_dict, num_jets=int(data["num_train"]), train=True, **common
@@ -144,7 +169,9 @@ def build_optimizer(
     return optimizer, scheduler
 
 
-def setup(cfg: DictConfig, dist: DistInfo) -> Run:
+def setup(cfg: DictConfig, dist: DistInfo, resources: contextlib.ExitStack | None = None) -> Run:
+    """Build the run; with ``resources``, data staged to ``data.move_files_temp`` stays until
+    it closes (without, the files are read in place)."""
     fast_dev_run = int(cfg.trainer.fast_dev_run or 0)
     state = git_state()
     if not fast_dev_run:
@@ -154,7 +181,10 @@ def setup(cfg: DictConfig, dist: DistInfo) -> Run:
     if dist.is_main:
         files = resolve_files(OmegaConf.to_container(cfg.data, resolve=True))
     barrier()  # the sample is written once, by rank 0
-    files = resolve_files(OmegaConf.to_container(cfg.data, resolve=True))
+    files = source_files = resolve_files(OmegaConf.to_container(cfg.data, resolve=True))
+    temp_root = cfg.data.get("move_files_temp")
+    if temp_root and resources is not None:
+        files = resources.enter_context(stage(files, str(temp_root), progress=dist.is_main))
     train_loader, val_loader = build_loaders(cfg, files, dist)
 
     class_dict = load_yaml_dict(files.class_dict, "class_dict") if files.class_dict else None
@@ -197,11 +227,11 @@ def setup(cfg: DictConfig, dist: DistInfo) -> Run:
                 num_params=num_params,
                 data_files={
                     "train": {
-                        "path": [str(p) for p in files.train],
+                        "path": [str(p) for p in source_files.train],
                         "num_jets": train_loader.dataset.num_jets,
                     },
                     "val": {
-                        "path": [str(p) for p in files.val],
+                        "path": [str(p) for p in source_files.val],
                         "num_jets": val_loader.dataset.num_jets,
                     },
                 },
@@ -210,7 +240,7 @@ def setup(cfg: DictConfig, dist: DistInfo) -> Run:
                     "world_size": dist.world_size,
                 },
             )
-            write_run_files(run_dir, cfg, meta, files)
+            write_run_files(run_dir, cfg, meta, source_files)
             logger = build_logger(
                 cfg.get("logger"),
                 run_dir,
@@ -357,8 +387,9 @@ def check_finite(run: Run, losses: Mapping[str, Tensor]) -> None:
     bad = [k for k, v in losses.items() if k != "loss" and not bool(torch.isfinite(v))]
     raise TrainingError(
         f"non-finite loss at step {run.counters.step} (epoch {run.counters.epoch}) in task(s) "
-        f"{', '.join(bad) or 'loss'}: {[float(losses[k].detach()) for k in bad]}. Stopping; the last good "
-        "checkpoint is kept. Check the inputs (data.nan_policy) and the learning rate."
+        f"{', '.join(bad) or 'loss'}: {[float(losses[k].detach()) for k in bad]}. Stopping; "
+        "the last good checkpoint is kept. Check the inputs (data.nan_policy) and the "
+        "learning rate."
     )
 
 
@@ -534,8 +565,9 @@ def stop_requested(run: Run) -> bool:
 def fit(cfg: DictConfig, dist: DistInfo) -> Run:
     """Train as configured on this rank; returns the finished run (``run.run_dir`` is None for
     fast_dev_run)."""
-    with StopSignal() as stop:
-        run = setup(cfg, dist)
+    # the staged copies (a resource) are removed before the signal handlers are restored
+    with StopSignal() as stop, contextlib.ExitStack() as resources:
+        run = setup(cfg, dist, resources)
         run.stop = stop
         return _fit(run)
 
