@@ -182,3 +182,21 @@ def test_class_weights(tmp_path: Path) -> None:
         class_weights(path, "jets", "flavour_label", 4)
     with pytest.raises(DataError, match=r"no weights for 'tracks' label 'ftagTruthOriginLabel'"):
         class_weights(load_yaml_dict(path, "class_dict"), "tracks", "ftagTruthOriginLabel", 8)
+
+
+def test_truth_inputs_are_refused_unless_allowed() -> None:
+    from salt.data.build import check_no_truth_inputs
+
+    labels = {"jets": {"flavour_label": None}, "tracks": {"ftagTruthOriginLabel": None}}
+    check_no_truth_inputs(VARS, labels)  # clean inputs pass
+    for var, where in [
+        ("HadronConeExclTruthLabelID", "jets"),
+        ("flavour_label", "jets"),
+        ("ftagTruthVertexIndex", "tracks"),
+        ("truthPt", "jets"),
+        ("TruthHadronPt", "jets"),
+    ]:
+        leaky = {**VARS, where: [*VARS[where], var]}
+        with pytest.raises(DataError, match=rf"truth information .*{where}: {var}\."):
+            check_no_truth_inputs(leaky, labels)
+        check_no_truth_inputs(leaky, labels, allowed=[var])

@@ -134,3 +134,36 @@ def make_loader(
         persistent_workers=bool(data_cfg.get("persistent_workers", False)),
         prefetch_factor=data_cfg.get("prefetch_factor"),
     )
+
+
+TRUTH_NAMES = ("HadronConeExclTruthLabelID", "flavour_label")
+TRUTH_PREFIXES = ("ftagTruth", "truth")
+
+
+def check_no_truth_inputs(
+    variables: Mapping[str, Sequence[str]],
+    labels: Mapping[str, Mapping[str, Any]],
+    allowed: Sequence[str] = (),
+) -> None:
+    """Refuse truth information among the inputs: a tagger that sees its labels learns nothing.
+
+    Truth means a label of any task, a known truth label, or a name starting with
+    ``ftagTruth``/``truth``; names listed in ``data.allow_truth_inputs`` pass.
+    """
+    task_labels = {name for group in labels.values() for name in group}
+    leaks = [
+        f"{input_type}: {var}"
+        for input_type, names in variables.items()
+        for var in names
+        if var not in allowed
+        and (
+            var in task_labels
+            or var in TRUTH_NAMES
+            or var.lower().startswith(tuple(p.lower() for p in TRUTH_PREFIXES))
+        )
+    ]
+    if leaks:
+        raise DataError(
+            f"truth information among the model inputs (model.variables): {', '.join(leaks)}. "
+            "Remove it, or list it in data.allow_truth_inputs if it is really meant as an input."
+        )

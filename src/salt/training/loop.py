@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from salt import models
-from salt.data.build import DataFiles, make_loader, resolve_files
+from salt.data.build import DataFiles, check_no_truth_inputs, make_loader, resolve_files
 from salt.data.dataset import Batch, BatchLoader
 from salt.data.ftag import load_yaml_dict
 from salt.data.staging import stage
@@ -122,9 +122,11 @@ def build_loaders(cfg: DictConfig, files: DataFiles, dist: DistInfo) -> tuple[Ba
     options = loader_options(data, on_gpu)
     data["persistent_workers"] = options["persistent_workers"]
     data["prefetch_factor"] = options["prefetch_factor"]
+    variables, labels = models.input_variables(cfg.model), models.label_specs(cfg.model)
+    check_no_truth_inputs(variables, labels, data.get("allow_truth_inputs") or ())
     common = {
-        "variables": models.input_variables(cfg.model),
-        "labels": models.label_specs(cfg.model),
+        "variables": variables,
+        "labels": labels,
         "seed": int(cfg.seed),
         "rank": dist.rank,
         "world_size": dist.world_size,
