@@ -31,6 +31,7 @@ from salt.training.run_dir import load_run_config
 
 log = logging.getLogger("salt")
 GROUPS = ("data", "model", "attention", "pooling", "logger")
+LAUNCH_KEYS = ("resume", "launcher", "hydra")  # where this invocation runs, not what it trains
 
 
 def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -43,7 +44,7 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     base = load_run_config(run_dir)
     for item in overrides:
         key, _, value = item.lstrip("+~").partition("=")
-        if key == "resume":
+        if key.split("/")[0].split(".")[0] in LAUNCH_KEYS:
             continue
         if key in GROUPS:
             raise ValueError(

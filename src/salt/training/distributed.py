@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 __all__ = [
     "DistInfo",
     "RankFailedError",
+    "all_gather_object",
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
@@ -366,7 +367,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple[Any, ...] = ()) -> No
     except mp.ProcessExitedException as err:
         how = f"signal {err.signal_name}" if err.signal_name else f"exit code {err.exit_code}"
         raise RankFailedError(
-            err.error_index, f"rank {err.error_index} (pid {err.pid}) ended with {how}"
+            err.error_index, f"rank {err.error_index} (pid {err.error_pid}) ended with {how}"
         ) from err
 
 
@@ -411,6 +412,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     holder = [obj if get_rank() == src else None]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """``obj`` from every rank, in rank order (pickled: keep it small); ``[obj]`` alone."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def cleanup() -> None:

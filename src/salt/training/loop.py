@@ -36,6 +36,7 @@ from salt.tracking import Logger, NullLogger, build_logger
 from salt.training import checkpoint as ckpt
 from salt.training.distributed import (
     DistInfo,
+    all_gather_object,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -251,7 +252,7 @@ def setup(cfg: DictConfig, dist: DistInfo, resources: contextlib.ExitStack | Non
             )
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             logger.log_metadata({"git_commit": state.commit, "num_params": num_params})
-            if cfg.tag:
+            if cfg.tag and requeued is None:  # a requeued job tagged on its first start
                 push_tag(state, run_dir.name, str(cfg.tag_remote), force=bool(cfg.force))
             log.info("salt: run directory %s (%d parameters)", run_dir, num_params)
 
@@ -277,14 +278,17 @@ def setup(cfg: DictConfig, dist: DistInfo, resources: contextlib.ExitStack | Non
 
 
 # ---- checkpoints --------------------------------------------------------------------------
-def checkpoint_state(run: Run) -> dict[str, Any]:
+def checkpoint_state(run: Run, rng_per_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    rng_per_rank = rng_per_rank or [ckpt.rng_state()]
     return {
         "model": run.tagger.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
         "data": run.train_loader.state_dict(),
-        "rng": ckpt.rng_state(),
+        "rng": rng_per_rank[0],
+        # every DDP rank's generators: dropout draws differ per rank (different batch shapes)
+        "rng_per_rank": rng_per_rank,
         "counters": run.counters.state_dict(),
         "logger": run.logger.state_dict(),
         "config": OmegaConf.to_container(run.cfg.model, resolve=True),
@@ -341,16 +345,32 @@ def restore(run: Run, state: Mapping[str, Any], path: Path) -> None:
     run.scaler.load_state_dict(state["scaler"])
     run.train_loader.load_state_dict(state["data"])
     run.counters.load_state_dict(state["counters"])
-    ckpt.set_rng_state(state["rng"])
+    per_rank = state.get("rng_per_rank")
+    if per_rank and len(per_rank) == run.dist.world_size:
+        ckpt.set_rng_state(per_rank[run.dist.rank])
+    else:
+        if run.dist.world_size > 1:
+            log.warning(
+                "salt: %s holds the random state of %d rank(s), this run has %d; every rank "
+                "continues from rank 0's (not bit for bit)",
+                path,
+                len(per_rank or [None]),
+                run.dist.world_size,
+            )
+        ckpt.set_rng_state(state["rng"])
     log.info(
         "salt: resumed from %s at epoch %d, step %d", path, run.counters.epoch, run.counters.step
     )
 
 
 def save(run: Run, name: str, also_last: bool = True) -> None:
-    if run.run_dir is None or not run.dist.is_main:
+    """Write a checkpoint (rank 0). Every rank must call it: the ranks' RNG states are gathered."""
+    if run.run_dir is None:
         return
-    state = checkpoint_state(run)
+    rng = all_gather_object(ckpt.rng_state())
+    if not run.dist.is_main:
+        return
+    state = checkpoint_state(run, rng)
     ckpt_dir = run.run_dir / "ckpts"
     ckpt.save_checkpoint(state, ckpt_dir / name)
     if also_last and name != ckpt.LAST:
@@ -587,6 +607,7 @@ def _fit(run: Run) -> Run:
             complete = train_epoch(run)
             if not complete and stop_requested(run):
                 save(run, ckpt.LAST, also_last=False)
+                barrier()  # no rank leaves (and gets the job killed) before rank 0 has saved
                 status = "interrupted"
                 run.logger.finalize(status)
                 if run.stop is not None:
