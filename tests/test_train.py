@@ -219,7 +219,11 @@ def test_resume_with_more_epochs_extends_the_run(tmp_path: Path, sample_cache: P
 def test_resume_mid_epoch_after_sigterm_is_bitwise_identical(
     tmp_path: Path, sample_cache: Path
 ) -> None:
-    small = ["data.batch_size=10", "trainer.ckpt_every_n_steps=0"]  # 120 steps per epoch
+    small = [
+        "data.batch_size=10",
+        "data.num_train=600",
+        "trainer.ckpt_every_n_steps=0",
+    ]  # 60 steps/epoch
     straight = fit(make_cfg(tmp_path / "a", sample_cache, *small), cpu()).run_dir
     # a real process, stopped by a real signal somewhere during training
     overrides = [
@@ -239,7 +243,7 @@ def test_resume_mid_epoch_after_sigterm_is_bitwise_identical(
     deadline = time.time() + 120
     while time.time() < deadline and not list((tmp_path / "b" / "logs").glob("*/metadata.yaml")):
         time.sleep(0.1)
-    time.sleep(0.5)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -247,8 +251,8 @@ def test_resume_mid_epoch_after_sigterm_is_bitwise_identical(
     (first,) = run_dirs(tmp_path / "b")
     state = ckpt.load_checkpoint(first / "ckpts" / "last.ckpt")
     step, epoch = state["counters"]["step"], state["counters"]["epoch"]
-    assert 0 < step < 240 and not state["counters"]["epoch_complete"]  # stopped mid-epoch
-    assert state["data"] == {"epoch": epoch, "consumed": step - 120 * epoch}
+    assert 0 < step < 120 and not state["counters"]["epoch_complete"]  # stopped mid-epoch
+    assert state["data"] == {"epoch": epoch, "consumed": step - 60 * epoch}
     train(make_cfg(tmp_path / "b", sample_cache, f"resume={first}", *small))
     resumed = next(p for p in run_dirs(tmp_path / "b") if p != first)
     assert_bitwise_equal(
