@@ -14,11 +14,15 @@ nothing gives; its gradients stay finite. Queries and keys may come from differe
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salt.models.config import ModelConfigError
+from salt.models.packing import Packing
 
 ATTENTION_TYPES = ("scaled_dot_product", "gatv2")
 
@@ -67,6 +71,20 @@ def masked_softmax(scores: Tensor, pad_mask: Tensor, dim: int = -1) -> Tensor:
     # weights are zeroed below with all other padded entries.
     scores = scores.masked_fill(pad_mask & ~empty, float("-inf"))
     return torch.softmax(scores, dim=dim).masked_fill(pad_mask, 0.0)
+
+
+@contextlib.contextmanager
+def _attention_precision(x: Tensor) -> Iterator[torch.dtype]:
+    """The dtype for the attention core on `x` (the projections), autocast off inside.
+
+    On CPU, torch's bf16/fp16 attention backward is several times slower than fp32, so the
+    (small) attention core runs in fp32 there; elsewhere in the projections' dtype.
+    """
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+        yield x.dtype
+        return
+    with torch.autocast("cpu", enabled=False):
+        yield torch.float32
 
 
 class GATv2Score(nn.Module):
@@ -131,10 +149,43 @@ class MultiheadAttention(nn.Module):
         qh = self._heads(self.linear_q(q))
         kh = self._heads(self.linear_k(kv))
         vh = self._heads(self.linear_v(kv))
-        dropout = self.dropout if self.training else 0.0
-        # [B]: jets whose keys are all padded (no real track); None without a mask
-        empty = None if kv_mask is None else kv_mask.all(dim=-1)
+        return self._output(self._attend(qh, kh, vh, kv_mask), kv_mask)
 
+    def forward_packed(self, x: Tensor, packing: Packing) -> Tensor:
+        """Self-attention of packed tracks `x[N, E]` (see `Packing`) -> `[N, E]`.
+
+        Projections run on all tracks at once (one matrix product for q, k and v); the
+        attention runs per block of jets with equal multiplicity, without padding.
+        """
+        weight = torch.cat([self.linear_q.weight, self.linear_k.weight, self.linear_v.weight])
+        bias = torch.cat([self.linear_q.bias, self.linear_k.bias, self.linear_v.bias])
+        qkv = F.linear(x, weight, bias)  # [N, 3E]
+        messages = []
+        with _attention_precision(qkv) as dtype:
+            for block in packing.split(qkv.to(dtype)):  # [jets, n, 3E]
+                qh, kh, vh = (self._heads(part) for part in block.chunk(3, dim=-1))
+                messages.append(self._attend(qh, kh, vh, None).to(qkv.dtype))
+        return self.linear_out(packing.merge(messages))
+
+    def forward_packed_kv(self, q: Tensor, kv: Tensor, packing: Packing) -> Tensor:
+        """Attend from per-jet queries `q[B, Tq, E]` to packed tracks `kv[N, kv_dim]`.
+
+        The key and value projections run on the real tracks only. Returns `[B, Tq, E]`.
+        """
+        weight = torch.cat([self.linear_k.weight, self.linear_v.weight])
+        bias = torch.cat([self.linear_k.bias, self.linear_v.bias])
+        kh, vh = (
+            self._heads(part) for part in packing.unpack(F.linear(kv, weight, bias)).chunk(2, -1)
+        )
+        qh = self._heads(self.linear_q(q))
+        return self._output(self._attend(qh, kh, vh, packing.pad_mask), packing.pad_mask)
+
+    def _attend(self, qh: Tensor, kh: Tensor, vh: Tensor, kv_mask: Tensor | None) -> Tensor:
+        """Messages `[B, Tq, E]` (heads merged) from heads `[B, H, T, D]`; padded keys ignored.
+
+        Queries whose keys are all padded get finite (meaningless) messages: see `_output`.
+        """
+        dropout = self.dropout if self.training else 0.0
         if self.gatv2 is not None:
             scores = self.gatv2(qh, kh)
             if kv_mask is None:
@@ -144,13 +195,17 @@ class MultiheadAttention(nn.Module):
             out = torch.matmul(F.dropout(weights, dropout, self.training), vh)
         else:
             attend = None  # SDPA's boolean mask: True = take part in the attention
-            if kv_mask is not None and empty is not None:
+            if kv_mask is not None:
                 # A row with nothing to attend gives NaN in some SDPA backends: such rows
-                # attend to all (padded) keys here and their message is zeroed below.
+                # attend to all (padded) keys here and their message is zeroed in `_output`.
+                empty = kv_mask.all(dim=-1)
                 attend = (~kv_mask | empty[:, None])[:, None, None, :]
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attend, dropout_p=dropout)
+        return out.transpose(1, 2).flatten(-2)
 
-        out = self.linear_out(out.transpose(1, 2).flatten(-2))
-        if empty is not None:
-            out = out.masked_fill(empty[:, None, None], 0.0)
+    def _output(self, messages: Tensor, kv_mask: Tensor | None) -> Tensor:
+        """The output projection; zero for jets whose keys are all padded (no real track)."""
+        out = self.linear_out(messages)
+        if kv_mask is not None:
+            out = out.masked_fill(kv_mask.all(dim=-1)[:, None, None], 0.0)
         return out

@@ -15,6 +15,9 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from salt.models.dropout import Dropout
+from salt.models.packing import Packing
+
 
 def activation_layer(name: str) -> nn.Module:
     """Instantiate a torch.nn activation by class name (e.g. "SiLU", "ReLU")."""
@@ -90,19 +93,31 @@ class Dense(nn.Module):
                 rest.append(nn.LayerNorm(n_in))
             rest.append(activation_layer(activation))
             if dropout:
-                rest.append(nn.Dropout(dropout))
+                rest.append(Dropout(dropout))
             rest.append(nn.Linear(n_in, n_out))
         self.rest = nn.Sequential(*rest)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """Apply to `x[..., input_size]`; `context[B, context_size]` is appended to every row."""
-        if self.context_size:
-            if context is None:
-                raise ValueError("this Dense network was built with a context; pass one")
-            # context [B, C] -> [B, 1, ..., C] to broadcast against x [B, ..., F]
-            context = context.reshape(context.shape[0], *([1] * (x.dim() - 2)), -1)
-            return self.rest(self.first(x, context))
-        return self.rest(self.first(x))
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, packing: Packing | None = None
+    ) -> Tensor:
+        """Apply to `x[..., input_size]`; `context[B, context_size]` is appended to every row.
+
+        Rows of `x[B, ..., F]` take the context of their jet b; with a `packing`, `x[N, F]`
+        holds packed tracks (see `salt.models.packing`) and each takes its jet's context.
+        """
+        if not self.context_size:
+            return self.rest(self.first(x))
+        if context is None:
+            raise ValueError("this Dense network was built with a context; pass one")
+        if packing is not None:
+            if len(self.first.in_sizes) != 2:
+                raise ValueError("a packed context needs a Dense network with a single input")
+            # project the context once per jet, then give every track its jet's projection
+            per_jet = self.first.project(1, context, bias=True)
+            return self.rest(self.first.project(0, x) + packing.per_track(per_jet))
+        # context [B, C] -> [B, 1, ..., C] to broadcast against x [B, ..., F]
+        context = context.reshape(context.shape[0], *([1] * (x.dim() - 2)), -1)
+        return self.rest(self.first(x, context))
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

@@ -6,7 +6,7 @@
   pre-norm cross-attention blocks (attention + feed-forward, residual).
 
 A jet without real tracks pools to a fixed vector (zero, or the class token's path without
-attention messages), never NaN.
+attention messages), never NaN. `forward_packed` takes packed tracks (`salt.models.packing`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from salt.models.attention import MultiheadAttention, masked_softmax
 from salt.models.dense import Dense
+from salt.models.packing import Packing
 
 POOLING_TYPES = ("global_attention", "cross_attention")
 
@@ -32,6 +33,10 @@ class GlobalAttentionPooling(nn.Module):
         """`x[B, T, D]`, `pad_mask[B, T]` -> `[B, D]`."""
         weights = masked_softmax(self.gate(x).squeeze(-1), pad_mask)
         return torch.einsum("bt,btd->bd", weights, x)
+
+    def forward_packed(self, x: Tensor, packing: Packing) -> Tensor:
+        """Packed tracks `x[N, D]` (see `Packing`) -> `[B, D]`."""
+        return self(packing.unpack(x), packing.pad_mask)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -66,6 +71,11 @@ class CrossAttentionBlock(nn.Module):
 
     def forward(self, c: Tensor, x: Tensor, pad_mask: Tensor) -> Tensor:
         c = c + self.attn(self.q_norm(c), self.kv_norm(x), kv_mask=pad_mask)
+        return c + self.ff(self.ff_norm(c))
+
+    def forward_packed(self, c: Tensor, x: Tensor, packing: Packing) -> Tensor:
+        """The same block with packed tracks `x[N, kv_dim]` (see `Packing`)."""
+        c = c + self.attn.forward_packed_kv(self.q_norm(c), self.kv_norm(x), packing)
         return c + self.ff(self.ff_norm(c))
 
 
@@ -116,4 +126,11 @@ class CrossAttentionPooling(nn.Module):
         c = self.class_token.expand(x.shape[0], -1, -1)
         for block in self.blocks:
             c = block(c, x, pad_mask)
+        return self.norm(c).squeeze(1)
+
+    def forward_packed(self, x: Tensor, packing: Packing) -> Tensor:
+        """Packed tracks `x[N, input_size]` (see `Packing`) -> `[B, output_size]`."""
+        c = self.class_token.expand(packing.pad_mask.shape[0], -1, -1)
+        for block in self.blocks:
+            c = block.forward_packed(c, x, packing)
         return self.norm(c).squeeze(1)

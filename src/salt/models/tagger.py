@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from salt.models import config as schema
 from salt.models.attention import resolve_heads
 from salt.models.dense import Dense
+from salt.models.packing import Packing
 from salt.models.pooling import CrossAttentionPooling, GlobalAttentionPooling
 from salt.models.tasks import ClassificationTask, RegressionTask, Task, VertexingTask
 from salt.models.transformer import TransformerEncoder
@@ -33,7 +34,13 @@ ModelConfig = DictConfig | Mapping[str, Any]
 
 
 class Tagger(nn.Module):
-    """A jet tagger; `forward` returns (outputs, losses) per task."""
+    """A jet tagger; `forward` returns (outputs, losses) per task.
+
+    `packed` (default): every per-track part runs on the real tracks only (see
+    `salt.models.packing`); the same function as the plain padded path (`packed=False`),
+    which is kept as the reference for tests and benchmarks and is what tracing (ONNX export)
+    records. Settable on a built tagger.
+    """
 
     def __init__(
         self,
@@ -43,9 +50,11 @@ class Tagger(nn.Module):
         encoder: TransformerEncoder,
         pooling: nn.Module,
         tasks: Mapping[str, Task],
+        packed: bool = True,
     ) -> None:
         super().__init__()
         self.name = name
+        self.packed = packed
         self.variables = {k: list(v) for k, v in variables.items()}
         self.init_net = init_net
         self.encoder = encoder
@@ -82,14 +91,12 @@ class Tagger(nn.Module):
         tracks = self._input(inputs, "tracks")
         pad_mask = pad_masks["tracks"]
         jets = self._input(inputs, "jets") if "jets" in self.variables else None
-
-        x = self.encoder(self.init_net(tracks, jets), pad_mask)
-        if "global" in self.variables:
-            glob = self._input(inputs, "global").to(x.dtype)
-            x = _concat_masked(x, glob[:, None, :].expand(-1, x.shape[1], -1), pad_mask)
-        pooled = self.pooling(x, pad_mask)
-
-        outputs = {name: task(pooled, x, pad_mask) for name, task in self.tasks.items()}
+        glob = self._input(inputs, "global") if "global" in self.variables else None
+        # a traced graph (ONNX export) would freeze the batch's packing: trace the padded path
+        if self.packed and not torch.jit.is_tracing():
+            outputs = self._forward_packed(tracks, jets, glob, pad_mask)
+        else:
+            outputs = self._forward_padded(tracks, jets, glob, pad_mask)
         if labels is None:
             return outputs, {}
         losses: dict[str, Tensor] = {}
@@ -101,6 +108,33 @@ class Tagger(nn.Module):
         assert total is not None  # build_tagger requires at least one task
         losses["loss"] = total
         return outputs, losses
+
+    def _forward_padded(
+        self, tracks: Tensor, jets: Tensor | None, glob: Tensor | None, pad_mask: Tensor
+    ) -> dict[str, Tensor]:
+        """The task outputs, computing on every track slot (the reference path)."""
+        x = self.encoder(self.init_net(tracks, jets), pad_mask)
+        if glob is not None:
+            glob = glob.to(x.dtype)
+            x = _concat_masked(x, glob[:, None, :].expand(-1, x.shape[1], -1), pad_mask)
+        pooled = self.pooling(x, pad_mask)
+        return {name: task(pooled, x, pad_mask) for name, task in self.tasks.items()}
+
+    def _forward_packed(
+        self, tracks: Tensor, jets: Tensor | None, glob: Tensor | None, pad_mask: Tensor
+    ) -> dict[str, Tensor]:
+        """The same outputs, computing per-track parts on the real tracks only."""
+        packing = Packing.from_mask(pad_mask)
+        if packing.num_tracks == 0:
+            # nothing to pack; the padded path keeps every parameter in the autograd graph
+            # (zero gradients, not None), as the same function must
+            return self._forward_padded(tracks, jets, glob, pad_mask)
+        x = self.init_net(packing.pack(tracks), jets, packing)
+        x = self.encoder.forward_packed(x, packing)
+        if glob is not None:
+            x = torch.cat([x, packing.per_track(glob.to(x.dtype))], dim=-1)
+        pooled = self.pooling.forward_packed(x, packing)
+        return {name: task.forward_packed(pooled, x, packing) for name, task in self.tasks.items()}
 
     def predict(self, outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Probabilities (classification: softmax, vertexing: sigmoid) or regression values.
@@ -267,11 +301,13 @@ def _task(
     )
 
 
-def build_tagger(model_cfg: ModelConfig, class_dict: Mapping[str, Any] | None = None) -> Tagger:
+def build_tagger(
+    model_cfg: ModelConfig, class_dict: Mapping[str, Any] | None = None, packed: bool = True
+) -> Tagger:
     """Build the tagger described by the `model` config node.
 
     `class_dict` ({input: {label: [weight per class]}}) supplies the class weights of tasks
-    with `use_class_weights: true`.
+    with `use_class_weights: true`; `packed=False` selects the plain padded reference path.
     """
     cfg = schema.to_dict(model_cfg)
     top = schema.take(cfg, "model", schema.MODEL_KEYS)
@@ -295,4 +331,4 @@ def build_tagger(model_cfg: ModelConfig, class_dict: Mapping[str, Any] | None = 
     tasks = {
         name: _task(name, spec, track_size, pooled_size, class_dict) for name, spec in specs.items()
     }
-    return Tagger(str(top["name"]), variables, init_net, encoder, pooling, tasks)
+    return Tagger(str(top["name"]), variables, init_net, encoder, pooling, tasks, packed)

@@ -11,6 +11,8 @@
 Track tasks may take the pooled jet vector as context, appended to every track (pair).
 Outputs on padded tracks (pairs with a padded track) are set to 0. Losses are finite for
 jets without real tracks; a batch without any real track gives a track loss of 0.
+`forward_packed` computes the same outputs from packed tracks (see `salt.models.packing`):
+the heads run on the real tracks (pairs of real tracks) only.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salt.models.dense import Dense
+from salt.models.packing import Packing
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -79,6 +82,11 @@ class Task(nn.Module):
     def forward(self, pooled: Tensor, tracks: Tensor, pad_mask: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def forward_packed(self, pooled: Tensor, tracks: Tensor, packing: Packing) -> Tensor:
+        """`forward` from packed tracks `[N, D]` (see `Packing`); the output is padded as
+        `forward`'s. This default unpacks the tracks; subclasses compute on the packed rows."""
+        return self.forward(pooled, packing.unpack(tracks), packing.pad_mask)
+
     def loss(self, output: Tensor, target: Tensor, pad_mask: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -123,6 +131,12 @@ class ClassificationTask(Task):
             return self.net(pooled)
         context = pooled if self.net.context_size else None
         return self.net(tracks, context).masked_fill(pad_mask.unsqueeze(-1), 0.0)
+
+    def forward_packed(self, pooled: Tensor, tracks: Tensor, packing: Packing) -> Tensor:
+        if self.input_type == "jets":
+            return self.net(pooled)
+        context = pooled if self.net.context_size else None
+        return packing.unpack(self.net(tracks, context, packing))
 
     def loss(self, output: Tensor, target: Tensor, pad_mask: Tensor) -> Tensor:
         if self.input_type == "tracks":
@@ -173,6 +187,17 @@ class VertexingTask(Task):
         pair_pad = pad_mask.unsqueeze(2) | pad_mask.unsqueeze(1)
         return logits.masked_fill(pair_pad, 0.0)
 
+    def forward_packed(self, pooled: Tensor, tracks: Tensor, packing: Packing) -> Tensor:
+        """The pair net on the pairs of real tracks only, padded to `[B, T, T]`."""
+        first = self.net.first
+        x_i = first.project(0, tracks)  # [N, H]
+        if self.net.context_size:  # W3 c + bias, once per jet, folded into the first track
+            x_i = x_i + packing.per_track(first.project(2, pooled, bias=True))
+        else:
+            x_i = x_i + first.linear.bias.to(x_i.dtype)
+        h = packing.pairwise(x_i, first.project(1, tracks))  # [P, H]
+        return packing.unpack_pairs(self.net.rest(h).squeeze(-1))
+
     def loss(self, output: Tensor, target: Tensor, pad_mask: Tensor) -> Tensor:
         real = ~pad_mask
         eye = torch.eye(real.shape[1], dtype=torch.bool, device=real.device)
@@ -211,6 +236,9 @@ class RegressionTask(Task):
         self.net = Dense(input_size, 1, hidden_layers, activation, norm, dropout)
 
     def forward(self, pooled: Tensor, tracks: Tensor, pad_mask: Tensor) -> Tensor:
+        return self.net(pooled).squeeze(-1)
+
+    def forward_packed(self, pooled: Tensor, tracks: Tensor, packing: Packing) -> Tensor:
         return self.net(pooled).squeeze(-1)
 
     def loss(self, output: Tensor, target: Tensor, pad_mask: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
 Each layer is `x + attn(norm(x))` then `x + ff(norm(x))`; after the last layer come a final
 norm and an output projection (`embed_dim -> out_dim`). Padded tracks never act as keys, so
-real-track outputs do not depend on them; padded outputs are set to zero.
+real-track outputs do not depend on them; padded outputs are set to zero. `forward_packed`
+computes the same on the real tracks only (see `salt.models.packing`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from torch import Tensor, nn
 
 from salt.models.attention import MultiheadAttention
 from salt.models.dense import Dense
+from salt.models.dropout import Dropout
+from salt.models.packing import Packing
 
 
 class EncoderLayer(nn.Module):
@@ -45,10 +48,15 @@ class EncoderLayer(nn.Module):
             norm=None,
             dropout=dropout,
         )
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, pad_mask: Tensor) -> Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), kv_mask=pad_mask))
+        return x + self.dropout(self.ff(self.ff_norm(x)))
+
+    def forward_packed(self, x: Tensor, packing: Packing) -> Tensor:
+        """The same layer on packed tracks `x[N, embed_dim]` (see `Packing`)."""
+        x = x + self.dropout(self.attn.forward_packed(self.attn_norm(x), packing))
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
@@ -95,3 +103,9 @@ class TransformerEncoder(nn.Module):
             x = layer(x, pad_mask)
         x = self.out_proj(self.norm(x))
         return x.masked_fill(pad_mask.unsqueeze(-1), 0.0)
+
+    def forward_packed(self, x: Tensor, packing: Packing) -> Tensor:
+        """The same encoder on packed tracks: `x[N, embed_dim]` -> `[N, out_dim]`."""
+        for layer in self.layers:
+            x = layer.forward_packed(x, packing)
+        return self.out_proj(self.norm(x))

@@ -1,0 +1,143 @@
+"""Packed track layout: the real tracks of a batch as the rows of one matrix.
+
+A padded batch holds `B x T` track slots of which (in real data) only about a third are
+real. Everything computed per track (dense nets, projections, norms, track task heads) is
+the same function on the packed rows `[N, ...]` at a fraction of the cost.
+
+Rows are grouped by jet multiplicity: the jets with `n` real tracks form one contiguous
+block of rows, a `[jets, n, ...]` view without padding. Attention runs block by block on
+these views (no mask, no padded keys), and track pairs (vertexing) are built block by block
+as `[jets, n, n, ...]`: all ordered pairs of real tracks of the same jet, `i == j` included.
+Track outputs are returned in the padded layout, zero in padded slots (`unpack`).
+
+A `Packing` is built once per forward from the pad mask and reused by every layer and task.
+It needs the multiplicity counts on the host: one host sync per batch on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Block:
+    """The jets with `size` real tracks: `num_jets` of them, `size * num_jets` packed rows."""
+
+    size: int
+    num_jets: int
+
+
+@dataclass(frozen=True, eq=False)
+class Packing:
+    """Where the real tracks of a padded batch are, to pack and unpack per-track tensors.
+
+    `pad_mask[B, T]`: True for padded slots. `jet_order[B]`: the jets by multiplicity
+    (stable), those without tracks first (`num_empty`), then one `Block` per multiplicity
+    present; `slot[N]`: the flat slot index `b * T + t` of each packed row.
+
+    Blocks are cut with `torch.split` (one view each, gradients joined by one `cat`), not
+    by slicing: the gradient of every slice would be a full-size tensor. A batch without
+    any real track has no blocks: the block methods need at least one.
+    """
+
+    pad_mask: Tensor
+    jet_order: Tensor
+    slot: Tensor
+    num_empty: int
+    blocks: tuple[Block, ...]
+
+    @classmethod
+    def from_mask(cls, pad_mask: Tensor) -> Packing:
+        """The packing of `pad_mask[B, T]` (True = padded)."""
+        num_slots = pad_mask.shape[1]
+        real = ~pad_mask
+        per_jet = real.sum(dim=1)
+        jet_order = torch.argsort(per_jet, stable=True)
+        # the only host sync: how many jets have each multiplicity (not bincount: CUDA's
+        # is flagged nondeterministic)
+        sizes = torch.arange(num_slots + 1, device=pad_mask.device)
+        jets_per_size = (per_jet.unsqueeze(1) == sizes).sum(dim=0).tolist()
+        blocks = tuple(Block(n, count) for n, count in enumerate(jets_per_size) if n and count)
+        num_tracks = sum(b.size * b.num_jets for b in blocks)
+        # the real slots with the jets in jet order: (position in jet_order) * T + t
+        in_order = real.index_select(0, jet_order).flatten()
+        in_order = torch.nonzero_static(in_order, size=num_tracks).squeeze(1)
+        position = torch.div(in_order, num_slots, rounding_mode="floor")
+        slot = jet_order.index_select(0, position) * num_slots + in_order % num_slots
+        return cls(pad_mask, jet_order, slot, jets_per_size[0], blocks)
+
+    @property
+    def num_tracks(self) -> int:
+        """N, the number of real tracks (packed rows)."""
+        return self.slot.shape[0]
+
+    def pack(self, x: Tensor) -> Tensor:
+        """`x[B, T, ...]` -> its real-track rows `[N, ...]`."""
+        return x.flatten(0, 1).index_select(0, self.slot)
+
+    def unpack(self, x: Tensor) -> Tensor:
+        """Packed rows `x[N, ...]` -> `[B, T, ...]`, zero in the padded slots."""
+        batch_size, num_slots = self.pad_mask.shape
+        out = x.new_zeros((batch_size * num_slots, *x.shape[1:]))
+        return out.index_copy_(0, self.slot, x).unflatten(0, (batch_size, num_slots))
+
+    def per_track(self, x: Tensor) -> Tensor:
+        """Per-jet rows `x[B, ...]` -> `[N, ...]`: every track gets its jet's row."""
+        sizes = [self.num_empty] + [b.num_jets for b in self.blocks]
+        per_block = torch.split(x.index_select(0, self.jet_order), sizes)[1:]
+        # broadcast views per block: the gradient is a plain sum over each jet's tracks
+        parts = [
+            jets.unsqueeze(1).expand(-1, b.size, *x.shape[1:]).flatten(0, 1)
+            for jets, b in zip(per_block, self.blocks, strict=True)
+        ]
+        return _cat_rows(parts)
+
+    def split(self, x: Tensor) -> list[Tensor]:
+        """Packed rows `x[N, ...]` -> one `[jets, n, ...]` view per block."""
+        rows = torch.split(x, [b.size * b.num_jets for b in self.blocks])
+        return [
+            part.unflatten(0, (b.num_jets, b.size))
+            for part, b in zip(rows, self.blocks, strict=True)
+        ]
+
+    def merge(self, parts: list[Tensor]) -> Tensor:
+        """Inverse of `split`: per-block `[jets, n, ...]` tensors -> packed rows `[N, ...]`."""
+        return _cat_rows([p.flatten(0, 1) for p in parts])
+
+    def pairwise(self, x_i: Tensor, x_j: Tensor) -> Tensor:
+        """`x_i[i] + x_j[j]` for every ordered pair of tracks of the same jet: `[P, ...]`.
+
+        Pairs are ordered by block, jet, i, j (see `unpack_pairs`).
+        """
+        parts = [
+            (a.unsqueeze(2) + b.unsqueeze(1)).flatten(0, 2)
+            for a, b in zip(self.split(x_i), self.split(x_j), strict=True)
+        ]
+        return _cat_rows(parts)
+
+    @cached_property
+    def pair_slot(self) -> Tensor:
+        """Flat index `(b * T + i) * T + j` of each pair of `pairwise` in a `[B, T, T]`."""
+        num_slots = self.pad_mask.shape[1]
+        parts = [
+            (s.unsqueeze(2) * num_slots + (s % num_slots).unsqueeze(1)).flatten()
+            for s in self.split(self.slot)
+        ]
+        return _cat_rows(parts)
+
+    def unpack_pairs(self, x: Tensor) -> Tensor:
+        """Pair values `x[P]` (from `pairwise`) -> `[B, T, T]`, zero for padded pairs."""
+        batch_size, num_slots = self.pad_mask.shape
+        out = x.new_zeros(batch_size * num_slots * num_slots)
+        return out.index_copy_(0, self.pair_slot, x).view(batch_size, num_slots, num_slots)
+
+
+def _cat_rows(parts: list[Tensor]) -> Tensor:
+    """Concatenate per-block tensors along rows (no copy for a single block)."""
+    if not parts:
+        raise ValueError("a Packing without real tracks has no blocks to join")
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -1,0 +1,268 @@
+"""The packed fast path computes the same function as the plain padded path.
+
+Same weights, same batches (scattered padding, jets without tracks, a jet without padding,
+several track-slot counts): outputs, losses and every parameter gradient agree. Tolerances:
+fp64 1e-10 (the logic is exact), fp32 1e-5 relative (the same sums in another order and
+matrix products of other shapes), bf16 autocast 5e-2 on the losses (bf16 has 8 bits of
+mantissa; the packed path's attention core runs in fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from salt.models import Tagger, build_tagger
+from salt.models.dropout import Dropout, dropout
+from salt.models.packing import Packing
+from tests.test_models_tagger import COMBOS, model_cfg
+
+# (dtype, rtol, atol) for outputs, losses and gradients
+PRECISIONS = {"fp64": (torch.float64, 1e-10, 1e-12), "fp32": (torch.float32, 1e-5, 1e-6)}
+
+
+def make_batch(tagger: Tagger, num_tracks: int, batch_size: int = 9, seed: int = 0) -> dict:
+    """Loader-like batch: scattered padding (zero features, labels -1), jets 0 and 3 without
+    tracks, jet 1 without padding, jet 2 with one track; some real tracks unlabelled (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    pad = torch.rand(batch_size, num_tracks, generator=g) < 0.5
+    pad[0], pad[1], pad[3] = True, False, True
+    pad[2] = True
+    pad[2, num_tracks // 2] = False
+    inputs = {}
+    for input_type, names in tagger.variables.items():
+        if input_type == "tracks":
+            x = torch.randn(batch_size, num_tracks, len(names), generator=g)
+            inputs[input_type] = x.masked_fill(pad.unsqueeze(-1), 0.0)
+        else:
+            inputs[input_type] = torch.randn(batch_size, len(names), generator=g)
+    labels: dict[str, dict[str, torch.Tensor]] = {"jets": {}, "tracks": {}}
+    for task in tagger.tasks.values():
+        if task.input_type == "jets":
+            n = len(task.class_names) if task.class_names else 4
+            labels["jets"][task.label] = torch.randint(0, n, (batch_size,), generator=g)
+        else:
+            high = len(task.class_names) if task.class_names is not None else 3
+            y = torch.randint(-1, high, (batch_size, num_tracks), generator=g)
+            labels["tracks"][task.label] = y.masked_fill(pad, -1)
+    return {"inputs": inputs, "pad_masks": {"tracks": pad}, "labels": labels}
+
+
+def run_path(tagger: Tagger, batch: dict, packed: bool) -> tuple[dict, dict, dict]:
+    """Outputs, losses and parameter gradients of one path."""
+    tagger.packed = packed
+    tagger.zero_grad(set_to_none=True)
+    outputs, losses = tagger(batch["inputs"], batch["pad_masks"], batch["labels"])
+    losses["loss"].backward()
+    grads = {}
+    for name, p in tagger.named_parameters():
+        assert p.grad is not None, f"no gradient for {name} (packed={packed})"
+        grads[name] = p.grad.clone()
+    return outputs, {k: v.detach() for k, v in losses.items()}, grads
+
+
+def assert_same(fast: dict, plain: dict, rtol: float, atol: float, what: str) -> None:
+    assert fast.keys() == plain.keys()
+    for key in plain:
+        torch.testing.assert_close(
+            fast[key], plain[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{what} {k}: {m}"
+        )
+
+
+@pytest.fixture(scope="module", params=COMBOS, ids=lambda c: f"{c[0]}-{c[1]}")
+def tagger(request) -> Tagger:
+    torch.manual_seed(0)
+    # GN2Cat: GN2 plus the global inputs concatenated after the encoder
+    return build_tagger(model_cfg("GN2Cat", *request.param)).eval()
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("num_tracks", [1, 7, 16])
+def test_packed_path_equals_plain_path(tagger: Tagger, precision: str, num_tracks: int) -> None:
+    dtype, rtol, atol = PRECISIONS[precision]
+    model = copy.deepcopy(tagger).to(dtype)
+    batch = make_batch(model, num_tracks, seed=num_tracks)
+    batch["inputs"] = {k: v.to(dtype) for k, v in batch["inputs"].items()}
+    fast_out, fast_loss, fast_grad = run_path(model, batch, packed=True)
+    plain_out, plain_loss, plain_grad = run_path(model, batch, packed=False)
+    assert_same(fast_out, plain_out, rtol, atol, "output")
+    assert_same(fast_loss, plain_loss, rtol, atol, "loss")
+    assert_same(fast_grad, plain_grad, rtol, atol, "gradient of")
+    pad = batch["pad_masks"]["tracks"]
+    pair_pad = pad.unsqueeze(2) | pad.unsqueeze(1)
+    assert torch.count_nonzero(fast_out["track_origin"][pad]) == 0
+    assert torch.count_nonzero(fast_out["track_vertexing"][pair_pad]) == 0
+    assert torch.count_nonzero(fast_out["track_vertexing"][~pair_pad]) == int((~pair_pad).sum())
+
+
+def test_training_mode_without_dropout_and_a_batch_without_tracks() -> None:
+    """Training mode (dropout off: masks are random) and an all-padded batch, which the
+    packed path hands to the padded one: parameters get zero gradients, not None."""
+    cfg = model_cfg("GN2")
+    for task in cfg.tasks.values():
+        task.dropout = 0.0
+    cfg.encoder.dropout = 0.0
+    torch.manual_seed(1)
+    model = build_tagger(cfg).train().double()
+    batch = make_batch(model, 12, seed=5)
+    batch["inputs"] = {k: v.double() for k, v in batch["inputs"].items()}
+    for empty in (False, True):
+        if empty:
+            batch["pad_masks"]["tracks"][:] = True
+            batch["inputs"]["tracks"].zero_()
+            for y in batch["labels"]["tracks"].values():
+                y.fill_(-1)
+        fast = run_path(model, batch, packed=True)
+        plain = run_path(model, batch, packed=False)
+        for what, a, b in zip(("output", "loss", "gradient of"), fast, plain, strict=True):
+            assert_same(a, b, 1e-10, 1e-12, what)
+
+
+def test_bf16_autocast_agrees_with_the_plain_path() -> None:
+    torch.manual_seed(2)
+    model = build_tagger(model_cfg("GN2")).eval()
+    batch = make_batch(model, 20, batch_size=32, seed=6)
+    results = {}
+    for packed in (True, False):
+        model.packed = packed
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs, losses = model(batch["inputs"], batch["pad_masks"], batch["labels"])
+        results[packed] = (outputs, losses)
+    for key, loss in results[False][1].items():
+        torch.testing.assert_close(results[True][1][key], loss, rtol=5e-2, atol=1e-3)
+    probs = {p: model.predict(results[p][0])["jet_classification"] for p in results}
+    torch.testing.assert_close(probs[True], probs[False], rtol=0.0, atol=3e-2)
+
+
+class VertexingOutput(torch.nn.Module):
+    """The tagger's vertexing output from plain tensors, for tracing."""
+
+    def __init__(self, tagger: Tagger) -> None:
+        super().__init__()
+        self.tagger = tagger
+
+    def forward(self, tracks: torch.Tensor, jets: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        outputs, _ = self.tagger({"tracks": tracks, "jets": jets}, {"tracks": pad})
+        return outputs["track_vertexing"]
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
+def test_packed_is_the_default_and_tracing_records_the_padded_path() -> None:
+    """A traced graph (the ONNX export traces) must not freeze the example's packing."""
+    assert build_tagger(model_cfg("GN1")).packed
+    assert not build_tagger(model_cfg("GN1"), packed=False).packed
+    torch.manual_seed(3)
+    model = VertexingOutput(build_tagger(model_cfg("GN1"))).eval()
+    example, other = (make_batch(model.tagger, 6, seed=seed) for seed in (1, 2))
+    args = [
+        (b["inputs"]["tracks"], b["inputs"]["jets"], b["pad_masks"]["tracks"])
+        for b in (example, other)
+    ]
+    # other track multiplicities than the example's
+    assert not torch.equal(args[0][2].sum(1).sort()[0], args[1][2].sum(1).sort()[0])
+    with torch.no_grad():
+        traced = torch.jit.trace(model, args[0], check_trace=False)
+        torch.testing.assert_close(traced(*args[1]), model(*args[1]))
+
+
+# ---- Packing --------------------------------------------------------------------------------
+def test_packing_layout_pack_unpack_and_per_track() -> None:
+    pad = torch.tensor(
+        [
+            [False, True, False, True],  # 2 tracks (slots 0, 2)
+            [True, True, True, True],  # none
+            [False, False, False, False],  # 4
+            [True, False, True, True],  # 1 (slot 1)
+            [True, False, False, True],  # 2 (slots 1, 2)
+        ]
+    )
+    packing = Packing.from_mask(pad)
+    assert packing.jet_order.tolist() == [1, 3, 0, 4, 2]  # by multiplicity, stable
+    assert packing.num_empty == 1
+    assert [(b.size, b.num_jets) for b in packing.blocks] == [(1, 1), (2, 2), (4, 1)]
+    assert packing.slot.tolist() == [13, 0, 2, 17, 18, 8, 9, 10, 11]
+    assert packing.num_tracks == 9
+
+    x = torch.arange(5 * 4 * 3, dtype=torch.float32).view(5, 4, 3)
+    rows = packing.pack(x)
+    torch.testing.assert_close(rows, x.flatten(0, 1)[packing.slot])
+    torch.testing.assert_close(packing.unpack(rows), x.masked_fill(pad.unsqueeze(-1), 0.0))
+
+    per_jet = torch.arange(5.0).unsqueeze(1) * 10
+    jets = packing.per_track(per_jet).squeeze(1)
+    assert jets.tolist() == [30.0, 0.0, 0.0, 40.0, 40.0, 20.0, 20.0, 20.0, 20.0]
+
+    blocks = packing.split(rows)
+    assert [tuple(b.shape) for b in blocks] == [(1, 1, 3), (2, 2, 3), (1, 4, 3)]
+    torch.testing.assert_close(packing.merge(blocks), rows)
+
+
+def test_pairs_are_all_ordered_pairs_of_real_tracks_of_a_jet() -> None:
+    g = torch.Generator().manual_seed(3)
+    pad = torch.rand(6, 5, generator=g) < 0.5
+    pad[0] = True
+    packing = Packing.from_mask(pad)
+    a, b = torch.randn(6, 5, 2, generator=g), torch.randn(6, 5, 2, generator=g)
+    pairs = packing.pairwise(packing.pack(a), packing.pack(b))  # [P, 2]
+    real = ~pad
+    expected = (a.unsqueeze(2) + b.unsqueeze(1))[..., 0]  # [B, T, T] of the first feature
+    pair_real = real.unsqueeze(2) & real.unsqueeze(1)
+    assert pairs.shape[0] == int(pair_real.sum())
+    dense = packing.unpack_pairs(pairs[:, 0])
+    torch.testing.assert_close(dense, expected.masked_fill(~pair_real, 0.0))
+
+
+def test_gradients_through_the_packing_are_exact() -> None:
+    """per_track and pairwise sum their gradients over tracks (pairs) without scatter_add."""
+    pad = torch.rand(7, 6, generator=torch.Generator().manual_seed(4)) < 0.4
+    pad[2] = True
+    packing = Packing.from_mask(pad)
+    x = torch.randn(packing.num_tracks, 3, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        rows = x + packing.per_track(c)
+        return packing.unpack_pairs(packing.pairwise(rows, rows * 2).sum(-1)).sin()
+
+    assert torch.autograd.gradcheck(f, (x, c))
+
+
+def test_a_packing_without_tracks_has_no_blocks() -> None:
+    packing = Packing.from_mask(torch.ones(3, 4, dtype=torch.bool))
+    assert packing.blocks == () and packing.num_tracks == 0 and packing.num_empty == 3
+    with pytest.raises(ValueError, match="without real tracks"):
+        packing.merge([])
+
+
+# ---- Dropout --------------------------------------------------------------------------------
+def test_dropout_distribution_scale_and_gradient() -> None:
+    torch.manual_seed(5)
+    x = torch.randn(400, 500, requires_grad=True)
+    y = dropout(x, 0.3)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005  # 200k draws: sigma 0.001
+    torch.testing.assert_close(y[kept], x[kept] / 0.7)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept.float() / 0.7)
+    # independent draws: two calls differ, and neighbouring elements are uncorrelated
+    assert not torch.equal(dropout(x, 0.3) != 0, kept)
+    k = kept.float()
+    corr = ((k[:, 1:] - 0.7) * (k[:, :-1] - 0.7)).mean() / 0.21
+    assert abs(corr.item()) < 0.01
+
+
+def test_dropout_module_modes_dtypes_and_errors() -> None:
+    x = torch.randn(50, 60, dtype=torch.bfloat16)
+    layer = Dropout(0.2)
+    assert layer(x).dtype == torch.bfloat16
+    assert torch.equal(layer.eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    assert torch.count_nonzero(Dropout(1.0).train()(x)) == 0
+    assert torch.equal(F.dropout(x, 0.2, training=False), layer(x))
+    with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\], got 1.5"):
+        Dropout(1.5)
+    assert repr(layer) == "Dropout(p=0.2)"
