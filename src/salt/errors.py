@@ -3,6 +3,10 @@ reported as one clear message without a traceback (``debug=true`` shows it)."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from typing import Any
+
 from omegaconf.errors import OmegaConfBaseException
 
 from salt.data.ftag import DataError
@@ -44,3 +48,22 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     RankFailedError,
 )
+
+
+def run_entry_point(
+    fn: Callable[[Any], Any], cfg: Any, extra_errors: tuple[type[BaseException], ...] = ()
+) -> None:
+    """Run a command's body: a user error is one line on stderr and exit 1 (``debug=true``
+    re-raises it with its traceback); a stop by signal exits 128 + the signal number."""
+    from salt.data.staging import StagingInterrupted
+
+    try:
+        fn(cfg)
+    except (Interrupted, StagingInterrupted) as err:
+        print(f"salt: {err}", file=sys.stderr, flush=True)
+        sys.exit(128 + err.signum)
+    except (*USER_ERRORS, *extra_errors) as err:
+        if cfg.get("debug"):
+            raise
+        print(f"salt: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)

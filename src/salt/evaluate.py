@@ -14,7 +14,6 @@ Writes, beside the checkpoint (``logs/<run>/ckpts/``): ``<ckpt stem>__test_<samp
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import hydra
 from omegaconf import DictConfig
 
 from salt.data.build import make_loader
-from salt.errors import USER_ERRORS, ConfigError
+from salt.errors import ConfigError, run_entry_point
 from salt.evaluation.performance import (
     Performance,
     b_tagging_performance,
@@ -161,13 +160,7 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
 
 @hydra.main(version_base=None, config_path="../../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except USER_ERRORS as err:
-        if cfg.get("debug"):
-            raise
-        print(f"salt: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    run_entry_point(evaluate, cfg)
 
 
 if __name__ == "__main__":

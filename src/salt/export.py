@@ -16,7 +16,6 @@ written. Needs ``pip install onnx onnxruntime``.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import hydra
 from omegaconf import DictConfig
 
 from salt.data.ftag import open_h5
-from salt.errors import USER_ERRORS, ConfigError
+from salt.errors import ConfigError, run_entry_point
 from salt.evaluation.onnx_model import (
     OPSET,
     ExportError,
@@ -116,13 +115,7 @@ def export(cfg: DictConfig) -> ExportResult:
 
 @hydra.main(version_base=None, config_path="../../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
-        export(cfg)
-    except (*USER_ERRORS, ExportError) as err:
-        if cfg.get("debug"):
-            raise
-        print(f"salt: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    run_entry_point(export, cfg, (ExportError,))
 
 
 if __name__ == "__main__":

@@ -23,8 +23,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from salt.data.staging import StagingInterrupted
-from salt.errors import USER_ERRORS, Interrupted
+from salt.errors import USER_ERRORS, run_entry_point
 from salt.training import checkpoint as ckpt
 from salt.training.distributed import cleanup, detect_environment, init_distributed, spawn
 from salt.training.run_dir import load_run_config
@@ -105,16 +104,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> None:
 
 @hydra.main(version_base=None, config_path="../../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
-        train(cfg)
-    except (Interrupted, StagingInterrupted) as err:
-        print(f"salt: {err}", file=sys.stderr, flush=True)
-        sys.exit(128 + err.signum)
-    except USER_ERRORS as err:
-        if cfg.get("debug"):
-            raise
-        print(f"salt: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    run_entry_point(train, cfg)
 
 
 if __name__ == "__main__":
