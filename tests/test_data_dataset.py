@@ -149,3 +149,11 @@ def test_no_drop_last_keeps_every_jet_in_order(tmp_path: Path) -> None:
         loader = BatchLoader(make(path, norm, shuffle=False, drop_last=False), workers)
         ids = sorted(i for b in loader for i in jet_ids(b, norm))
         assert ids == list(range(95))
+
+
+def test_state_before_iterating_a_new_epoch_is_its_start(tmp_path: Path) -> None:
+    path = write_ftag_file(tmp_path / "f.h5", n_jets=60)
+    loader = BatchLoader(make(path, norm_dict_for(path)))
+    assert len(list(loader)) == 6 and loader.state_dict() == {"epoch": 0, "consumed": 6}
+    loader.set_epoch(1)
+    assert loader.state_dict() == {"epoch": 1, "consumed": 0}

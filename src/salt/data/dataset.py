@@ -263,7 +263,7 @@ class BatchLoader:
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self._resume_from = epoch, 0
+            self.epoch, self._resume_from, self.consumed = epoch, 0, 0
 
     def __iter__(self) -> Iterator[Batch]:
         self.consumed = self._resume_from
