@@ -3,6 +3,7 @@ reported as one clear message without a traceback (``debug=true`` shows it)."""
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,8 @@ class Interrupted(Exception):
         )
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
 USER_ERRORS: tuple[type[BaseException], ...] = (
     DataError,
     ModelConfigError,
@@ -66,4 +69,16 @@ def run_entry_point(
         if cfg.get("debug"):
             raise
         print(f"salt: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except OSError as err:
+        # a full disk or quota while writing logs, plots or copies: the user's to fix
+        if err.errno not in DISK_FULL or cfg.get("debug"):
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(
+            f"salt: error: {where}{err.strerror}; free space (or raise the quota) and continue "
+            "from the run's last checkpoint with resume=<run dir>",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(1)

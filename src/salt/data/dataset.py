@@ -18,7 +18,9 @@ consumed in the current epoch. Resuming from it continues at the next unseen bat
 
 from __future__ import annotations
 
+import functools
 import glob
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from salt.data.ftag import Chunk, DataError, FTAGReader, LabelsConfig, load_yaml_dict
+from salt.data.workers import die_with_parent
 
 Batch = dict[str, Any]
 
@@ -255,6 +258,8 @@ class BatchLoader:
             num_workers=num_workers,
             pin_memory=pin_memory,
             generator=torch.Generator().manual_seed(0),
+            # no worker outlives this process, even one killed by SIGKILL
+            worker_init_fn=functools.partial(die_with_parent, os.getpid()),
             **kwargs,
         )
 

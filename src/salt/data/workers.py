@@ -17,9 +17,12 @@ would oversubscribe a shared one.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
+import signal
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -30,6 +33,7 @@ __all__ = [
     "NumWorkersWarning",
     "available_cpus",
     "cpu_limits",
+    "die_with_parent",
     "loader_options",
     "resolve_num_workers",
 ]
@@ -39,6 +43,7 @@ log = logging.getLogger("salt")
 MAX_AUTO_WORKERS_GPU = 8
 MAX_AUTO_WORKERS_CPU = 2
 _SLURM_VARS = ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE")
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class NumWorkersWarning(UserWarning):
@@ -205,3 +210,19 @@ def loader_options(data_cfg: Mapping[str, Any], on_gpu: bool) -> dict[str, Any]:
         "prefetch_factor": prefetch,
         "pin_memory": pin_memory,
     }
+
+
+def die_with_parent(parent: int, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the kernel kills this worker when its trainer dies.
+
+    PyTorch's own check only notices a dead parent every few seconds, and not at all while a
+    worker is blocked in a long read; a trainer killed by SIGKILL (``scancel``, the OOM killer)
+    would leave its workers on the node. ``parent`` is the trainer's pid, taken when the loader
+    was built: a worker whose parent is already gone exits at once.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            log.warning("salt: prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != parent:
+        os._exit(0)  # the trainer died before the prctl above took effect

@@ -372,11 +372,40 @@ def save(run: Run, name: str, also_last: bool = True) -> None:
         return
     state = checkpoint_state(run, rng)
     ckpt_dir = run.run_dir / "ckpts"
-    ckpt.save_checkpoint(state, ckpt_dir / name)
-    if also_last and name != ckpt.LAST:
-        # a copy, not a second serialisation: last.ckpt is always a complete checkpoint
-        with atomic_path(ckpt_dir / ckpt.LAST) as tmp:
-            shutil.copyfile(ckpt_dir / name, tmp)
+    try:
+        ckpt.save_checkpoint(state, ckpt_dir / name)
+        if also_last and name != ckpt.LAST:
+            # a copy, not a second serialisation: last.ckpt is always a complete checkpoint
+            try:
+                with atomic_path(ckpt_dir / ckpt.LAST) as tmp:
+                    shutil.copyfile(ckpt_dir / name, tmp)
+            except OSError as err:
+                raise ckpt.CheckpointWriteError(
+                    f"could not write checkpoint {ckpt_dir / ckpt.LAST}: {err.strerror or err}; "
+                    f"{ckpt_dir / name} was written and is complete"
+                ) from err
+    except ckpt.CheckpointWriteError as err:
+        # a full disk or quota: stop (every later save would fail too) and say what is safe
+        raise ckpt.CheckpointWriteError(
+            f"training stopped at step {run.counters.step}: {err}. {resume_hint(run)}"
+        ) from err
+
+
+def resume_hint(run: Run) -> str:
+    """Where the run can continue from after a failed save: its own latest checkpoint, else
+    the checkpoint it was started from."""
+    assert run.run_dir is not None
+    latest = ckpt.latest_checkpoint(run.run_dir / "ckpts")
+    if latest is not None:
+        return f"Free space, then continue from {latest} with resume={run.run_dir}"
+    started = run.cfg.get("ckpt_path")
+    if started:
+        source = Path(str(started))
+        return (
+            f"This run saved no checkpoint yet; free space, then continue from {source} with "
+            f"resume={source.parent.parent}"
+        )
+    return "This run saved no checkpoint yet; free space and start it again"
 
 
 # ---- one step -----------------------------------------------------------------------------

@@ -1,0 +1,275 @@
+"""Crash safety with real processes: SIGKILL at random steps and during a checkpoint write,
+a full disk during a checkpoint write, and DataLoader workers that die with their trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from salt.train import train
+from salt.training import checkpoint as ckpt
+from salt.training.loop import fit
+from salt.utils.atomic import is_temp_name
+from tests.test_train import TINY, assert_bitwise_equal, cpu, env, make_cfg, run_dirs, weights
+
+pytestmark = pytest.mark.slow
+
+EVERY = 10  # checkpoint interval (steps)
+# 60 steps per epoch, 2 epochs; the local logger writes (and flushes) a row every step
+SMALL = [
+    "data.batch_size=10",
+    "data.num_train=600",
+    f"trainer.ckpt_every_n_steps={EVERY}",
+    "logger=local",
+    "logger.log_every_n_steps=1",
+    "logger.plots=false",
+]
+TOTAL_STEPS = 120
+# kill steps drawn once, printed in the test ids, the same on every run of the suite
+KILL_STEPS = sorted(random.Random(20261125).sample(range(EVERY + 1, TOTAL_STEPS - 3), 3))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """An uninterrupted run: the weights every crashed-and-resumed run must end with."""
+    tmp = tmp_path_factory.mktemp("reference")
+    cache = tmp_path_factory.mktemp("crash_sample")
+    run_dir = fit(make_cfg(tmp, cache, *SMALL), cpu()).run_dir
+    assert run_dir is not None
+    return cache, weights(run_dir / "ckpts" / "last.ckpt")
+
+
+def start(tmp_path: Path, cache: Path, *extra: str) -> subprocess.Popen:
+    overrides = [*TINY, f"log_dir={tmp_path / 'logs'}", f"data.sample.dir={cache}", *SMALL]
+    return subprocess.Popen(
+        [sys.executable, "-m", "salt.train", *overrides, *extra],
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def logged_step(run_dir: Path) -> int:
+    """The last training step whose metrics row reached the file (rows are flushed)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [0]
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a row being written
+        if "train/loss" in row:
+            steps.append(int(row["step"]))
+    return max(steps)
+
+
+def kill_when(proc: subprocess.Popen, logs: Path, ready: Callable[[Path], bool]) -> Path:
+    """SIGKILL ``proc`` as soon as ``ready(run_dir)``; returns the run directory."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        dirs = [p for p in logs.glob("*") if (p / "config.yaml").exists()] if logs.exists() else []
+        if dirs and ready(dirs[0]):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            return dirs[0]
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before the kill point: {proc.stderr.read()}")
+    proc.kill()
+    pytest.fail("kill point not reached in time")
+
+
+def temp_files(ckpt_dir: Path) -> list[str]:
+    return [p.name for p in ckpt_dir.iterdir() if is_temp_name(p.name)]
+
+
+def resume_and_compare(tmp_path: Path, cache: Path, killed: Path, expected: dict) -> None:
+    before = set(run_dirs(tmp_path))
+    train(make_cfg(tmp_path, cache, f"resume={killed}", *SMALL))
+    (resumed,) = set(run_dirs(tmp_path)) - before
+    state = ckpt.load_checkpoint(resumed / "ckpts" / "last.ckpt")
+    assert state["counters"]["step"] == TOTAL_STEPS
+    assert_bitwise_equal(expected, state["model"])
+
+
+@pytest.mark.parametrize("kill_step", KILL_STEPS)
+def test_sigkill_at_a_random_step_resumes_bitwise(
+    tmp_path: Path, reference: tuple[Path, dict], kill_step: int
+) -> None:
+    cache, expected = reference
+    proc = start(tmp_path, cache)
+    killed = kill_when(proc, tmp_path / "logs", lambda d: logged_step(d) >= kill_step)
+    assert proc.returncode == -signal.SIGKILL
+    done = logged_step(killed)  # the process may have gone a little further than asked
+    latest = ckpt.latest_checkpoint(killed / "ckpts")
+    saved = ckpt.load_checkpoint(latest)["counters"]["step"] if latest else 0
+    assert 0 <= done - saved <= EVERY, (done, saved)  # at most one checkpoint interval lost
+    resume_and_compare(tmp_path, cache, killed, expected)
+
+
+def test_sigkill_during_a_checkpoint_write_resumes_bitwise(
+    tmp_path: Path, reference: tuple[Path, dict]
+) -> None:
+    cache, expected = reference
+    # every step writes a checkpoint here, so the kill can land inside one; it is made to, by
+    # killing the moment a temporary checkpoint file shows up, and the test checks it did
+    for _attempt in range(5):
+        attempt_dir = tmp_path / f"attempt{_attempt}"
+        attempt_dir.mkdir()
+        proc = start(attempt_dir, cache, "trainer.ckpt_every_n_steps=1")
+        killed = kill_when(
+            proc,
+            attempt_dir / "logs",
+            lambda d: (d / "ckpts" / ckpt.LAST).exists() and bool(temp_files(d / "ckpts")),
+        )
+        if temp_files(killed / "ckpts"):
+            break  # the write was cut: a partial temporary file is what the kill left
+    else:
+        pytest.fail("no kill landed inside a checkpoint write in 5 attempts")
+    latest = ckpt.latest_checkpoint(killed / "ckpts")
+    assert latest is not None and not is_temp_name(latest.name)
+    ckpt.load_checkpoint(latest)  # complete: every file under a final name is
+    resume_and_compare(attempt_dir, cache, killed, expected)
+
+
+# ---- full disk --------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MiB tmpfs (needs root; skipped otherwise)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill ``disk`` (another job's output, say) until only ``leave`` bytes are free."""
+    filler = disk / "other_job_output.bin"
+    free = shutil.disk_usage(disk).free
+    with filler.open("ab") as f:
+        f.write(b"\0" * max(free - leave, 0))
+    return filler
+
+
+def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(
+    tmp_path: Path, small_disk: Path, reference: tuple[Path, dict]
+) -> None:
+    cache, expected = reference
+    logs = small_disk / "logs"
+    first = fit(make_cfg(tmp_path, cache, *SMALL, f"log_dir={logs}"), cpu()).run_dir
+    assert first is not None
+    (epoch0,) = (first / "ckpts").glob("epoch=000-*.ckpt")
+    size = (first / "ckpts" / ckpt.LAST).stat().st_size
+    # the disk fills up (another job, say) until one and a half checkpoints fit: a run resumed
+    # from epoch 0 saves at step 70, then cannot write its step-80 checkpoint
+    filler = fill(small_disk, leave=size * 3 // 2)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "salt.train",
+            "--config-dir",
+            str(first),
+            "--config-name",
+            "config",
+            f"ckpt_path='{epoch0}'",
+        ],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("salt: error:")]
+    assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
+    (failed,) = set(run_dirs_under(logs)) - {first}
+    last = failed / "ckpts" / ckpt.LAST
+    assert "training stopped at step 80" in errors[0]
+    assert "No space left on device" in errors[0] and "MiB free" in errors[0]
+    # it names what is safe and how to continue
+    assert f"continue from {last} with resume={failed}" in errors[0]
+    # the previous checkpoint is intact and complete; no half-written file holds the space
+    assert ckpt.load_checkpoint(last)["counters"]["step"] == 70
+    assert temp_files(failed / "ckpts") == []
+    assert weights(first / "ckpts" / ckpt.LAST).keys() == expected.keys()
+    # space freed: the run continues from its last complete checkpoint, nothing else lost
+    filler.unlink()
+    train(make_cfg(tmp_path, cache, f"resume={failed}"), overrides=[])
+    (resumed,) = set(run_dirs_under(logs)) - {first, failed}
+    assert_bitwise_equal(expected, weights(resumed / "ckpts" / ckpt.LAST))
+
+
+def run_dirs_under(logs: Path) -> list[Path]:
+    return sorted(p for p in logs.iterdir() if (p / "config.yaml").exists())
+
+
+# ---- DataLoader workers -----------------------------------------------------------------------
+def children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_dataloader_workers_die_with_a_killed_trainer(
+    tmp_path: Path, reference: tuple[Path, dict]
+) -> None:
+    cache, _ = reference
+    proc = start(
+        tmp_path,
+        cache,
+        "data.num_workers=2",
+        "data.persistent_workers=true",
+        "trainer.max_epochs=50",
+    )
+    deadline = time.monotonic() + 120
+    workers: set[int] = set()
+    while time.monotonic() < deadline and len(workers) < 2:
+        workers = {p for p in children(proc.pid) if alive(p)}
+        time.sleep(0.05)
+    assert len(workers) >= 2, proc.stderr.read() if proc.poll() is not None else "no workers"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 2  # torch's own watchdog alone would take ~5 s
+    while time.monotonic() < deadline and any(alive(p) for p in workers):
+        time.sleep(0.05)
+    stray = [p for p in workers if alive(p)]
+    for p in stray:
+        os.kill(p, signal.SIGKILL)
+    assert not stray, f"DataLoader workers {stray} outlived the killed trainer"
