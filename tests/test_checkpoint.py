@@ -25,6 +25,7 @@ from salt.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     parse_checkpoint_name,
+    remove_temp_files,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -308,6 +309,13 @@ def test_truncated_temp_file_next_to_last_is_ignored(tmp_path: Path) -> None:
     assert best_checkpoint(tmp_path) is None
     with pytest.raises(CheckpointError):
         load_checkpoint(leftover)
+    # a requeued job clears them (they hold disk space), and nothing else
+    removed = remove_temp_files(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(
+        [leftover.name, f".{checkpoint_name(9, 0.1)}.tmp-4242-cafe0123"]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST]
+    assert remove_temp_files(tmp_path / "missing") == []
 
 
 def test_best_checkpoint(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from salt.utils.atomic import atomic_path
+from salt.utils.atomic import atomic_path, is_temp_name
 
 __all__ = [
     "FORMAT_VERSION",
@@ -46,6 +46,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "parse_checkpoint_name",
+    "remove_temp_files",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -288,6 +289,23 @@ def _epoch_checkpoints(ckpt_dir: Path) -> list[tuple[int, float, Path]]:
         if parsed is not None and entry.is_file():
             found.append((*parsed, entry))
     return found
+
+
+def remove_temp_files(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete the leftovers of interrupted writes in ``ckpt_dir``; returns what was removed.
+
+    Only for a directory no live process writes to (a requeued job's own run directory): a
+    checkpoint write cut by a kill leaves a temporary file as large as a checkpoint.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    removed = []
+    for path in ckpt_dir.iterdir() if ckpt_dir.is_dir() else ():
+        if is_temp_name(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        logger.info("removed %d partial checkpoint file(s) in %s", len(removed), ckpt_dir)
+    return removed
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike[str]) -> Path | None:

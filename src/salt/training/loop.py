@@ -212,6 +212,8 @@ def setup(cfg: DictConfig, dist: DistInfo, resources: contextlib.ExitStack | Non
     requeued = None if fast_dev_run else requeued_run_dir(cfg)
     if requeued is not None:
         resume_from = ckpt.latest_checkpoint(requeued / "ckpts") or resume_from
+        if dist.is_main:  # the killed attempt's partial writes only hold disk space
+            ckpt.remove_temp_files(requeued / "ckpts")
         log.info("salt: requeued job continues %s from %s", requeued, resume_from)
     loaded = ckpt.load_checkpoint(resume_from, map_location=dist.device) if resume_from else None
 
@@ -364,31 +366,38 @@ def restore(run: Run, state: Mapping[str, Any], path: Path) -> None:
 
 
 def save(run: Run, name: str, also_last: bool = True) -> None:
-    """Write a checkpoint (rank 0). Every rank must call it: the ranks' RNG states are gathered."""
+    """Write a checkpoint (rank 0). Every rank must call it: the ranks' RNG states are gathered,
+    and a failed write (a full disk) stops every rank, not only rank 0."""
     if run.run_dir is None:
         return
     rng = all_gather_object(ckpt.rng_state())
-    if not run.dist.is_main:
-        return
-    state = checkpoint_state(run, rng)
+    failure, cause = None, None
+    if run.dist.is_main:
+        try:
+            write_checkpoint(run, name, rng, also_last)
+        except ckpt.CheckpointWriteError as err:
+            # a full disk or quota: stop (every later save would fail too), say what is safe
+            failure = f"training stopped at step {run.counters.step}: {err}. {resume_hint(run)}"
+            cause = err
+    failure = broadcast_object(failure)  # the other ranks would wait for rank 0 forever
+    if failure is not None:
+        raise ckpt.CheckpointWriteError(failure) from cause
+
+
+def write_checkpoint(run: Run, name: str, rng: list[dict[str, Any]], also_last: bool) -> None:
+    assert run.run_dir is not None
     ckpt_dir = run.run_dir / "ckpts"
-    try:
-        ckpt.save_checkpoint(state, ckpt_dir / name)
-        if also_last and name != ckpt.LAST:
-            # a copy, not a second serialisation: last.ckpt is always a complete checkpoint
-            try:
-                with atomic_path(ckpt_dir / ckpt.LAST) as tmp:
-                    shutil.copyfile(ckpt_dir / name, tmp)
-            except OSError as err:
-                raise ckpt.CheckpointWriteError(
-                    f"could not write checkpoint {ckpt_dir / ckpt.LAST}: {err.strerror or err}; "
-                    f"{ckpt_dir / name} was written and is complete"
-                ) from err
-    except ckpt.CheckpointWriteError as err:
-        # a full disk or quota: stop (every later save would fail too) and say what is safe
-        raise ckpt.CheckpointWriteError(
-            f"training stopped at step {run.counters.step}: {err}. {resume_hint(run)}"
-        ) from err
+    ckpt.save_checkpoint(checkpoint_state(run, rng), ckpt_dir / name)
+    if also_last and name != ckpt.LAST:
+        # a copy, not a second serialisation: last.ckpt is always a complete checkpoint
+        try:
+            with atomic_path(ckpt_dir / ckpt.LAST) as tmp:
+                shutil.copyfile(ckpt_dir / name, tmp)
+        except OSError as err:
+            raise ckpt.CheckpointWriteError(
+                f"could not write checkpoint {ckpt_dir / ckpt.LAST}: {err.strerror or err}; "
+                f"{ckpt_dir / name} was written and is complete"
+            ) from err
 
 
 def resume_hint(run: Run) -> str:
