@@ -21,6 +21,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from salt.config_check import CONFIG_PATH, check_command_line
 from salt.data.build import make_loader
 from salt.errors import ConfigError, run_entry_point
 from salt.evaluation.performance import (
@@ -158,9 +159,16 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
     return result
 
 
-@hydra.main(version_base=None, config_path="../../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+@hydra.main(version_base=None, config_path=CONFIG_PATH, config_name="evaluate")
+def hydra_main(cfg: DictConfig) -> None:
     run_entry_point(evaluate, cfg)
+
+
+def main() -> None:
+    """``python -m salt.evaluate`` and ``salt-evaluate``: a mistake in the command line's keys or
+    group options is one clear error before Hydra runs; then Hydra composes and runs."""
+    check_command_line("evaluate")
+    hydra_main()
 
 
 if __name__ == "__main__":

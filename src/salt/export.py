@@ -23,6 +23,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from salt.config_check import CONFIG_PATH, check_command_line
 from salt.data.ftag import open_h5
 from salt.errors import ConfigError, run_entry_point
 from salt.evaluation.onnx_model import (
@@ -113,9 +114,16 @@ def export(cfg: DictConfig) -> ExportResult:
     return ExportResult(out, worst, diffs, check_file, num_jets)
 
 
-@hydra.main(version_base=None, config_path="../../conf", config_name="export")
-def main(cfg: DictConfig) -> None:
+@hydra.main(version_base=None, config_path=CONFIG_PATH, config_name="export")
+def hydra_main(cfg: DictConfig) -> None:
     run_entry_point(export, cfg, (ExportError,))
+
+
+def main() -> None:
+    """``python -m salt.export`` and ``salt-export``: a mistake in the command line's keys or
+    group options is one clear error before Hydra runs; then Hydra composes and runs."""
+    check_command_line("export")
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,196 @@
+"""Command-line mistakes (unknown keys, group options, config names) are one clear error with
+the closest valid names, before Hydra runs; valid command lines pass unchanged."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from salt.config_check import check_command_line, check_overrides
+from salt.errors import ConfigError
+from salt.training.run_dir import config_to_save
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def env() -> dict[str, str]:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def error(config_name: str, *overrides: str, **kwargs: object) -> str:
+    """The message of the check's error for these overrides."""
+    with pytest.raises(ConfigError) as info:
+        check_overrides(config_name, list(overrides), conf_dir=CONF, **kwargs)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def ok(config_name: str, *overrides: str, **kwargs: object) -> None:
+    check_overrides(config_name, list(overrides), conf_dir=CONF, **kwargs)  # type: ignore[arg-type]
+
+
+# ---- real commands ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "trainer.max_epoch=3",
+            "salt: error: trainer.max_epoch=3: no key 'max_epoch' in 'trainer'; "
+            "did you mean max_epochs? (use +trainer.max_epoch=3 to add a new key)",
+        ),
+        (
+            "model=GN3",
+            "salt: error: model=GN3: no option 'GN3' in config group 'model'; "
+            "did you mean GN2? Options: GN1, GN2, GN2Cat.",
+        ),
+    ],
+)
+def test_train_command_gives_one_error_line(tmp_path: Path, override: str, expected: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "salt.train", override],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines == [expected], out.stderr
+    assert "Traceback" not in out.stderr
+    assert sorted(tmp_path.iterdir()) == []  # nothing ran
+
+
+# ---- keys --------------------------------------------------------------------------------------
+def test_unknown_nested_key_under_group_chosen_on_command_line() -> None:
+    msg = error("train", "model=GN1", "model.embed_dm=64")
+    assert msg.startswith(
+        "model.embed_dm=64: no key 'embed_dm' in 'model'; did you mean embed_dim?"
+    )
+    # a key only the chosen option has is checked against that option
+    ok("train", "logger=comet", "logger.offline=true")
+    msg = error("train", "logger.offline=true")  # the default logger (local) has no such key
+    assert "no key 'offline' in 'logger'" in msg and "+logger.offline=true" in msg
+
+
+def test_unknown_top_level_key_and_missing_parent() -> None:
+    assert error("train", "sead=1") == (
+        "sead=1: no key 'sead' in the config; did you mean seed? (use +sead=1 to add a new key)"
+    )
+    msg = error("train", "trainr.max_epochs=3")
+    assert msg.startswith(
+        "trainr.max_epochs=3: no key 'trainr' in the config; did you mean trainer?"
+    )
+    msg = error("train", "model.encodr.num_layers=1")
+    assert "no key 'encodr' in 'model'; did you mean encoder?" in msg
+    msg = error("train", "zzzzzz=1")  # nothing close: the keys there are listed
+    assert "its keys: name, log_dir, seed" in msg
+
+
+def test_misspelled_group_names_closest_group() -> None:
+    assert error("train", "modle=GN2") == (
+        "modle=GN2: no config group 'modle'; did you mean model? "
+        "Config groups: attention, data, launcher, logger, model, pooling."
+    )
+    assert "did you mean gatv2?" in error("train", "attention=gatv3")
+    assert "did you mean GN2Cat?" in error("train", "model=gn2cat,GN1", multirun=True)
+
+
+def test_sweeps() -> None:
+    ok("train", "model=GN1,GN2", "trainer.max_epochs=1,2", "seed=range(1,3)", multirun=True)
+    ok("train", "attention=scaled_dot_product,gatv2", "launcher=submitit_local", multirun=True)
+    # every sweep value is checked, not only the first job's
+    msg = error("train", "model=GN1,GN3", multirun=True)
+    assert msg.startswith("model=GN1,GN3: no option 'GN3' in config group 'model'; did you mean")
+    assert "did you mean max_epochs?" in error("train", "trainer.max_epoch=1,2", multirun=True)
+    ok("train", "model=glob(GN*)", multirun=True)
+    assert "matches no option of config group 'model'" in error(
+        "train", "model=glob(XX*)", multirun=True
+    )
+    # without -m (or hydra.mode=MULTIRUN), Hydra refuses a sweep: one line saying so
+    assert "a sweep needs -m/--multirun" in error("train", "model=GN1,GN2")
+    ok("train", "model=GN1,GN2", "hydra.mode=MULTIRUN")
+
+
+def test_new_keys_hydra_settings_and_quoted_values_pass() -> None:
+    ok("train", "+new.key=1", "++trainer.max_epochs=3", "++other=2", "~tag_remote")
+    ok(
+        "train",
+        "launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.gpus_per_node=null",
+    )
+    ok("train", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1")
+    ok("train", "ckpt_path='/runs/x/ckpts/epoch=001-val_loss=0.5.ckpt'", "data=ftag")
+    ok("train", "model=GN2Cat", "trainer.devices=[0,1]", "debug=true")
+    ok("train", "resume=logs/GN2_20260101-120000", "trainer.max_epochs=30")
+
+
+def test_other_rejections_name_the_override() -> None:
+    msg = error("train", "trainer.max_epochs=[1,")
+    assert msg.startswith("trainer.max_epochs=[1,: cannot parse this override:")
+    msg = error("train", "+trainer.max_epochs=3")
+    assert msg.startswith("+trainer.max_epochs=3: Could not append to config.")
+    msg = error("export", "run_dir=x", "model=GN1")  # export composes no model
+    assert msg.startswith("model=GN1: Could not override 'model'.")
+
+
+def test_evaluate_and_export_configs() -> None:
+    ok("evaluate", "run_dir=logs/x", "data.test_file=/data/test.h5", "write_tracks=true")
+    assert error("evaluate", "run_dir=x", "dat.test_file=y").startswith(
+        "dat.test_file=y: no key 'dat' in the config; did you mean data?"
+    )
+    assert "did you mean test_file?" in error("evaluate", "run_dir=x", "data.tst_file=y")
+    ok("export", "run_dir=logs/x", "parity.num_jets=10", "opset=18")
+    assert "no key 'num_jet' in 'parity'; did you mean num_jets?" in error(
+        "export", "parity.num_jet=10"
+    )
+
+
+def test_saved_run_config_with_config_dir(tmp_path: Path) -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("train", overrides=["model=GN1"])
+    OmegaConf.save(OmegaConf.create(config_to_save(cfg)), tmp_path / "config.yaml")
+    (tmp_path / "ckpts").mkdir()
+    ckpt = f"ckpt_path='{tmp_path}/ckpts/epoch=001-val_loss=0.5.ckpt'"
+    ok("config", ckpt, "trainer.max_epochs=3", extra_dir=tmp_path)
+    msg = error("config", "trainer.max_epoch=3", extra_dir=tmp_path)
+    assert "did you mean max_epochs?" in msg
+    # a --config-dir's own group options count
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "GN4.yaml").write_text((CONF / "model" / "GN2.yaml").read_text())
+    ok("train", "model=GN4", "model.embed_dim=8", extra_dir=tmp_path)
+    assert "did you mean GN4?" in error("train", "model=GN5", extra_dir=tmp_path)
+    # the primary config's name is checked on the search path, --config-dir included
+    assert "did you mean config?" in error("confg", extra_dir=tmp_path)
+    assert "did you mean train?" in error("trian")
+
+
+def test_command_line_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # flags that run no job are Hydra's, whatever the overrides
+    for flags in (["--help"], ["--cfg", "job"], ["-c", "all"], ["--info"], ["--hydra-help"]):
+        check_command_line("train", ["trainer.max_epoch=3", *flags])
+    check_command_line("train", ["-m", "model=GN1,GN2", "trainer.max_epochs=1,2"])
+    with pytest.raises(SystemExit) as info:
+        check_command_line("train", ["-m", "model=GN1,GN3"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("salt: error: model=GN1,GN3: no option 'GN3'")
+    with pytest.raises(ConfigError):  # debug=true: the error with its traceback
+        check_command_line("train", ["model=GN3", "debug=true"])
+    # --config-dir/-cd and --config-name/-cn as hydra.main reads them
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("evaluate", overrides=["run_dir=x"])
+    OmegaConf.save(cfg, tmp_path / "myeval.yaml")
+    check_command_line("train", ["-cd", str(tmp_path), "-cn", "myeval", "f_c=0.1"])
+    with pytest.raises(SystemExit):
+        check_command_line("train", ["-cd", str(tmp_path), "-cn", "myeval", "f_cc=0.1"])
+    assert "did you mean f_c?" in capsys.readouterr().err
