@@ -136,7 +136,7 @@ def test_several_files_glob_and_limits(tmp_path: Path) -> None:
     assert ds.num_jets == 100 and len(ds) == 5 + 4  # batches never span files
     limited = make(str(tmp_path / "part_*.h5"), norm, num_jets=70, shuffle=False)
     assert limited.jets_per_file == [55, 15] and len(limited) == 5 + 1
-    with pytest.raises(DataError, match=r"101 jets requested .* hold only 100"):
+    with pytest.raises(DataError, match=r"num_jets=101 asks for more jets .* \(100\)"):
         make(str(tmp_path / "part_*.h5"), norm, num_jets=101)
     with pytest.raises(DataError, match="matches no file"):
         make(str(tmp_path / "nothing_*.h5"), norm)

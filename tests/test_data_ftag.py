@@ -83,6 +83,53 @@ def test_label_outside_class_count(ftag_file: Path) -> None:
     labels = {"jets": {"flavour_label": LabelSpec(num_classes=2)}}
     with pytest.raises(DataError, match=r"flavour_label.*\[2\] outside \[0, 2\)"):
         reader(ftag_file, labels=labels).load(0, 100)
+    named = {"jets": {"flavour_label": LabelSpec(num_classes=2, task="jets2")}}
+    with pytest.raises(DataError, match=r"2 classes of task jets2.*model.tasks.jets2.label_map"):
+        reader(ftag_file, labels=named).load(0, 100)
+
+
+@pytest.mark.parametrize(("value", "ok"), [(-1, True), (-2, False), (np.nan, False)])
+def test_negative_and_non_finite_class_labels(tmp_path: Path, value: float, ok: bool) -> None:
+    """-1 marks a label the loss ignores; other negative or non-finite values are refused."""
+    path = write_ftag_file(tmp_path / "f.h5", n_jets=20)
+    norm = norm_dict_for(path)
+    with h5py.File(path, "r+") as f:
+        jets = f["jets"][:].astype(
+            [
+                ("flavour_label", "f4") if n == "flavour_label" else (n, t)
+                for n, t in f["jets"].dtype.descr
+            ]
+        )
+        jets["flavour_label"][4] = value
+        del f["jets"]
+        f.create_dataset("jets", data=jets)
+    labels = {"jets": {"flavour_label": LabelSpec(num_classes=3)}}
+    if ok:
+        got = reader(path, norm, labels=labels).load(0, 20)[2]["jets"]["flavour_label"]
+        assert got[4] == -1
+    else:
+        with pytest.raises(DataError, match=r"f.h5: 'jets' label 'flavour_label' has .* jet 4"):
+            reader(path, norm, labels=labels).load(0, 20)
+    # a vertexing-like label without a class count is passed on as it is
+    free = {"jets": {"flavour_label": LabelSpec()}}
+    if not np.isnan(value):
+        assert reader(path, norm, labels=free).load(0, 20)[2]["jets"]["flavour_label"][4] == value
+
+
+def test_dataset_shape_must_match_the_input_type(ftag_file: Path) -> None:
+    norm = norm_dict_for(ftag_file)
+    with h5py.File(ftag_file, "r+") as f:
+        flat = f["tracks"][:, 0]
+        del f["tracks"]
+        f.create_dataset("tracks", data=flat)
+    with pytest.raises(
+        DataError,
+        match=r"dataset 'tracks' has shape \(100,\); the model reads tracks as a sequence per "
+        r"jet: expected \(n_jets, n_tracks\) with a 'valid' field",
+    ):
+        reader(ftag_file, norm)
+    with pytest.raises(DataError, match=r"reads tracks \(a sequence per jet\) and jets \(one row"):
+        FTAGReader(ftag_file, VARS, norm, input_map={"jets": "tracks"})
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -113,9 +160,16 @@ def test_missing_variable_lists_closest(ftag_file: Path) -> None:
     norm = norm_dict_for(ftag_file)
     norm["tracks"]["d0_sig"] = {"mean": 0, "std": 1}
     with pytest.raises(
-        DataError, match=r"dataset 'tracks' has no variable 'd0_sig'. Closest available: d0"
+        DataError,
+        match=r"dataset 'tracks' has no variable 'd0_sig'; expected by model.variables.tracks. "
+        r"Closest available: d0",
     ):
         FTAGReader(ftag_file, {"tracks": ["d0_sig"]}, norm)
+    labels = {"jets": {"flavour": LabelSpec(None, 3, task="jet_classification")}}
+    with pytest.raises(
+        DataError, match=r"no variable 'flavour'; expected by model.tasks.jet_classification.label"
+    ):
+        reader(ftag_file, labels=labels)
 
 
 def test_variable_missing_from_norm_dict(ftag_file: Path) -> None:

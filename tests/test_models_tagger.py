@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from salt.data.ftag import LabelSpec
 from salt.models import (
     ModelConfigError,
     Tagger,
@@ -310,16 +311,18 @@ def test_gn1_uses_three_jet_classes_through_the_label_map() -> None:
 def test_label_specs_and_input_variables() -> None:
     specs = label_specs(model_cfg("GN1"))
     assert specs == {
-        "jets": {"HadronConeExclTruthLabelID": {5: 0, 4: 1, 0: 2}},
-        "tracks": {"ftagTruthOriginLabel": None, "ftagTruthVertexIndex": None},
+        "jets": {"HadronConeExclTruthLabelID": LabelSpec({5: 0, 4: 1, 0: 2}, 3)},
+        # classification labels know their class count; vertexing labels are read as they are
+        "tracks": {"ftagTruthOriginLabel": LabelSpec(None, 8), "ftagTruthVertexIndex": LabelSpec()},
     }
+    assert specs["tracks"]["ftagTruthOriginLabel"].task == "track_origin"
     variables = input_variables(model_cfg("GN2Cat"))
     assert variables["global"] == ["pt_btagJes", "eta_btagJes"]
     assert len(variables["tracks"]) == 21 and variables["jets"] == variables["global"]
 
     cfg = model_cfg("GN1")
     cfg.tasks.jet_classification.label_map[15] = -1  # taus read but ignored by the loss
-    assert label_specs(cfg)["jets"]["HadronConeExclTruthLabelID"][15] == -1
+    assert label_specs(cfg)["jets"]["HadronConeExclTruthLabelID"].label_map[15] == -1
     cfg.tasks.jet_classification.label_map = {5: 0, 4: 1}
     with pytest.raises(ModelConfigError, match=r"label_map values \[0, 1\] must be exactly"):
         label_specs(cfg)
@@ -329,6 +332,12 @@ def test_label_specs_and_input_variables() -> None:
     cfg.tasks.second.label_map = {5: 0, 4: 1, 15: 2}
     with pytest.raises(ModelConfigError, match=r"jet_classification.*second.*label_map"):
         label_specs(cfg)
+
+    # two classification tasks on one unmapped label: the smaller class count is checked
+    cfg = model_cfg("GN2")
+    cfg.tasks.coarse_origin = OmegaConf.to_container(cfg.tasks.track_origin)
+    cfg.tasks.coarse_origin.class_names = ["a", "b", "c"]
+    assert label_specs(cfg)["tracks"]["ftagTruthOriginLabel"] == LabelSpec(None, 3)
 
 
 def test_class_weights_from_the_class_dict() -> None:
@@ -402,7 +411,7 @@ def test_regression_task_builds_and_trains() -> None:
         "hidden_layers": [32],
     }
     tagger = build_tagger(cfg)
-    assert label_specs(cfg)["jets"]["pt"] is None
+    assert label_specs(cfg)["jets"]["pt"] == LabelSpec()  # no class check on a regression
     batch = make_batch(tagger)
     outputs, losses = run(tagger, batch)
     assert outputs["pt_regression"].shape == (6,)

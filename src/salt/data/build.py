@@ -107,8 +107,12 @@ def make_loader(
     world_size: int = 1,
     num_workers: int | None = None,
     pin_memory: bool = False,
+    num_jets_key: str | None = None,
 ) -> BatchLoader:
-    """A loader for training (shuffled, full batches) or validation/test (in order, all jets)."""
+    """A loader for training (shuffled, full batches) or validation/test (in order, all jets).
+
+    ``num_jets_key`` names the setting ``num_jets`` came from, for messages.
+    """
     dataset = H5BatchDataset(
         files,
         variables=variables,
@@ -116,6 +120,7 @@ def make_loader(
         labels=labels,
         batch_size=int(data_cfg["batch_size"]),
         num_jets=num_jets,
+        num_jets_key=num_jets_key or ("data.num_train" if train else "data.num_val/num_test"),
         shuffle=train,
         drop_last=train,
         seed=seed,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,19 @@ def expand_files(files: str | Path | Sequence[str | Path]) -> list[Path]:
 
 
 @dataclass(frozen=True)
+class WorkerDataError:
+    """A :class:`DataError` raised in a DataLoader worker, sent to the main process as an item.
+
+    Torch re-raises a worker's exception with the worker's whole traceback pasted into the
+    message; sent as an item, it becomes the same one-line DataError as without workers
+    (:class:`BatchLoader` raises it). ``traceback`` is kept for ``debug=true``.
+    """
+
+    message: str
+    traceback: str
+
+
+@dataclass(frozen=True)
 class _ChunkRef:
     file: int
     start: int
@@ -74,6 +88,7 @@ class H5BatchDataset(IterableDataset):
         labels: LabelsConfig | None = None,
         batch_size: int = 1000,
         num_jets: int = -1,
+        num_jets_key: str = "num_jets",
         shuffle: bool = True,
         drop_last: bool = True,
         seed: int = 42,
@@ -102,7 +117,7 @@ class H5BatchDataset(IterableDataset):
         self.seed = seed
         self.trim_tracks = trim_tracks
         self.rank, self.world_size = rank, world_size
-        self.jets_per_file = self._limit(num_jets)
+        self.jets_per_file = self._limit(num_jets, num_jets_key)
         self.chunks = self._make_chunks(chunk_batches)
         total = sum(c.num_batches for c in self.chunks)
         self.batches_per_rank = total // world_size if drop_last else -(-total // world_size)
@@ -119,15 +134,15 @@ class H5BatchDataset(IterableDataset):
     def num_jets(self) -> int:
         return sum(self.jets_per_file)
 
-    def _limit(self, num_jets: int) -> list[int]:
+    def _limit(self, num_jets: int, key: str) -> list[int]:
         available = [r.num_jets for r in self.readers]
         if num_jets < 0:
             return available
         if num_jets > sum(available):
             names = ", ".join(str(f) for f in self.files)
             raise DataError(
-                f"{names}: {num_jets} jets requested (num_train/num_val/num_test) but the "
-                f"file(s) hold only {sum(available)}. Use -1 for all jets."
+                f"{names}: {key}={num_jets} asks for more jets than the file(s) hold "
+                f"({sum(available)}); expected at most {sum(available)}, or -1 for all jets."
             )
         out, left = [], num_jets
         for n in available:
@@ -182,7 +197,17 @@ class H5BatchDataset(IterableDataset):
             seq.extend(mine[p[k]] for p in parts if k < len(p))
         return seq
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | WorkerDataError]:
+        if get_worker_info() is None:
+            yield from self._batches()
+            return
+        try:
+            yield from self._batches()
+        except DataError as err:
+            # a worker's last item: the main process raises it (see WorkerDataError)
+            yield WorkerDataError(str(err), traceback.format_exc())
+
+    def _batches(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         epoch, start = (int(v) for v in self._position)
@@ -275,6 +300,10 @@ class BatchLoader:
         self._resume_from = 0
         self.dataset.set_epoch(self.epoch, self.consumed)
         for batch in self.loader:
+            if isinstance(batch, WorkerDataError):
+                err = DataError(batch.message)
+                err.add_note(f"In a DataLoader worker:\n{batch.traceback}")  # for debug=true
+                raise err
             self.consumed += 1
             yield batch
 

@@ -10,7 +10,7 @@ result is viewed as a plain ``float32`` array without another copy.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +21,9 @@ import numpy as np
 import yaml
 
 DEFAULT_INPUT_MAP: dict[str, str] = {"jets": "jets", "tracks": "tracks", "global": "jets"}
+# input types the model reads as a sequence per jet; every other one (jets, global) is one row
+# per jet. Their datasets must have the matching shape: (n_jets, n_slots) or (n_jets,).
+PER_SLOT_INPUTS: tuple[str, ...] = ("tracks",)
 VALID = "valid"
 
 
@@ -34,11 +37,14 @@ class LabelSpec:
 
     ``label_map`` maps values in the file to class indices (a target of -1 means "ignored by the
     loss"); any other value in the file is an error. Without a map, values must lie in
-    ``[0, num_classes)`` when ``num_classes`` is known.
+    ``[0, num_classes)`` or be -1 (ignored by the loss) when ``num_classes`` is known; without
+    either (vertexing, regression) values are passed on as they are. ``task`` only names the
+    task in messages.
     """
 
     label_map: Mapping[int, int] | None = None
     num_classes: int | None = None
+    task: str | None = field(default=None, compare=False)
 
 
 LabelsConfig = Mapping[str, Mapping[str, LabelSpec | Mapping[int, int] | None]]
@@ -58,8 +64,14 @@ def open_h5(path: str | Path) -> h5py.File:
         return h5py.File(path, "r")
     except OSError as err:
         raise DataError(
-            f"{path}: not a readable HDF5 file (truncated or corrupt?): {err}"
+            f"{path}: not a readable HDF5 file (truncated or corrupt?): {_one_line(err)}. "
+            "Expected a complete HDF5 file; copy or produce it again."
         ) from None
+
+
+def _one_line(err: BaseException) -> str:
+    """An HDF5 library message on one line: a user error is reported as a single line."""
+    return " ".join(str(err).split())
 
 
 def load_yaml_dict(path: str | Path, what: str) -> dict:
@@ -168,10 +180,32 @@ class _DatasetPlan:
     inputs: list[_InputPlan] = field(default_factory=list)
     labels: list[_LabelPlan] = field(default_factory=list)
     valid_column: int | None = None
+    per_slot: bool | None = None  # the layout the model needs: (n_jets, n_slots) or (n_jets,)
+    input_types: list[str] = field(default_factory=list)  # what reads it, for messages
+    needed_by: dict[str, str] = field(default_factory=dict)  # field -> config key, for messages
 
-    def column(self, name: str) -> int:
+    def expect(self, input_type: str, per_slot: bool, input_map: Mapping[str, str]) -> None:
+        """Record that ``input_type`` reads this dataset; one dataset has one layout."""
+        if self.per_slot is not None and self.per_slot != per_slot:
+            slot_types, row_types = (
+                (self.input_types, [input_type])
+                if self.per_slot
+                else ([input_type], self.input_types)
+            )
+            raise DataError(
+                f"data.input_map {dict(input_map)} reads {' and '.join(slot_types)} (a sequence "
+                f"per jet) and {' and '.join(row_types)} (one row per jet) from the same dataset "
+                f"'{self.name}'; expected per-jet and per-track inputs in different datasets."
+            )
+        self.per_slot = per_slot
+        if input_type not in self.input_types:
+            self.input_types.append(input_type)
+
+    def column(self, name: str, needed_by: str | None = None) -> int:
         if name not in self.fields:
             self.fields.append(name)
+        if needed_by:
+            self.needed_by.setdefault(name, needed_by)
         return self.fields.index(name)
 
     @cached_property
@@ -209,6 +243,7 @@ class FTAGReader:
         input_map: Mapping[str, str] | None = None,
         nan_policy: str = "error",
         compact_tracks: bool = True,
+        per_slot_inputs: Collection[str] = PER_SLOT_INPUTS,
     ) -> None:
         if nan_policy not in ("error", "replace"):
             raise DataError(f"nan_policy must be 'error' or 'replace', got '{nan_policy}'.")
@@ -224,14 +259,18 @@ class FTAGReader:
                 continue
             dataset = self._dataset_for(input_type)
             plan = self.plans.setdefault(dataset, _DatasetPlan(dataset))
-            cols = _as_slice([plan.column(v) for v in var_list])
+            plan.expect(input_type, input_type in per_slot_inputs, self.input_map)
+            cols = _as_slice([plan.column(v, f"model.variables.{input_type}") for v in var_list])
             mean, inv_std = norm_arrays(norm_dict, input_type, dataset, var_list, str(self.path))
             plan.inputs.append(_InputPlan(input_type, cols, mean, inv_std, list(var_list)))
         for input_type, label_specs in (labels or {}).items():
             dataset = self._dataset_for(input_type)
             plan = self.plans.setdefault(dataset, _DatasetPlan(dataset))
+            plan.expect(input_type, input_type in per_slot_inputs, self.input_map)
             for name, spec in label_specs.items():
-                plan.labels.append(_LabelPlan(input_type, name, plan.column(name), _as_spec(spec)))
+                spec = _as_spec(spec)
+                source = f"model.tasks.{spec.task}.label" if spec.task else f"a {input_type} label"
+                plan.labels.append(_LabelPlan(input_type, name, plan.column(name, source), spec))
         self.num_jets, self.num_slots = self._validate()
 
     def _dataset_for(self, input_type: str) -> str:
@@ -266,26 +305,21 @@ class FTAGReader:
                     f"{self.path}: no dataset '{name}'. Datasets in file: {sorted(self.file)}."
                 )
             ds = self.file[name]
-            if ds.dtype.names is None:
-                raise DataError(f"{self.path}: dataset '{name}' is not a structured array.")
+            if not isinstance(ds, h5py.Dataset) or ds.dtype.names is None:
+                raise DataError(
+                    f"{self.path}: '{name}' is not a structured dataset; expected one named "
+                    f"field per variable (an FTAG '{name}' dataset)."
+                )
             available = list(ds.dtype.names)
-            if ds.ndim == 2:
-                if VALID not in available:
-                    raise DataError(
-                        f"{self.path}: dataset '{name}' has per-slot rows but no '{VALID}' field."
-                    )
+            self._check_layout(name, plan, ds.shape, available)
+            if plan.per_slot:
                 plan.valid_column = plan.column(VALID)
                 num_slots = ds.shape[1]
-            elif ds.ndim != 1:
-                raise DataError(
-                    f"{self.path}: dataset '{name}' has shape {ds.shape}; expected "
-                    "(n_jets,) or (n_jets, n_slots)."
-                )
             for var in plan.fields:
                 if var not in available:
                     raise DataError(
-                        f"{self.path}: dataset '{name}' has no variable '{var}'."
-                        f"{_closest(var, available)}"
+                        f"{self.path}: dataset '{name}' has no variable '{var}'; expected by "
+                        f"{plan.needed_by.get(var, 'the model')}.{_closest(var, available)}"
                     )
             lengths[name] = ds.shape[0]
         if len(set(lengths.values())) > 1:
@@ -295,8 +329,36 @@ class FTAGReader:
             )
         n = next(iter(lengths.values()), 0)
         if n == 0:
-            raise DataError(f"{self.path}: datasets {sorted(lengths)} are empty.")
+            raise DataError(
+                f"{self.path}: datasets {sorted(lengths)} are empty (0 jets); expected at least "
+                "one jet."
+            )
         return n, num_slots
+
+    def _check_layout(
+        self, name: str, plan: _DatasetPlan, shape: tuple[int, ...], fields: list[str]
+    ) -> None:
+        """The dataset's shape is the one its input types need: a 1-D ``tracks`` would be read
+        as jet-level and fail deep in the model."""
+        readers = " and ".join(plan.input_types)
+        if plan.per_slot:
+            problem = None
+            if len(shape) != 2:
+                problem = f"has shape {shape}"
+            elif VALID not in fields:
+                problem = f"has shape {shape} but no '{VALID}' field"
+            elif shape[1] == 0:
+                problem = f"has shape {shape}: no track slots"
+            if problem:
+                raise DataError(
+                    f"{self.path}: dataset '{name}' {problem}; the model reads {readers} as a "
+                    f"sequence per jet: expected (n_jets, n_tracks) with a '{VALID}' field."
+                )
+        elif len(shape) != 1:
+            raise DataError(
+                f"{self.path}: dataset '{name}' has shape {shape}; the model reads {readers} as "
+                "one row per jet: expected (n_jets,)."
+            )
 
     def read(self, start: int, stop: int) -> Chunk:
         """Read jets [start, stop) as stored (whole records: HDF5 reads them fastest)."""
@@ -308,8 +370,9 @@ class FTAGReader:
                 ds.read_direct(records, np.s_[start:stop])
             except (OSError, RuntimeError) as err:
                 raise DataError(
-                    f"{self.path}: reading '{name}' rows {start}:{stop} failed (corrupt or "
-                    f"truncated file?): {err}"
+                    f"{self.path}: reading dataset '{name}' rows {start}:{stop} failed (corrupt "
+                    f"or truncated file?): {_one_line(err)}. Expected readable data; copy or "
+                    "produce the file again."
                 ) from None
             # whole records are read fastest; then the needed fields -> one packed float32
             # record each -> a plain float32 array (the view costs nothing)
@@ -373,8 +436,9 @@ class FTAGReader:
         var = ip.variables[idx[-1]]
         raise DataError(
             f"{self.path}: non-finite value (NaN/inf) in '{self._dataset_for(ip.input_type)}' "
-            f"variable '{var}' at jet {int(index[idx[0]])}. Fix the file, or set "
-            "data.nan_policy=replace to replace non-finite inputs by the variable's mean."
+            f"variable '{var}' at jet {int(index[idx[0]])}; expected finite inputs. Fix the "
+            "file, or set data.nan_policy=replace to replace non-finite inputs by the variable's "
+            "mean."
         )
 
     def _map_label(
@@ -385,8 +449,17 @@ class FTAGReader:
         mask: np.ndarray | None,
         index: np.ndarray,
     ) -> np.ndarray:
+        real = mask if mask is not None else np.ones(values.shape, dtype=bool)
+        if lp.lut is not None or lp.spec.num_classes is not None:
+            # class labels: a NaN would become a huge negative integer below
+            nonfinite = real & ~np.isfinite(values)
+            if nonfinite.any():
+                raise DataError(
+                    f"{self.path}: '{dataset}' label '{lp.name}' has non-finite values (first at "
+                    f"jet {int(index[np.argwhere(nonfinite)[0][0]])}); expected integer class "
+                    "labels."
+                )
         ints = values.astype(np.int64)
-        real = mask if mask is not None else np.ones(ints.shape, dtype=bool)
         if lp.lut is not None:
             idx = ints - lp.lut_offset
             inside = (idx >= 0) & (idx < len(lp.lut))
@@ -395,21 +468,27 @@ class FTAGReader:
             bad = real & ((~inside) | (mapped == -2))
             if bad.any():
                 found = np.unique(ints[bad])
+                key = f"model.tasks.{lp.spec.task}.label_map" if lp.spec.task else "the map"
                 raise DataError(
                     f"{self.path}: '{dataset}' label '{lp.name}' has values {found.tolist()} not "
                     f"in its label_map {dict(lp.spec.label_map or {})} (first at jet "
-                    f"{int(index[np.argwhere(bad)[0][0]])}). Add them to the map (-1 to ignore "
-                    "them in the loss)."
+                    f"{int(index[np.argwhere(bad)[0][0]])}); expected only the map's keys. Add "
+                    f"them to {key} (-1 to ignore them in the loss)."
                 )
             mapped[~real] = -1
             return mapped
         if lp.spec.num_classes is not None:
-            bad = real & ((ints < 0) | (ints >= lp.spec.num_classes))
+            n = lp.spec.num_classes
+            bad = real & ((ints < -1) | (ints >= n))  # -1: ignored by the loss
             if bad.any():
+                task = f"task {lp.spec.task}" if lp.spec.task else "the task"
+                fix = f"model.tasks.{lp.spec.task}.label_map" if lp.spec.task else "a label_map"
                 raise DataError(
                     f"{self.path}: '{dataset}' label '{lp.name}' has values "
-                    f"{np.unique(ints[bad]).tolist()} outside [0, {lp.spec.num_classes}) "
-                    f"(first at jet {int(index[np.argwhere(bad)[0][0]])}); use a label_map."
+                    f"{np.unique(ints[bad]).tolist()} outside [0, {n}) (first at jet "
+                    f"{int(index[np.argwhere(bad)[0][0]])}); expected one of the {n} classes of "
+                    f"{task}, or -1 to ignore a {'track' if mask is not None else 'jet'}. "
+                    f"Fix the file, or map its values to classes with {fix}."
                 )
         if mask is not None:
             ints[~real] = -1

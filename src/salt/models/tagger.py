@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from salt.data.ftag import LabelSpec
 from salt.models import config as schema
 from salt.models.attention import resolve_heads
 from salt.models.dense import Dense
@@ -154,23 +155,32 @@ def input_variables(model_cfg: ModelConfig) -> dict[str, list[str]]:
     return schema.variables(schema.to_dict(model_cfg))
 
 
-def label_specs(model_cfg: ModelConfig) -> dict[str, dict[str, dict[int, int] | None]]:
-    """`{input_type: {label: label_map}}` of all tasks, for the loader to read the labels.
+def label_specs(model_cfg: ModelConfig) -> dict[str, dict[str, LabelSpec]]:
+    """`{input_type: {label: LabelSpec}}` of all tasks, for the loader to read the labels.
 
-    Two tasks reading the same label with different label maps is a config error.
+    Classification labels carry their class count (`len(class_names)`), so the loader refuses
+    values the task has no class for; vertexing and regression labels are read as they are
+    (`LabelSpec()`). Two tasks reading the same label with different label maps is a config
+    error; two classification tasks sharing an unmapped label get the smaller class count.
     """
-    specs: dict[str, dict[str, dict[int, int] | None]] = {}
+    specs: dict[str, dict[str, LabelSpec]] = {}
     owner: dict[tuple[str, str], str] = {}
     for name, task in schema.tasks(schema.to_dict(model_cfg)).items():
         key = (task["input"], task["label"])
         mapping = task.get("label_map")
-        if key in owner and specs[key[0]][key[1]] != mapping:
-            raise schema.ModelConfigError(
-                f"model.tasks.{owner[key]} and model.tasks.{name} read label {key[1]!r} of "
-                f"{key[0]} with different label_map ({specs[key[0]][key[1]]} vs {mapping})"
-            )
+        classes = len(task["class_names"]) if task["type"] == "classification" else None
+        spec = LabelSpec(mapping, classes, name if classes is not None else None)
+        if key in owner:
+            seen = specs[key[0]][key[1]]
+            if seen.label_map != mapping:
+                raise schema.ModelConfigError(
+                    f"model.tasks.{owner[key]} and model.tasks.{name} read label {key[1]!r} of "
+                    f"{key[0]} with different label_map ({seen.label_map} vs {mapping})"
+                )
+            if classes is None or (seen.num_classes is not None and seen.num_classes <= classes):
+                continue  # the stricter spec already read wins: both tasks get valid values
         owner.setdefault(key, name)
-        specs.setdefault(key[0], {})[key[1]] = mapping
+        specs.setdefault(key[0], {})[key[1]] = spec
     return specs
 
 
