@@ -254,3 +254,19 @@ def test_truth_inputs_are_refused_unless_allowed() -> None:
         with pytest.raises(DataError, match=rf"truth information .*{where}: {var}\."):
             check_no_truth_inputs(leaky, labels)
         check_no_truth_inputs(leaky, labels, allowed=[var])
+
+
+def test_regression_target_is_read_as_its_float_value(tmp_path: Path) -> None:
+    path = write_ftag_file(tmp_path / "f.h5", n_jets=20)
+    with h5py.File(path, "r+") as f:
+        jets = f["jets"][:]
+        jets["eta_btagJes"][3] = np.nan  # a missing target: NaN, ignored by the loss
+        f["jets"][...] = jets
+    labels = {"jets": {"eta_btagJes": LabelSpec(continuous=True)}}
+    r = FTAGReader(path, {"jets": ["pt_btagJes"]}, norm_dict_for(path), labels)
+    _, _, got = r.load(0, 20)
+    target = got["jets"]["eta_btagJes"]
+    assert target.dtype == np.float32
+    expected = jets["eta_btagJes"]
+    assert np.isnan(target[3]) and np.array_equal(np.delete(target, 3), np.delete(expected, 3))
+    assert not np.array_equal(np.delete(target, 3), np.round(np.delete(expected, 3)))

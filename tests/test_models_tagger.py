@@ -411,7 +411,7 @@ def test_regression_task_builds_and_trains() -> None:
         "hidden_layers": [32],
     }
     tagger = build_tagger(cfg)
-    assert label_specs(cfg)["jets"]["pt"] == LabelSpec()  # no class check on a regression
+    assert label_specs(cfg)["jets"]["pt"] == LabelSpec(continuous=True)  # float, no classes
     batch = make_batch(tagger)
     outputs, losses = run(tagger, batch)
     assert outputs["pt_regression"].shape == (6,)

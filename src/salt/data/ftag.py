@@ -38,13 +38,15 @@ class LabelSpec:
     ``label_map`` maps values in the file to class indices (a target of -1 means "ignored by the
     loss"); any other value in the file is an error. Without a map, values must lie in
     ``[0, num_classes)`` or be -1 (ignored by the loss) when ``num_classes`` is known; without
-    either (vertexing, regression) values are passed on as they are. ``task`` only names the
-    task in messages.
+    either (vertexing) values are passed on as integers. ``continuous`` (regression targets)
+    passes them on as float32, padded slots and missing targets NaN (ignored by the loss).
+    ``task`` only names the task in messages.
     """
 
     label_map: Mapping[int, int] | None = None
     num_classes: int | None = None
     task: str | None = field(default=None, compare=False)
+    continuous: bool = False
 
 
 LabelsConfig = Mapping[str, Mapping[str, LabelSpec | Mapping[int, int] | None]]
@@ -450,6 +452,10 @@ class FTAGReader:
         index: np.ndarray,
     ) -> np.ndarray:
         real = mask if mask is not None else np.ones(values.shape, dtype=bool)
+        if lp.spec.continuous:  # a regression target: the value itself, never an integer
+            out = values.astype(np.float32)  # a copy: the chunk is read again for other rows
+            out[~real] = np.nan
+            return out
         if lp.lut is not None or lp.spec.num_classes is not None:
             # class labels: a NaN would become a huge negative integer below
             nonfinite = real & ~np.isfinite(values)

@@ -159,9 +159,10 @@ def label_specs(model_cfg: ModelConfig) -> dict[str, dict[str, LabelSpec]]:
     """`{input_type: {label: LabelSpec}}` of all tasks, for the loader to read the labels.
 
     Classification labels carry their class count (`len(class_names)`), so the loader refuses
-    values the task has no class for; vertexing and regression labels are read as they are
-    (`LabelSpec()`). Two tasks reading the same label with different label maps is a config
-    error; two classification tasks sharing an unmapped label get the smaller class count.
+    values the task has no class for; vertexing labels are read as integers (`LabelSpec()`),
+    regression targets as float32 (`LabelSpec(continuous=True)`). Two tasks reading the same
+    label with different label maps is a config error; two classification tasks sharing an
+    unmapped label get the smaller class count.
     """
     specs: dict[str, dict[str, LabelSpec]] = {}
     owner: dict[tuple[str, str], str] = {}
@@ -169,7 +170,12 @@ def label_specs(model_cfg: ModelConfig) -> dict[str, dict[str, LabelSpec]]:
         key = (task["input"], task["label"])
         mapping = task.get("label_map")
         classes = len(task["class_names"]) if task["type"] == "classification" else None
-        spec = LabelSpec(mapping, classes, name if classes is not None else None)
+        spec = LabelSpec(
+            mapping,
+            classes,
+            name if classes is not None else None,
+            continuous=task["type"] == "regression",
+        )
         if key in owner:
             seen = specs[key[0]][key[1]]
             if seen.label_map != mapping:
