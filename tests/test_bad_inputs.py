@@ -523,3 +523,37 @@ def test_evaluate_checks_the_test_file(
     line = error_line(capsys, evaluate, cfg)
     assert line == f"salt: error: {test_file}: {message}"
     assert not list((run_dir / "ckpts").glob("*__test_*"))  # no predictions file
+
+
+# ---- checkpoints that are not ours ---------------------------------------------------------
+@dataclass
+class _Exploit:
+    """Unpickling it would run a shell command that creates ``marker``."""
+
+    marker: Path
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["text", "pickle", "torch_without_marker"])
+def test_checkpoint_not_ours_is_one_line_and_never_executed(
+    tmp_path: Path, files: Files, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    path = tmp_path / "model.ckpt"
+    if kind == "text":
+        path.write_text("not a checkpoint\n")
+    elif kind == "pickle":
+        torch.save({"model": _Exploit(tmp_path / "pwned")}, path)  # unpickling runs a command
+    else:
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)  # e.g. a Lightning checkpoint
+    line = train_error(capsys, make_cfg(tmp_path, files, f"ckpt_path={path}"))
+    assert line.startswith("salt: error:") and str(path) in line
+    expected = {
+        "text": "is not a salt checkpoint or truncated",
+        "pickle": "refusing to load",
+        "torch_without_marker": "no 'salt_checkpoint' marker",
+    }[kind]
+    assert expected in line
+    assert not (tmp_path / "pwned").exists()
+    assert no_checkpoint(tmp_path)

@@ -112,6 +112,7 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
         variables=run.variables,
         labels={},  # truth is copied from the file as it is, without the training label_map
         num_jets=num_test,
+        num_jets_key="data.num_test",
         train=False,
         seed=int(run.cfg.get("seed", 42)),
         num_workers=0,

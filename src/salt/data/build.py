@@ -120,7 +120,7 @@ def make_loader(
         labels=labels,
         batch_size=int(data_cfg["batch_size"]),
         num_jets=num_jets,
-        num_jets_key=num_jets_key or ("data.num_train" if train else "data.num_val/num_test"),
+        num_jets_key=num_jets_key or ("data.num_train" if train else "data.num_val"),
         shuffle=train,
         drop_last=train,
         seed=seed,
