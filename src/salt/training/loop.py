@@ -15,6 +15,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,8 +349,11 @@ def restore(run: Run, state: Mapping[str, Any], path: Path) -> None:
         _, run.scheduler = build_optimizer(
             run.cfg, run.tagger, run.total_steps, run.dist.device, optimizer=run.optimizer
         )
-        for _ in range(min(int(state["counters"]["step"]), run.total_steps - 1)):
-            run.scheduler.step()
+        with warnings.catch_warnings():
+            # fast-forwarding a fresh schedule: no optimizer step is meant to come first
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            for _ in range(min(int(state["counters"]["step"]), run.total_steps - 1)):
+                run.scheduler.step()
     run.scaler.load_state_dict(state["scaler"])
     run.train_loader.load_state_dict(state["data"])
     run.counters.load_state_dict(state["counters"])
