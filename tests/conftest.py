@@ -1,7 +1,10 @@
-"""Shared fixtures: real FTAG-layout HDF5 files written by the tests."""
+"""Shared fixtures: real FTAG-layout HDF5 files written by the tests, small real disks."""
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -95,3 +98,21 @@ def norm_dict_file(ftag_file: Path) -> Path:
     path = ftag_file.parent / "norm_dict.yaml"
     path.write_text(yaml.safe_dump(norm_dict_for(ftag_file)))
     return path
+
+
+@contextlib.contextmanager
+def small_tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` (e.g. "256k") at ``mount_point``, so a disk really fills up
+    (needs root: the test is skipped otherwise)."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

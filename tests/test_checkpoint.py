@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from salt.training.checkpoint import (
     set_rng_state,
 )
 from salt.utils.atomic import is_temp_name
+from tests.conftest import small_tmpfs
 
 
 def _state(scale: float = 1.0, size: int = 8) -> dict:
@@ -193,22 +192,8 @@ def test_newer_format_is_refused(tmp_path: Path) -> None:
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 256 KiB tmpfs, so the disk really fills up (needs root; skipped otherwise)."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "tiny", "256k") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 def test_full_disk_keeps_previous_checkpoint(tiny_fs: Path) -> None:

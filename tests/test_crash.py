@@ -20,6 +20,7 @@ from salt.train import train
 from salt.training import checkpoint as ckpt
 from salt.training.loop import fit
 from salt.utils.atomic import is_temp_name
+from tests.conftest import small_tmpfs
 from tests.test_train import TINY, assert_bitwise_equal, cpu, env, make_cfg, run_dirs, weights
 
 pytestmark = pytest.mark.slow
@@ -148,20 +149,8 @@ def test_sigkill_during_a_checkpoint_write_resumes_bitwise(
 # ---- full disk --------------------------------------------------------------------------------
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 16 MiB tmpfs (needs root; skipped otherwise)."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", "16m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def fill(disk: Path, leave: int) -> Path:
