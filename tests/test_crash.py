@@ -211,6 +211,43 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(
     assert_bitwise_equal(expected, weights(resumed / "ckpts" / ckpt.LAST))
 
 
+def test_full_disk_stops_every_ddp_rank(
+    tmp_path: Path, small_disk: Path, reference: tuple[Path, dict]
+) -> None:
+    """Two ranks started as torchrun or srun start them (nothing kills the other rank when one
+    fails): rank 0 cannot write its first checkpoint, and both stop instead of rank 1 waiting
+    for rank 0 forever."""
+    from salt.training.distributed import _free_port
+
+    cache, _ = reference
+    logs = small_disk / "logs"
+    fill(small_disk, leave=60_000)  # the run's files fit, a checkpoint (~115 kB) does not
+    launch = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    overrides = [*TINY, f"log_dir={logs}", f"data.sample.dir={cache}", *SMALL]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "salt.train", *overrides, "trainer.devices=2"],
+            cwd=tmp_path,
+            env={**env(), **launch, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        errs = [p.communicate(timeout=180)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for r, (p, err) in enumerate(zip(procs, errs, strict=True)):
+        assert p.returncode == 1, (r, err)
+        assert "training stopped at step 10: could not write checkpoint" in err, err
+        assert "No space left on device" in err and "Traceback" not in err, err
+    (run_dir,) = run_dirs_under(logs)
+    assert list((run_dir / "ckpts").iterdir()) == []  # no partial file holds the space
+
+
 def run_dirs_under(logs: Path) -> list[Path]:
     return sorted(p for p in logs.iterdir() if (p / "config.yaml").exists())
 
