@@ -472,6 +472,30 @@ def test_cli_set_up_error_has_no_traceback_and_no_run_dir(tmp_path: Path, files:
     assert no_run_dir(tmp_path)
 
 
+def test_cli_ddp_rank_error_is_reported_once(tmp_path: Path, files: Files) -> None:
+    """Two ranks started by salt itself (trainer.devices=2): the failing rank's line, and
+    nothing from the parent process or from torch about stopping the other rank."""
+    spoil(files.train, flat_tracks)
+    out = cli(
+        tmp_path,
+        [
+            f"data.train_file={files.train}",
+            f"data.val_file={files.val}",
+            f"data.norm_dict={files.norm}",
+            "trainer.devices=2",
+            "trainer.accelerator=cpu",
+        ],
+    )
+    assert out.returncode == 1, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("salt: error")]
+    assert errors, out.stderr
+    for line in errors:  # each rank that got there first says the same, naming itself
+        assert line.startswith("salt: error on rank ") and "has shape (200,)" in line
+    assert "ended with" not in out.stderr and "Terminating process" not in out.stderr
+    assert "Traceback" not in out.stderr
+    assert no_run_dir(tmp_path)
+
+
 # ---- evaluation reads its test file with the same checks ----------------------------------
 def make_run_dir(tmp_path: Path, files: Files) -> Path:
     """A run directory without training: config, norm_dict and a fresh tagger's checkpoint."""

@@ -68,7 +68,8 @@ def run_entry_point(
     except (*USER_ERRORS, *extra_errors) as err:
         if cfg.get("debug"):
             raise
-        print(f"salt: error: {err}", file=sys.stderr, flush=True)
+        if not getattr(err, "reported", False):  # a DDP rank printed it already
+            print(f"salt: error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
     except OSError as err:
         # a full disk or quota while writing logs, plots or copies: the user's to fix

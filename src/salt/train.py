@@ -13,6 +13,7 @@ Examples::
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 from salt.config_check import CONFIG_PATH, check_command_line
 from salt.errors import USER_ERRORS, run_entry_point
 from salt.training import checkpoint as ckpt
-from salt.training.distributed import cleanup, detect_environment, init_distributed, spawn
+from salt.training.distributed import (
+    REPORTED_EXIT_CODE,
+    SPAWNED_ENV,
+    cleanup,
+    detect_environment,
+    init_distributed,
+    spawn,
+)
 from salt.training.run_dir import load_run_config
 
 log = logging.getLogger("salt")
@@ -81,7 +89,7 @@ def _worker(rank: int, cfg_dict: dict[str, Any]) -> None:
             raise  # reported by main()
         # a spawned or launched rank: one clear line, then a non-zero exit for the launcher
         print(f"salt: error on rank {dist.rank}: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(REPORTED_EXIT_CODE if os.environ.get(SPAWNED_ENV) else 1)
     finally:
         cleanup()
 

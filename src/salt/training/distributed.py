@@ -30,6 +30,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 __all__ = [
+    "REPORTED_EXIT_CODE",
+    "SPAWNED_ENV",
     "DistInfo",
     "RankFailedError",
     "all_gather_object",
@@ -71,12 +73,20 @@ class DistInfo:
         return self.world_size > 1
 
 
-class RankFailedError(RuntimeError):
-    """A process started by `spawn` failed; ``rank`` says which."""
+# A process started by `spawn` that exits with this code has printed its own one-line error:
+# the parent adds nothing to it.
+REPORTED_EXIT_CODE = 3
+SPAWNED_ENV = "SALT_SPAWNED"  # set in processes started by `spawn`
 
-    def __init__(self, rank: int, message: str) -> None:
+
+class RankFailedError(RuntimeError):
+    """A process started by `spawn` failed; ``rank`` says which. ``reported``: it printed its
+    own error already."""
+
+    def __init__(self, rank: int, message: str, reported: bool = False) -> None:
         super().__init__(message)
         self.rank = rank
+        self.reported = reported
 
 
 # --------------------------------------------------------------------------- environment
@@ -341,6 +351,7 @@ def _spawned(
             "LOCAL_WORLD_SIZE": str(nprocs),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
+            SPAWNED_ENV: "1",
         }
     )
     fn(rank, *args)
@@ -358,6 +369,10 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple[Any, ...] = ()) -> No
     if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
         raise ValueError(f"spawn: nprocs must be an integer >= 1, got {nprocs!r}")
     port = _free_port()
+    # torch logs a warning for each rank it stops after another failed: noise next to the error
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
+    spawn_log.setLevel(logging.ERROR)
     try:
         mp.start_processes(
             _spawned, args=(fn, nprocs, port, args), nprocs=nprocs, join=True, start_method="spawn"
@@ -367,8 +382,12 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple[Any, ...] = ()) -> No
     except mp.ProcessExitedException as err:
         how = f"signal {err.signal_name}" if err.signal_name else f"exit code {err.exit_code}"
         raise RankFailedError(
-            err.error_index, f"rank {err.error_index} (pid {err.error_pid}) ended with {how}"
+            err.error_index,
+            f"rank {err.error_index} (pid {err.error_pid}) ended with {how}",
+            reported=err.exit_code == REPORTED_EXIT_CODE,
         ) from err
+    finally:
+        spawn_log.setLevel(level)
 
 
 # --------------------------------------------------------------------------- helpers
