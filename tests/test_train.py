@@ -87,11 +87,19 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def test_fast_dev_run_cli(tmp_path: Path, sample_cache: Path) -> None:
+# `python -m salt.train`, and what the installed `salt-train` runs: main imported by name (a
+# task function outside __main__, whose config path Hydra resolves differently)
+COMMANDS = {
+    "module": ["-m", "salt.train"],
+    "installed": ["-c", "import sys; from salt.train import main; sys.exit(main())"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_fast_dev_run_cli(tmp_path: Path, sample_cache: Path, command: str) -> None:
     cmd = [
         sys.executable,
-        "-m",
-        "salt.train",
+        *COMMANDS[command],
         *TINY,
         "trainer.fast_dev_run=2",
         f"data.sample.dir={sample_cache}",

@@ -14,11 +14,12 @@ from __future__ import annotations
 import copy
 import difflib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.config_loader import ConfigLoader
 from hydra.core.config_search_path import SearchPathQuery
@@ -31,14 +32,36 @@ from omegaconf.errors import OmegaConfBaseException
 
 from salt.errors import ConfigError, run_entry_point
 
-# The entry points' @hydra.main(config_path=...): relative to this package's directory.
-CONFIG_PATH = "../../conf"
 PACKAGE_DIR = Path(__file__).resolve().parent
+# The commands' config directory (the repository's conf/), absolute: Hydra resolves a relative
+# path against the task function's package when it is imported by name (the installed
+# salt-train command), and conf/ is not inside the package.
+CONFIG_PATH = str(PACKAGE_DIR.parents[1] / "conf")
 # Hydra flags that do not run the app (help, printing the config, completion, rerun, version):
 # Hydra handles them as it always did.
 NO_RUN_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun")
 # What a failed compose raises for a user's mistake (anything else: a bug, left to Hydra).
 COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError, KeyError)
+
+
+def command(
+    config_name: str,
+    body: Callable[[DictConfig], Any],
+    extra_errors: tuple[type[BaseException], ...] = (),
+) -> Callable[[], None]:
+    """The ``main()`` of a command (``python -m salt.<x>`` and ``salt-<x>``): the command line
+    is checked (one clear error for a wrong key or group option), Hydra composes
+    ``config_name`` with it, and ``body(cfg)`` runs with user errors as one line."""
+
+    @hydra.main(version_base=None, config_path=CONFIG_PATH, config_name=config_name)
+    def hydra_main(cfg: DictConfig) -> None:
+        run_entry_point(body, cfg, extra_errors)
+
+    def main() -> None:
+        check_command_line(config_name)
+        hydra_main()
+
+    return main
 
 
 def check_command_line(config_name: str, argv: Sequence[str] | None = None) -> None:

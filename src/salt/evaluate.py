@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from salt.config_check import CONFIG_PATH, check_command_line
+from salt.config_check import command
 from salt.data.build import make_loader
-from salt.errors import ConfigError, run_entry_point
+from salt.errors import ConfigError
 from salt.evaluation.performance import (
     Performance,
     b_tagging_performance,
@@ -160,17 +159,7 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
     return result
 
 
-@hydra.main(version_base=None, config_path=CONFIG_PATH, config_name="evaluate")
-def hydra_main(cfg: DictConfig) -> None:
-    run_entry_point(evaluate, cfg)
-
-
-def main() -> None:
-    """``python -m salt.evaluate`` and ``salt-evaluate``: a mistake in the command line's keys or
-    group options is one clear error before Hydra runs; then Hydra composes and runs."""
-    check_command_line("evaluate")
-    hydra_main()
-
+main = command("evaluate", evaluate)
 
 if __name__ == "__main__":
     main()

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from salt.config_check import CONFIG_PATH, check_command_line
+from salt.config_check import command
 from salt.data.ftag import open_h5
-from salt.errors import ConfigError, run_entry_point
+from salt.errors import ConfigError
 from salt.evaluation.onnx_model import (
     OPSET,
     ExportError,
@@ -114,17 +113,7 @@ def export(cfg: DictConfig) -> ExportResult:
     return ExportResult(out, worst, diffs, check_file, num_jets)
 
 
-@hydra.main(version_base=None, config_path=CONFIG_PATH, config_name="export")
-def hydra_main(cfg: DictConfig) -> None:
-    run_entry_point(export, cfg, (ExportError,))
-
-
-def main() -> None:
-    """``python -m salt.export`` and ``salt-export``: a mistake in the command line's keys or
-    group options is one clear error before Hydra runs; then Hydra composes and runs."""
-    check_command_line("export")
-    hydra_main()
-
+main = command("export", export, (ExportError,))
 
 if __name__ == "__main__":
     main()

@@ -18,14 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from salt.config_check import CONFIG_PATH, check_command_line
-from salt.errors import USER_ERRORS, run_entry_point
+from salt.config_check import command
+from salt.errors import USER_ERRORS
 from salt.training import checkpoint as ckpt
 from salt.training.distributed import (
     REPORTED_EXIT_CODE,
@@ -111,17 +110,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> None:
         _worker(0, cfg_dict)
 
 
-@hydra.main(version_base=None, config_path=CONFIG_PATH, config_name="train")
-def hydra_main(cfg: DictConfig) -> None:
-    run_entry_point(train, cfg)
-
-
-def main() -> None:
-    """``python -m salt.train`` and ``salt-train``: a mistake in the command line's keys or
-    group options is one clear error before Hydra runs; then Hydra composes and runs."""
-    check_command_line("train")
-    hydra_main()
-
+main = command("train", train)
 
 if __name__ == "__main__":
     main()
