@@ -32,10 +32,10 @@ from salt.train import train
 from salt.training import checkpoint as ckpt
 from salt.training.run_dir import config_to_save
 from tests.conftest import TRACK_VARS, norm_dict_for, write_ftag_file
+from tests.test_train import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-TASKS = ("jet_classification", "track_origin", "track_vertexing")
 N_JETS = 200
 # a tiny GN2 on the conftest files (3 track variables), 50-jet batches: a run takes a second
 TINY = [
@@ -47,13 +47,8 @@ TINY = [
     "data.chunk_batches=2",
     "data.num_workers=0",
     "trainer.max_epochs=1",
-    "model.embed_dim=16",
-    "model.init_net.hidden_layers=[16]",
-    "model.encoder.num_layers=1",
-    "model.encoder.out_dim=16",
-    "model.attention.num_heads=2",
+    *TINY_MODEL,
     f"model.variables.tracks=[{','.join(TRACK_VARS)}]",
-    *[f"model.tasks.{t}.hidden_layers=[8]" for t in TASKS],
 ]
 
 

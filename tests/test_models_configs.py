@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from salt.models import build_tagger, count_parameters
+from tests.test_models_tagger import model_cfg
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = ["GN1", "GN2", "GN2Cat"]
@@ -30,25 +31,6 @@ def overrides(model: str, attention: str | None, pooling: str | None) -> list[st
     if pooling:
         out.append(f"pooling={pooling}")
     return out
-
-
-def merged_by_hand(model: str, attention: str | None, pooling: str | None):
-    """The model node composed with OmegaConf alone, the way Hydra merges the groups."""
-
-    def load(group: str, option: str):
-        node = OmegaConf.load(CONF / group / f"{option}.yaml")
-        defaults = node.pop("defaults", None) or ["_self_"]
-        merged = OmegaConf.create()
-        for entry in defaults:
-            merged = OmegaConf.merge(merged, node if entry == "_self_" else load(group, entry))
-        return merged
-
-    cfg = load("model", model)
-    if attention:
-        cfg.attention = OmegaConf.merge(cfg.attention, load("attention", attention))
-    if pooling:
-        cfg.pooling = OmegaConf.merge(cfg.pooling, load("pooling", pooling))
-    return cfg
 
 
 def hydra_model(config_dir: Path, combo: tuple):
@@ -72,7 +54,7 @@ def minimal_conf(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
 def test_hydra_composition_matches_the_merge_and_builds(minimal_conf: Path, combo) -> None:
     cfg = hydra_model(minimal_conf, combo)
-    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(merged_by_hand(*combo))
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(model_cfg(*combo))
     model, attention, pooling = combo
     assert cfg.name == model
     if attention:
@@ -93,7 +75,7 @@ def test_hydra_composition_matches_the_merge_and_builds(minimal_conf: Path, comb
 @pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
 def test_project_train_config_composes(combo) -> None:
     cfg = hydra_model(CONF, combo)
-    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(merged_by_hand(*combo))
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(model_cfg(*combo))
     build_tagger(cfg)
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from salt.models import Tagger, build_tagger
 from salt.models.dropout import Dropout, dropout
 from salt.models.packing import Packing
-from tests.test_models_tagger import COMBOS, model_cfg
+from tests.test_models_tagger import COMBOS, batch_with_padding, model_cfg
 
 # (dtype, rtol, atol) for outputs, losses and gradients
 PRECISIONS = {"fp64": (torch.float64, 1e-10, 1e-12), "fp32": (torch.float32, 1e-5, 1e-6)}
@@ -32,23 +32,7 @@ def make_batch(tagger: Tagger, num_tracks: int, batch_size: int = 9, seed: int =
     pad[0], pad[1], pad[3] = True, False, True
     pad[2] = True
     pad[2, num_tracks // 2] = False
-    inputs = {}
-    for input_type, names in tagger.variables.items():
-        if input_type == "tracks":
-            x = torch.randn(batch_size, num_tracks, len(names), generator=g)
-            inputs[input_type] = x.masked_fill(pad.unsqueeze(-1), 0.0)
-        else:
-            inputs[input_type] = torch.randn(batch_size, len(names), generator=g)
-    labels: dict[str, dict[str, torch.Tensor]] = {"jets": {}, "tracks": {}}
-    for task in tagger.tasks.values():
-        if task.input_type == "jets":
-            n = len(task.class_names) if task.class_names else 4
-            labels["jets"][task.label] = torch.randint(0, n, (batch_size,), generator=g)
-        else:
-            high = len(task.class_names) if task.class_names is not None else 3
-            y = torch.randint(-1, high, (batch_size, num_tracks), generator=g)
-            labels["tracks"][task.label] = y.masked_fill(pad, -1)
-    return {"inputs": inputs, "pad_masks": {"tracks": pad}, "labels": labels}
+    return batch_with_padding(tagger, pad, g)
 
 
 def run_path(tagger: Tagger, batch: dict, packed: bool) -> tuple[dict, dict, dict]:

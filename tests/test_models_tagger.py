@@ -48,6 +48,13 @@ def make_batch(tagger: Tagger, batch_size: int = 6, num_tracks: int = 9, seed: i
     g = torch.Generator().manual_seed(seed)
     pad = torch.rand(batch_size, num_tracks, generator=g) < 0.4
     pad[0], pad[1] = True, False
+    return batch_with_padding(tagger, pad, g)
+
+
+def batch_with_padding(tagger: Tagger, pad: torch.Tensor, g: torch.Generator) -> dict:
+    """Random inputs and labels for the padding ``pad[B, T]`` (True = padded): padded tracks
+    have zero features and label -1, as the loader gives them."""
+    batch_size, num_tracks = pad.shape
     inputs = {}
     for input_type, names in tagger.variables.items():
         if input_type == "tracks":

@@ -26,22 +26,17 @@ from hydra import compose, initialize_config_dir
 import salt
 from salt.data.build import ensure_sample
 from salt.training import checkpoint as ckpt
+from tests.test_train import TINY_MODEL
 
 # the configs of the salt under test (the one the training subprocesses run)
 CONF = Path(salt.__file__).resolve().parents[2] / "conf"
-TASKS = ("jet_classification", "track_origin", "track_vertexing")
 TINY = [
     "force=true",
     "trainer.progress_bar=false",
     "data.chunk_batches=3",
     "data.num_workers=0",
     "trainer.max_epochs=2",
-    "model.embed_dim=16",
-    "model.init_net.hidden_layers=[16]",
-    "model.encoder.num_layers=1",
-    "model.encoder.out_dim=16",
-    "model.attention.num_heads=2",
-    *[f"model.tasks.{t}.hidden_layers=[8]" for t in TASKS],
+    *TINY_MODEL,
 ]
 # Slurm jobs on the local cluster: CPU only, one CPU per task.
 SLURM_CPU = [

@@ -27,6 +27,15 @@ from salt.training.loop import build_loaders, build_optimizer, fit, forward, set
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TASKS = ("jet_classification", "track_origin", "track_vertexing")
+# GN2 shrunk to train in a second (shared by the end-to-end test files)
+TINY_MODEL = [
+    "model.embed_dim=16",
+    "model.init_net.hidden_layers=[16]",
+    "model.encoder.num_layers=1",
+    "model.encoder.out_dim=16",
+    "model.attention.num_heads=2",
+    *[f"model.tasks.{t}.hidden_layers=[8]" for t in TASKS],
+]
 TINY = [
     "force=true",
     "logger=none",
@@ -36,12 +45,7 @@ TINY = [
     "data.chunk_batches=3",
     "data.num_workers=0",
     "trainer.max_epochs=2",
-    "model.embed_dim=16",
-    "model.init_net.hidden_layers=[16]",
-    "model.encoder.num_layers=1",
-    "model.encoder.out_dim=16",
-    "model.attention.num_heads=2",
-    *[f"model.tasks.{t}.hidden_layers=[8]" for t in TASKS],
+    *TINY_MODEL,
 ]
 NO_DROPOUT = ["model.encoder.dropout=0", *[f"model.tasks.{t}.dropout=0" for t in TASKS]]
 
