@@ -81,9 +81,9 @@ SPAWNED_ENV = "SALT_SPAWNED"  # set in processes started by `spawn`
 
 # A gloo worker thread frees a finished collective's tensors just after ``wait()`` has returned,
 # and needs the GIL for it; if the interpreter is shutting down by then the thread is ended with
-# pthread_exit and the process aborts ("terminate called without an active exception", rank
-# ends with SIGABRT: about 1 exit in 10 right after a collective, torch 2.13). Destroying the
-# group does not stop those threads, so `cleanup` releases the GIL this long to let them finish.
+# pthread_exit and the process aborts ("terminate called without an active exception", the rank
+# ends with SIGABRT; 2 to 12 of 60 two-rank runs here, torch 2.13: scripts/check_rank_exit.py).
+# Destroying the group does not stop those threads, so `cleanup` releases the GIL this long.
 GLOO_DRAIN_S = 0.2
 
 
