@@ -21,7 +21,16 @@ from salt.training import checkpoint as ckpt
 from salt.training.loop import fit
 from salt.utils.atomic import is_temp_name
 from tests.conftest import small_tmpfs
-from tests.test_train import TINY, assert_bitwise_equal, cpu, env, make_cfg, run_dirs, weights
+from tests.test_train import (
+    TINY,
+    assert_bitwise_equal,
+    cpu,
+    env,
+    from_run_config,
+    make_cfg,
+    run_dirs,
+    weights,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -175,16 +184,7 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(
     # from epoch 0 saves at step 70, then cannot write its step-80 checkpoint
     filler = fill(small_disk, leave=size * 3 // 2)
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "salt.train",
-            "--config-dir",
-            str(first),
-            "--config-name",
-            "config",
-            f"ckpt_path='{epoch0}'",
-        ],
+        from_run_config(first, f"ckpt_path='{epoch0}'"),
         cwd=tmp_path,
         env=env(),
         capture_output=True,

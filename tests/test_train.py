@@ -166,18 +166,24 @@ def test_run_directory_contents(tmp_path: Path, sample_cache: Path) -> None:
     assert last["counters"]["step"] == 2 * 12
 
 
-def test_config_yaml_trains_the_run_again(tmp_path: Path, sample_cache: Path) -> None:
-    train(make_cfg(tmp_path, sample_cache, "trainer.max_epochs=1"))
-    (first,) = run_dirs(tmp_path)
-    cmd = [
+def from_run_config(run_dir: Path, *overrides: str) -> list[str]:
+    """The command line that trains with a run directory's saved config.yaml."""
+    return [
         sys.executable,
         "-m",
         "salt.train",
         "--config-dir",
-        str(first),
+        str(run_dir),
         "--config-name",
         "config",
+        *overrides,
     ]
+
+
+def test_config_yaml_trains_the_run_again(tmp_path: Path, sample_cache: Path) -> None:
+    train(make_cfg(tmp_path, sample_cache, "trainer.max_epochs=1"))
+    (first,) = run_dirs(tmp_path)
+    cmd = from_run_config(first)
     out = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     second = next(p for p in run_dirs(tmp_path) if p != first)
@@ -192,16 +198,7 @@ def test_resume_at_epoch_boundary_is_bitwise_identical(tmp_path: Path, sample_ca
     (straight / "ckpts" / ".last.ckpt.tmp-999-dead").write_bytes(last[: len(last) // 2])
     # resume from the end of epoch 0 with the short form and with the saved config + ckpt_path
     train(make_cfg(tmp_path, sample_cache, f"resume={straight}"), overrides=[])
-    cmd = [
-        sys.executable,
-        "-m",
-        "salt.train",
-        "--config-dir",
-        str(straight),
-        "--config-name",
-        "config",
-        f"ckpt_path='{epoch0}'",  # quoted for Hydra: the file name holds '='
-    ]
+    cmd = from_run_config(straight, f"ckpt_path='{epoch0}'")  # quoted: the name holds '='
     out = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     from_last, from_epoch0 = (p for p in run_dirs(tmp_path) if p != straight)

@@ -141,13 +141,7 @@ def build_loaders(cfg: DictConfig, files: DataFiles, dist: DistInfo) -> tuple[Ba
         data, files.train, files.norm_dict, num_jets=int(data["num_train"]), train=True, **common
     )
     val = make_loader(
-        data,
-        files.val,
-        files.norm_dict,
-        num_jets=int(data["num_val"]),
-        num_jets_key="data.num_val",
-        train=False,
-        **common,
+        data, files.val, files.norm_dict, num_jets=int(data["num_val"]), train=False, **common
     )
     return train, val
 
