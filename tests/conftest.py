@@ -88,6 +88,23 @@ def norm_dict_for(path: Path) -> dict:
     return out
 
 
+def class_dict_for(path: Path) -> dict:
+    """Balanced class weights n / (classes x n_class) from the file's labels (GN2's 4 jet and
+    8 origin classes; a class absent from the file gets weight 1)."""
+    with h5py.File(path) as f:
+        flavours, tracks = f["jets"]["flavour_label"], f["tracks"][:]
+    origins = tracks["ftagTruthOriginLabel"][tracks["valid"]]
+
+    def balanced(labels: np.ndarray, num_classes: int) -> list[float]:
+        counts = np.bincount(labels, minlength=num_classes)
+        return [len(labels) / (num_classes * c) if c else 1.0 for c in counts.tolist()]
+
+    return {
+        "jets": {"flavour_label": balanced(flavours, 4)},
+        "tracks": {"ftagTruthOriginLabel": balanced(origins, 8)},
+    }
+
+
 @pytest.fixture
 def ftag_file(tmp_path: Path) -> Path:
     return write_ftag_file(tmp_path / "train.h5")

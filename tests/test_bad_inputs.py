@@ -31,7 +31,7 @@ from salt.models import build_tagger, input_variables, label_specs
 from salt.train import train
 from salt.training import checkpoint as ckpt
 from salt.training.run_dir import config_to_save
-from tests.conftest import TRACK_VARS, norm_dict_for, write_ftag_file
+from tests.conftest import TRACK_VARS, class_dict_for, norm_dict_for, write_ftag_file
 from tests.test_train import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +68,8 @@ def files(tmp_path: Path) -> Files:
     val = write_ftag_file(data / "val.h5", n_jets=100, seed=1)
     norm = data / "norm_dict.yaml"
     norm.write_text(yaml.safe_dump(norm_dict_for(train_file)))
+    # found beside the train file, as FTAG preprocessing writes it
+    (data / "class_dict.yaml").write_text(yaml.safe_dump(class_dict_for(train_file)))
     return Files(train_file, val, norm)
 
 
@@ -500,7 +502,7 @@ def make_run_dir(tmp_path: Path, files: Files) -> Path:
     OmegaConf.save(OmegaConf.create(config_to_save(cfg)), run_dir / "config.yaml")
     shutil.copyfile(files.norm, run_dir / "norm_dict.yaml")
     state = {
-        "model": build_tagger(cfg.model).state_dict(),
+        "model": build_tagger(cfg.model, loss_weights=False).state_dict(),
         "config": OmegaConf.to_container(cfg.model, resolve=True),
     }
     ckpt.save_checkpoint(state, run_dir / "ckpts" / ckpt.checkpoint_name(0, 1.0))

@@ -83,7 +83,7 @@ def make_run_dir(tmp: Path, sample: Path, *overrides: str) -> Path:
     files = [f"data.{split}_file={sample / f'{split}.h5'}" for split in ("train", "val", "test")]
     cfg = compose_train(*files, *overrides)
     torch.manual_seed(0)
-    tagger = build_tagger(cfg.model)
+    tagger = build_tagger(cfg.model, loss_weights=False)
     run_dir = tmp / f"{cfg.model.name}_run"
     (run_dir / "ckpts").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(config_to_save(cfg)), run_dir / "config.yaml")

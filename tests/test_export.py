@@ -69,7 +69,7 @@ def test_export_inputs_outputs_metadata_and_parity(gn2: Path, sample: Path) -> N
     inputs = {i.name: i for i in sess.get_inputs()}
     assert list(inputs) == ["jet_features", "track_features", "track_mask"]
     assert inputs["jet_features"].shape == ["batch", 2]
-    assert inputs["track_features"].shape == ["batch", "tracks", 21]
+    assert inputs["track_features"].shape == ["batch", "tracks", 19]
     assert inputs["track_mask"].type == "tensor(bool)"
     outputs = [o.name for o in sess.get_outputs()]
     assert outputs == [

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from salt.models import ModelConfigError, MultiheadAttention, build_tagger, resolve_heads
 from salt.models.attention import masked_softmax
+from tests.test_models_tagger import model_cfg
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -38,7 +38,7 @@ def test_inconsistent_heads_error(num_heads, head_dim, pattern) -> None:
 
 
 def test_inconsistent_heads_error_fires_from_the_config() -> None:
-    cfg = OmegaConf.load(CONF / "model" / "GN2.yaml")
+    cfg = model_cfg("GN2")
     cfg.attention.head_dim = 64  # with num_heads: 8 and embed_dim: 256
     with pytest.raises(ModelConfigError, match=r"model\.attention: num_heads=8 x head_dim=64"):
         build_tagger(cfg)

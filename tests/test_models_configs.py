@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from salt.models import build_tagger, count_parameters
-from tests.test_models_tagger import model_cfg
+from tests.test_models_tagger import model_cfg, uniform_class_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = ["GN1", "GN2", "GN2Cat"]
@@ -54,14 +54,16 @@ def minimal_conf(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
 def test_hydra_composition_matches_the_merge_and_builds(minimal_conf: Path, combo) -> None:
     cfg = hydra_model(minimal_conf, combo)
-    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(model_cfg(*combo))
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(
+        model_cfg(*combo, class_weights=True)
+    )
     model, attention, pooling = combo
     assert cfg.name == model
     if attention:
         assert cfg.attention.type == attention
     if pooling:
         assert cfg.pooling.type == pooling
-    tagger = build_tagger(cfg)
+    tagger = build_tagger(cfg, uniform_class_dict(cfg))
     assert count_parameters(tagger) > 0
     attn = tagger.encoder.layers[0].attn
     assert attn.score_type == cfg.attention.type
@@ -75,17 +77,22 @@ def test_hydra_composition_matches_the_merge_and_builds(minimal_conf: Path, comb
 @pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
 def test_project_train_config_composes(combo) -> None:
     cfg = hydra_model(CONF, combo)
-    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(model_cfg(*combo))
-    build_tagger(cfg)
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(
+        model_cfg(*combo, class_weights=True)
+    )
+    build_tagger(cfg, uniform_class_dict(cfg))
 
 
 def test_cross_attention_pooling_group_replaces_the_pooling_type(minimal_conf: Path) -> None:
     cfg = hydra_model(minimal_conf, ("GN2", "gatv2", "cross_attention"))
     assert cfg.attention.type == "gatv2" and cfg.attention.num_heads == 8
     assert cfg.pooling.attention.type == "scaled_dot_product"
-    tagger = build_tagger(cfg)
+    tagger = build_tagger(cfg, uniform_class_dict(cfg))
     assert tagger.pooling.blocks[0].attn.score_type == "scaled_dot_product"
     assert len(tagger.pooling.blocks) == cfg.pooling.num_layers
     # back to global attention: the cross-attention keys left in the node are ignored
     cfg.pooling.type = "global_attention"
-    assert type(build_tagger(cfg).pooling).__name__ == "GlobalAttentionPooling"
+    assert (
+        type(build_tagger(cfg, uniform_class_dict(cfg)).pooling).__name__
+        == "GlobalAttentionPooling"
+    )

@@ -48,11 +48,18 @@ def run_path(tagger: Tagger, batch: dict, packed: bool) -> tuple[dict, dict, dic
     return outputs, {k: v.detach() for k, v in losses.items()}, grads
 
 
+# The registers' gradient sums over every jet, through a LayerNorm of a near-zero token
+# (which scales gradients up ~300x): in fp32 the two summation orders differ by a few 1e-6.
+# fp64 holds them to the common tolerance.
+LOOSER = {"encoder.registers": 1e-5}
+
+
 def assert_same(fast: dict, plain: dict, rtol: float, atol: float, what: str) -> None:
     assert fast.keys() == plain.keys()
     for key in plain:
+        tol = max(atol, LOOSER.get(key, 0.0)) if fast[key].dtype == torch.float32 else atol
         torch.testing.assert_close(
-            fast[key], plain[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{what} {k}: {m}"
+            fast[key], plain[key], rtol=rtol, atol=tol, msg=lambda m, k=key: f"{what} {k}: {m}"
         )
 
 

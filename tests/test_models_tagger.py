@@ -22,9 +22,17 @@ from salt.models import (
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def model_cfg(name: str = "GN2", attention: str | None = None, pooling: str | None = None):
+def model_cfg(
+    name: str = "GN2",
+    attention: str | None = None,
+    pooling: str | None = None,
+    class_weights: bool = False,
+):
     """The model node as Hydra composes it: the model file (with its defaults), then the
-    attention and pooling group files merged into its attention and pooling nodes."""
+    attention and pooling group files merged into its attention and pooling nodes.
+
+    Without `class_weights`, tasks use no class weights, so the tagger builds without a
+    class_dict (class weights are tested on their own, test_class_weights_*)."""
 
     def load(group: str, option: str):
         node = OmegaConf.load(CONF / group / f"{option}.yaml")
@@ -39,7 +47,19 @@ def model_cfg(name: str = "GN2", attention: str | None = None, pooling: str | No
         cfg.attention = OmegaConf.merge(cfg.attention, load("attention", attention))
     if pooling:
         cfg.pooling = OmegaConf.merge(cfg.pooling, load("pooling", pooling))
+    for task in cfg.tasks.values():
+        if "use_class_weights" in task and not class_weights:
+            task.use_class_weights = False
     return cfg
+
+
+def uniform_class_dict(cfg) -> dict:
+    """A class_dict with weight 1 for every class of every task that uses class weights."""
+    out: dict = {}
+    for task in cfg.tasks.values():
+        if task.get("use_class_weights"):
+            out.setdefault(task.input, {})[task.label] = [1.0] * len(task.class_names)
+    return out
 
 
 def make_batch(tagger: Tagger, batch_size: int = 6, num_tracks: int = 9, seed: int = 0) -> dict:
@@ -293,7 +313,7 @@ def test_derived_sizes_follow_the_variable_lists() -> None:
 
     # GN2 without global inputs
     tagger = build_tagger(model_cfg("GN2"))
-    assert tagger.init_net.first.in_sizes == [21, 2]
+    assert tagger.init_net.first.in_sizes == [19, 2]
     assert tagger.pooling.input_size == 128
 
 
@@ -325,7 +345,11 @@ def test_label_specs_and_input_variables() -> None:
     assert specs["tracks"]["ftagTruthOriginLabel"].task == "track_origin"
     variables = input_variables(model_cfg("GN2Cat"))
     assert variables["global"] == ["pt_btagJes", "eta_btagJes"]
-    assert len(variables["tracks"]) == 21 and variables["jets"] == variables["global"]
+    assert len(variables["tracks"]) == 19 and variables["jets"] == variables["global"]
+    # the vertexing task's origin label (pair weights) is read even without an origin task
+    cfg = model_cfg("GN2")
+    del cfg.tasks.track_origin
+    assert label_specs(cfg)["tracks"]["ftagTruthOriginLabel"] == LabelSpec()
 
     cfg = model_cfg("GN1")
     cfg.tasks.jet_classification.label_map[15] = -1  # taus read but ignored by the loss
@@ -399,8 +423,8 @@ def test_wrong_input_width_is_a_clear_error() -> None:
     tagger = build_tagger(model_cfg("GN2"))
     batch = make_batch(tagger)
     tracks = batch["inputs"]["tracks"]
-    batch["inputs"]["tracks"] = tracks[..., :20]
-    with pytest.raises(ValueError, match=r"'tracks' has 20 features but model\.variables"):
+    batch["inputs"]["tracks"] = tracks[..., :18]
+    with pytest.raises(ValueError, match=r"'tracks' has 18 features but model\.variables"):
         run(tagger, batch)
     batch["inputs"]["tracks"] = tracks
     del batch["inputs"]["jets"]

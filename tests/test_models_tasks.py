@@ -6,32 +6,62 @@ import torch
 import torch.nn.functional as F
 
 from salt.models import ClassificationTask, RegressionTask, VertexingTask
+from salt.models.tasks import pair_weights
 
 
-def direct_vertexing_loss(logits, vertex, pad) -> torch.Tensor:
-    """BCE averaged over ordered pairs (i != j) of real tracks, one pair at a time."""
-    terms = []
+def direct_vertexing_loss(logits, vertex, pad, origin=None, reduction="pairs") -> torch.Tensor:
+    """BCE over ordered pairs (i != j) of real tracks, one pair at a time. With origins, the
+    old tool's integer weights: w = +1 (from B, BC, C), -1 (fake), 0 (else) per track and
+    1 + (w_i & w_j) per pair (two's complement: -1 & 1 = 1). Divided by the number of
+    same-vertex pairs (positive_pairs) or by the weights' sum (pairs)."""
+    total, weights, positives = 0.0, 0.0, 0
     b_size, t = pad.shape
     for b in range(b_size):
         for i in range(t):
             for j in range(t):
                 if i == j or pad[b, i] or pad[b, j]:
                     continue
-                same = float(vertex[b, i] == vertex[b, j] and vertex[b, i] >= 0)
-                terms.append(
-                    F.binary_cross_entropy_with_logits(logits[b, i, j], torch.tensor(same))
-                )
-    return torch.stack(terms).mean()
+                same = bool(vertex[b, i] == vertex[b, j] and vertex[b, i] >= 0)
+                w = 1
+                if origin is not None:
+                    wi, wj = (
+                        int(o in (3, 4, 5)) - int(o == 1)
+                        for o in (int(origin[b, i]), int(origin[b, j]))
+                    )
+                    w = 1 + (wi & wj)
+                bce = F.binary_cross_entropy_with_logits(logits[b, i, j], torch.tensor(float(same)))
+                total, weights, positives = total + w * bce, weights + w, positives + same
+    return total / (positives if reduction == "positive_pairs" else weights)
 
 
 def test_vertexing_loss_equals_the_per_pair_computation() -> None:
     torch.manual_seed(0)
-    task = VertexingTask("vtx", "ftagTruthVertexIndex", input_size=4, context_size=3)
-    pad = torch.tensor([[False, False, True, False], [False, True, False, False]])
-    vertex = torch.tensor([[0, 0, -1, 1], [-1, -1, 2, -1]])  # -1: no vertex, never a match
-    logits = torch.randn(2, 4, 4)
-    loss = task.loss(logits, vertex, pad)
-    torch.testing.assert_close(loss, direct_vertexing_loss(logits, vertex, pad))
+    pad = torch.tensor([[False, False, True, False, False], [False, True, False, False, False]])
+    vertex = torch.tensor([[0, 0, -1, 1, 1], [-1, -1, 2, 2, -1]])  # -1: no vertex, no match
+    origin = torch.tensor([[3, 1, -1, 1, 4], [2, -1, 5, 0, 1]])
+    logits = torch.randn(2, 5, 5)
+    for reduction in ("positive_pairs", "pairs"):
+        task = VertexingTask(
+            "vtx", "ftagTruthVertexIndex", input_size=4, context_size=3, reduction=reduction
+        )
+        loss = task.loss(logits, vertex, pad)
+        torch.testing.assert_close(
+            loss, direct_vertexing_loss(logits, vertex, pad, None, reduction)
+        )
+        task.origin_label = "ftagTruthOriginLabel"
+        target = task.target(
+            {"tracks": {"ftagTruthVertexIndex": vertex, "ftagTruthOriginLabel": origin}}
+        )
+        loss = task.loss(logits, target, pad)
+        expected = direct_vertexing_loss(logits, vertex, pad, origin, reduction)
+        torch.testing.assert_close(loss, expected)
+
+
+def test_vertexing_pair_weights_follow_the_track_origins() -> None:
+    # fromB, fake, primary: HF-HF 2, HF-fake 2, fake-fake 0, anything with primary 1
+    weights = pair_weights(torch.tensor([[3, 1, 2, 5, 1]]))[0]
+    assert weights[0, 3] == 2 and weights[0, 1] == 2 and weights[1, 0] == 2
+    assert weights[1, 4] == 0 and weights[2, 0] == 1 and weights[2, 1] == 1
 
 
 @torch.no_grad()

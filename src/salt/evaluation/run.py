@@ -132,10 +132,9 @@ def load_run(run_dir: str | Path, ckpt_path: Any = None, device: Any = "cpu") ->
     model_cfg = state.get("config") or OmegaConf.to_container(cfg.model, resolve=True)
     if not isinstance(model_cfg, dict):
         raise ckpt.CheckpointError(f"{path}: the stored model config is not a mapping.")
-    class_dict = _dict_from_run(run_dir, cfg, "class_dict", required=False)
     norm_dict = _dict_from_run(run_dir, cfg, "norm_dict", required=True)
     assert norm_dict is not None
-    tagger = models.build_tagger(model_cfg, class_dict)
+    tagger = models.build_tagger(model_cfg, loss_weights=False)  # inference: no loss
     try:
         tagger.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as err:
@@ -180,14 +179,5 @@ def resolve_test_file(run_data: dict[str, Any], given: Any) -> Path:
 
 
 def jet_classification_task(tagger: models.Tagger) -> ClassificationTask | None:
-    """The jet flavour task: ``jet_classification`` if present, else the first jet
-    classification task."""
-    candidates = [
-        t
-        for t in tagger.tasks.values()
-        if isinstance(t, ClassificationTask) and t.input_type == "jets"
-    ]
-    for task in candidates:
-        if task.name == "jet_classification":
-            return task
-    return candidates[0] if candidates else None
+    """The jet flavour task (see `Tagger.flavour_task`)."""
+    return tagger.flavour_task()

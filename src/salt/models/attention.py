@@ -103,6 +103,14 @@ class GATv2Score(nn.Module):
         return torch.matmul(pairs, self.weight[:, None, :, None]).squeeze(-1)
 
 
+def _init_in_projection(linear: nn.Linear, fan_out: int) -> None:
+    """Xavier-uniform weight and zero bias, as one slice of a packed `[3E, in]` q/k/v
+    projection (the old tool's init, which GN2 was tuned with)."""
+    bound = (6.0 / (linear.in_features + fan_out)) ** 0.5
+    nn.init.uniform_(linear.weight, -bound, bound)
+    nn.init.zeros_(linear.bias)
+
+
 class MultiheadAttention(nn.Module):
     """Multi-head attention: project, score per head, weight the values, project out.
 
@@ -135,6 +143,8 @@ class MultiheadAttention(nn.Module):
         self.linear_v = nn.Linear(kv_dim, embed_dim)
         self.linear_out = nn.Linear(embed_dim, embed_dim)
         self.gatv2 = GATv2Score(num_heads, head_dim, negative_slope) if score == "gatv2" else None
+        for linear in (self.linear_q, self.linear_k, self.linear_v):
+            _init_in_projection(linear, 3 * embed_dim)
 
     def _heads(self, x: Tensor) -> Tensor:
         """`[B, T, H*D] -> [B, H, T, D]`."""

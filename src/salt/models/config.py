@@ -45,6 +45,8 @@ ENCODER_KEYS: dict[str, Any] = {
     "ff_hidden_scale": 2,
     "dropout": 0.0,
     "activation": "SiLU",
+    "num_registers": 1,  # learned tokens appended to every jet's tracks (0: none)
+    "norm_affine": False,  # learned scale and shift in the encoder's LayerNorms
 }
 
 ATTENTION_COMMON_KEYS: dict[str, Any] = {
@@ -78,7 +80,8 @@ TASK_COMMON_KEYS: dict[str, Any] = {
 }
 TASK_TYPE_KEYS: dict[str, dict[str, Any]] = {
     "classification": {"class_names": REQUIRED, "label_map": None, "use_class_weights": False},
-    "vertexing": {},
+    # origin_label: weight pairs by track origin; reduction: positive_pairs | pairs
+    "vertexing": {"origin_label": None, "reduction": "positive_pairs"},
     "regression": {"loss": "mse", "huber_delta": 1.0},
 }
 TASK_INPUTS: dict[str, tuple[str, ...]] = {
@@ -281,6 +284,15 @@ def task_settings(name: str, cfg: Any) -> dict[str, Any]:
             raise ModelConfigError(f"{where}.class_names must list at least 2 classes")
         out["class_names"] = [str(n) for n in names]
         out["label_map"] = label_map(out["label_map"], where, len(names))
+    if kind == "vertexing":
+        if out["origin_label"] is not None and not isinstance(out["origin_label"], str):
+            raise ModelConfigError(
+                f"{where}.origin_label must be a variable name or null, got {out['origin_label']!r}"
+            )
+        if out["reduction"] not in ("positive_pairs", "pairs"):
+            raise ModelConfigError(
+                f"{where}.reduction must be positive_pairs or pairs, got {out['reduction']!r}"
+            )
     if kind == "regression" and out["loss"] not in ("mse", "huber"):
         raise ModelConfigError(f"{where}.loss must be mse or huber, got {out['loss']!r}")
     return out
@@ -300,4 +312,18 @@ def positive_int(value: Any, where: str, allow_none: bool = False) -> int | None
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ModelConfigError(f"{where} must be a positive int, got {value!r}")
+    return value
+
+
+def non_negative_int(value: Any, where: str) -> int:
+    """Return `value` if it is an int >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ModelConfigError(f"{where} must be an int >= 0, got {value!r}")
+    return value
+
+
+def boolean(value: Any, where: str) -> bool:
+    """Return `value` if it is true or false."""
+    if not isinstance(value, bool):
+        raise ModelConfigError(f"{where} must be true or false, got {value!r}")
     return value

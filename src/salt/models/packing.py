@@ -12,6 +12,9 @@ Track outputs are returned in the padded layout, zero in padded slots (`unpack`)
 
 A `Packing` is built once per forward from the pad mask and reused by every layer and task.
 It needs the multiplicity counts on the host: one host sync per batch on a GPU.
+`append_tokens` gives the packing of the same jets with learned tokens (the encoder's
+registers) appended to each; its `tracks()` selects the track rows again, in the order of
+the original packing.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ class Packing:
     Blocks are cut with `torch.split` (one view each, gradients joined by one `cat`), not
     by slicing: the gradient of every slice would be a full-size tensor. A batch without
     any real track has no blocks: the block methods need at least one.
+
+    `track_rows[N_tracks]` (only in a packing made by `append_tokens`): the rows that hold the
+    tracks, in the order of the packing it was made from.
     """
 
     pad_mask: Tensor
@@ -49,6 +55,7 @@ class Packing:
     slot: Tensor
     num_empty: int
     blocks: tuple[Block, ...]
+    track_rows: Tensor | None = None
 
     @classmethod
     def from_mask(cls, pad_mask: Tensor) -> Packing:
@@ -69,6 +76,39 @@ class Packing:
         position = torch.div(in_order, num_slots, rounding_mode="floor")
         slot = jet_order.index_select(0, position) * num_slots + in_order % num_slots
         return cls(pad_mask, jet_order, slot, jets_per_size[0], blocks)
+
+    def append_tokens(self, num: int) -> tuple[Packing, Tensor]:
+        """The packing of these jets with `num` always-real tokens after their tracks, and
+        `order`: for each of its rows, the row of `cat([packed tracks, tokens])` it takes,
+        where token `k` of jet `b` is row `N + b * num + k`."""
+        batch_size, num_slots = self.pad_mask.shape
+        width = num_slots + num
+        mask = torch.cat([self.pad_mask, self.pad_mask.new_zeros(batch_size, num)], dim=1)
+        seq = Packing.from_mask(mask)
+        jet = torch.div(seq.slot, width, rounding_mode="floor")
+        pos = seq.slot % width
+        is_track = pos < num_slots
+        # the packed row of every real track slot b * T + t
+        row_of_slot = torch.zeros(batch_size * num_slots, dtype=torch.long, device=mask.device)
+        row_of_slot.index_copy_(0, self.slot, torch.arange(self.num_tracks, device=mask.device))
+        track_source = row_of_slot[jet * num_slots + pos.clamp(max=num_slots - 1)]
+        token_source = self.num_tracks + jet * num + (pos - num_slots).clamp(min=0)
+        order = torch.where(is_track, track_source, token_source)
+        inverse = torch.empty_like(order)
+        inverse.index_copy_(0, order, torch.arange(len(order), device=mask.device))
+        seq = Packing(
+            seq.pad_mask,
+            seq.jet_order,
+            seq.slot,
+            seq.num_empty,
+            seq.blocks,
+            inverse[: self.num_tracks],
+        )
+        return seq, order
+
+    def tracks(self, x: Tensor) -> Tensor:
+        """The track rows of packed `x` (all rows, unless made by `append_tokens`)."""
+        return x if self.track_rows is None else x.index_select(0, self.track_rows)
 
     @property
     def num_tracks(self) -> int:

@@ -114,11 +114,13 @@ class Tagger(nn.Module):
         self, tracks: Tensor, jets: Tensor | None, glob: Tensor | None, pad_mask: Tensor
     ) -> dict[str, Tensor]:
         """The task outputs, computing on every track slot (the reference path)."""
-        x = self.encoder(self.init_net(tracks, jets), pad_mask)
+        # x: the tracks, then the encoder's registers (seen by the pooling, not the tasks)
+        x, seq_mask = self.encoder(self.init_net(tracks, jets), pad_mask)
         if glob is not None:
             glob = glob.to(x.dtype)
-            x = _concat_masked(x, glob[:, None, :].expand(-1, x.shape[1], -1), pad_mask)
-        pooled = self.pooling(x, pad_mask)
+            x = _concat_masked(x, glob[:, None, :].expand(-1, x.shape[1], -1), seq_mask)
+        pooled = self.pooling(x, seq_mask)
+        x = x[:, : pad_mask.shape[1]]
         return {name: task(pooled, x, pad_mask) for name, task in self.tasks.items()}
 
     def _forward_packed(
@@ -131,11 +133,25 @@ class Tagger(nn.Module):
             # (zero gradients, not None), as the same function must
             return self._forward_padded(tracks, jets, glob, pad_mask)
         x = self.init_net(packing.pack(tracks), jets, packing)
-        x = self.encoder.forward_packed(x, packing)
+        x, seq = self.encoder.forward_packed(x, packing)  # seq: the tracks and registers
         if glob is not None:
-            x = torch.cat([x, packing.per_track(glob.to(x.dtype))], dim=-1)
-        pooled = self.pooling.forward_packed(x, packing)
+            x = torch.cat([x, seq.per_track(glob.to(x.dtype))], dim=-1)
+        pooled = self.pooling.forward_packed(x, seq)
+        x = seq.tracks(x)
         return {name: task.forward_packed(pooled, x, packing) for name, task in self.tasks.items()}
+
+    def flavour_task(self) -> ClassificationTask | None:
+        """The jet flavour task: ``jet_classification`` if present, else the first jet
+        classification task (None without one)."""
+        candidates = [
+            t
+            for t in self.tasks.values()
+            if isinstance(t, ClassificationTask) and t.input_type == "jets"
+        ]
+        for task in candidates:
+            if task.name == "jet_classification":
+                return task
+        return candidates[0] if candidates else None
 
     def predict(self, outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Probabilities (classification: softmax, vertexing: sigmoid) or regression values.
@@ -166,15 +182,25 @@ def label_specs(model_cfg: ModelConfig) -> dict[str, dict[str, LabelSpec]]:
     """
     specs: dict[str, dict[str, LabelSpec]] = {}
     owner: dict[tuple[str, str], str] = {}
+    reads = []  # (task, input, label, label_map, classes, continuous)
     for name, task in schema.tasks(schema.to_dict(model_cfg)).items():
-        key = (task["input"], task["label"])
-        mapping = task.get("label_map")
         classes = len(task["class_names"]) if task["type"] == "classification" else None
+        reads.append(
+            (
+                name,
+                task["input"],
+                task["label"],
+                task.get("label_map"),
+                classes,
+                task["type"] == "regression",
+            )
+        )
+        if task["type"] == "vertexing" and task["origin_label"]:  # pair weights, unmapped
+            reads.append((name, "tracks", task["origin_label"], None, None, False))
+    for name, input_type, label, mapping, classes, continuous in reads:
+        key = (input_type, label)
         spec = LabelSpec(
-            mapping,
-            classes,
-            name if classes is not None else None,
-            continuous=task["type"] == "regression",
+            mapping, classes, name if classes is not None else None, continuous=continuous
         )
         if key in owner:
             seen = specs[key[0]][key[1]]
@@ -215,6 +241,8 @@ def _encoder(top: dict[str, Any], embed_dim: int) -> TransformerEncoder:
         ),
         activation=schema.check_activation(enc["activation"], "model.encoder.activation"),
         dropout=schema.number(enc["dropout"], "model.encoder.dropout", 0.0, 1.0),
+        num_registers=schema.non_negative_int(enc["num_registers"], "model.encoder.num_registers"),
+        norm_affine=schema.boolean(enc["norm_affine"], "model.encoder.norm_affine"),
     )
 
 
@@ -257,7 +285,11 @@ def _class_weights(
     where = f"model.tasks.{name}.use_class_weights"
     input_type, label = spec["input"], spec["label"]
     if class_dict is None:
-        raise schema.ModelConfigError(f"{where} is true but no class_dict was given")
+        raise schema.ModelConfigError(
+            f"{where} is true but no class_dict was given; set data.class_dict (by default "
+            f"class_dict.yaml beside the training file, as FTAG preprocessing writes it), or "
+            f"{where}=false"
+        )
     try:
         weights = class_dict[input_type][label]
     except (KeyError, TypeError):
@@ -304,6 +336,8 @@ def _task(
             input_size=track_size,
             context_size=context_size,
             weight=spec["weight"],
+            origin_label=spec["origin_label"],
+            reduction=spec["reduction"],
             **dense,
         )
     return RegressionTask(
@@ -318,12 +352,17 @@ def _task(
 
 
 def build_tagger(
-    model_cfg: ModelConfig, class_dict: Mapping[str, Any] | None = None, packed: bool = True
+    model_cfg: ModelConfig,
+    class_dict: Mapping[str, Any] | None = None,
+    packed: bool = True,
+    loss_weights: bool = True,
 ) -> Tagger:
     """Build the tagger described by the `model` config node.
 
     `class_dict` ({input: {label: [weight per class]}}) supplies the class weights of tasks
-    with `use_class_weights: true`; `packed=False` selects the plain padded reference path.
+    with `use_class_weights: true`; `loss_weights=False` builds for inference only (class
+    weights only enter the training loss), without a class_dict. `packed=False` selects the
+    plain padded reference path.
     """
     cfg = schema.to_dict(model_cfg)
     top = schema.take(cfg, "model", schema.MODEL_KEYS)
@@ -344,6 +383,8 @@ def build_tagger(
     track_size = encoder.out_dim + len(variables.get("global", []))
     pooling = _pooling(top["pooling"], track_size, encoder.out_dim)
     pooled_size = pooling.output_size
+    if not loss_weights:
+        specs = {name: {**spec, "use_class_weights": False} for name, spec in specs.items()}
     tasks = {
         name: _task(name, spec, track_size, pooled_size, class_dict) for name, spec in specs.items()
     }

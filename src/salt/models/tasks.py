@@ -4,8 +4,12 @@
   optional class weights. Negative labels (padded tracks, unknown origin) are ignored.
 - `VertexingTask`: a logit for every ordered pair of tracks (`[B, T, T]`): do tracks i and
   j come from the same vertex? Target: equal `ftagTruthVertexIndex` and index >= 0. The loss
-  is the binary cross entropy averaged over ordered pairs of distinct real tracks (i != j;
-  the diagonal is trivially "same vertex" and carries no information).
+  is the binary cross entropy over ordered pairs of distinct real tracks (i != j; the
+  diagonal is trivially "same vertex" and carries no information), as the old tool's: with
+  the track origins (`origin_label`), pairs of a heavy-flavour track (from B, BC or C) with a
+  heavy-flavour or fake track weigh 2, pairs of two fakes 0, the rest 1; the sum is divided
+  by the number of same-vertex pairs (`reduction: positive_pairs`) or by the weights' sum
+  (`reduction: pairs`, a weighted mean).
 - `RegressionTask`: one jet-level number (`[B]`), MSE or Huber, non-finite targets ignored.
 
 Track tasks may take the pooled jet vector as context, appended to every track (pair).
@@ -149,12 +153,19 @@ class ClassificationTask(Task):
         return torch.softmax(_at_least_fp32(output), dim=-1)
 
 
+# ftagTruthOriginLabel classes: the old tool's vertexing weights single these out
+FAKE_ORIGIN = 1
+HEAVY_FLAVOUR_ORIGINS = (3, 4, 5)  # fromB, fromBC, fromC
+VERTEXING_REDUCTIONS = ("positive_pairs", "pairs")
+
+
 class VertexingTask(Task):
     """Same-vertex classification of every ordered track pair.
 
     The pair network's input is `[x_i; x_j; context]`; its first layer is computed as
     `W1 x_i + W2 x_j + W3 c` (per-track projections added pairwise), the same math as the
-    concatenation at a fraction of the cost.
+    concatenation at a fraction of the cost. `origin_label` (the track origin label, read
+    unmapped) weights the pairs; `reduction` divides the loss sum (see the module doc).
     """
 
     def __init__(
@@ -168,11 +179,32 @@ class VertexingTask(Task):
         norm: str | None = None,
         dropout: float = 0.0,
         weight: float = 1.0,
+        origin_label: str | None = None,
+        reduction: str = "positive_pairs",
     ) -> None:
         super().__init__(name, "tracks", label, weight)
+        if reduction not in VERTEXING_REDUCTIONS:
+            raise ValueError(f"task {name}: reduction must be one of {VERTEXING_REDUCTIONS}")
+        self.origin_label = origin_label
+        self.reduction = reduction
         self.net = Dense(
             [input_size, input_size], 1, hidden_layers, activation, norm, dropout, context_size
         )
+
+    def target(self, labels: Mapping[str, Mapping[str, Tensor]]) -> Tensor:
+        """The vertex index `[B, T]`, stacked with the track origin (`[B, T, 2]`) when the
+        pairs are weighted by origin."""
+        vertex = super().target(labels)
+        if self.origin_label is None:
+            return vertex
+        try:
+            origin = labels["tracks"][self.origin_label]
+        except KeyError:
+            raise KeyError(
+                f"task {self.name}: the batch has no label labels['tracks']"
+                f"[{self.origin_label!r}] (its origin_label)"
+            ) from None
+        return torch.stack([vertex, origin.to(vertex.dtype)], dim=-1)
 
     def forward(self, pooled: Tensor, tracks: Tensor, pad_mask: Tensor) -> Tensor:
         first = self.net.first
@@ -199,17 +231,36 @@ class VertexingTask(Task):
         return packing.unpack_pairs(self.net.rest(h).squeeze(-1))
 
     def loss(self, output: Tensor, target: Tensor, pad_mask: Tensor) -> Tensor:
+        vertex, origin = (target, None) if target.dim() == 2 else target.unbind(-1)
         real = ~pad_mask
         eye = torch.eye(real.shape[1], dtype=torch.bool, device=real.device)
         pairs = real.unsqueeze(2) & real.unsqueeze(1) & ~eye
-        same = (target.unsqueeze(2) == target.unsqueeze(1)) & (target >= 0).unsqueeze(2)
+        same = (vertex.unsqueeze(2) == vertex.unsqueeze(1)) & (vertex >= 0).unsqueeze(2)
         output = _at_least_fp32(output)
         bce = F.binary_cross_entropy_with_logits(output, same.to(output.dtype), reduction="none")
-        pairs_f = pairs.to(bce.dtype)
-        return _safe_mean((bce * pairs_f).sum(), pairs_f.sum())
+        weights = pairs.to(bce.dtype)
+        if origin is not None:
+            weights = weights * pair_weights(origin).to(bce.dtype)
+        total = (bce * weights).sum()
+        if self.reduction == "positive_pairs":
+            return _safe_mean(total, (same & pairs).sum().to(bce.dtype))
+        return _safe_mean(total, weights.sum())
 
     def predict(self, output: Tensor) -> Tensor:
         return torch.sigmoid(_at_least_fp32(output))
+
+
+def pair_weights(origin: Tensor) -> Tensor:
+    """`[B, T, T]` weights of track pairs from the track origins `[B, T]`: 2 for a
+    heavy-flavour track with a heavy-flavour or fake track, 0 for two fakes, else 1."""
+    heavy = torch.zeros_like(origin, dtype=torch.bool)
+    for value in HEAVY_FLAVOUR_ORIGINS:
+        heavy |= origin == value
+    fake = origin == FAKE_ORIGIN
+    flagged = heavy | fake
+    up = flagged.unsqueeze(2) & flagged.unsqueeze(1) & (heavy.unsqueeze(2) | heavy.unsqueeze(1))
+    down = fake.unsqueeze(2) & fake.unsqueeze(1)
+    return 1 + up.to(torch.int8) - down.to(torch.int8)
 
 
 class RegressionTask(Task):

@@ -1,13 +1,23 @@
 """Transformer encoder over the tracks of a jet: pre-norm self-attention layers.
 
-Each layer is `x + attn(norm(x))` then `x + ff(norm(x))`; after the last layer come a final
-norm and an output projection (`embed_dim -> out_dim`). Padded tracks never act as keys, so
-real-track outputs do not depend on them; padded outputs are set to zero. `forward_packed`
-computes the same on the real tracks only (see `salt.models.packing`).
+As the old tool's (salt-ml) `Transformer`, which defines GN2:
+
+- `num_registers` learned tokens (registers) are appended to every jet's tracks. They attend
+  and are attended to, so a jet without tracks still has something to attend to, and they
+  are part of what the pooling sees; the track tasks leave them out.
+- each layer is `x + attn(norm(x))` then `x + ff(norm(x))`;
+- after the last layer: the output projection (`embed_dim -> out_dim`), then a final norm,
+  so every token the pooling and the task heads see has unit scale.
+- norms are LayerNorms without learned scale and shift (`norm_affine: false`) by default.
+
+Padded tracks never act as keys, so real-track outputs do not depend on them; padded outputs
+are set to zero. `forward_packed` computes the same on the real tracks (and the registers)
+only (see `salt.models.packing`).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from salt.models.attention import MultiheadAttention
@@ -29,9 +39,10 @@ class EncoderLayer(nn.Module):
         ff_hidden_scale: int = 2,
         activation: str = "SiLU",
         dropout: float = 0.0,
+        norm_affine: bool = False,
     ) -> None:
         super().__init__()
-        self.attn_norm = nn.LayerNorm(embed_dim)
+        self.attn_norm = nn.LayerNorm(embed_dim, elementwise_affine=norm_affine)
         self.attn = MultiheadAttention(
             embed_dim,
             num_heads,
@@ -39,7 +50,7 @@ class EncoderLayer(nn.Module):
             dropout=attention_dropout,
             negative_slope=negative_slope,
         )
-        self.ff_norm = nn.LayerNorm(embed_dim)
+        self.ff_norm = nn.LayerNorm(embed_dim, elementwise_affine=norm_affine)
         self.ff = Dense(
             embed_dim,
             embed_dim,
@@ -61,7 +72,7 @@ class EncoderLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """`num_layers` encoder layers, a final LayerNorm and a projection to `out_dim`."""
+    """Registers, `num_layers` encoder layers, a projection to `out_dim` and a final norm."""
 
     def __init__(
         self,
@@ -75,10 +86,13 @@ class TransformerEncoder(nn.Module):
         ff_hidden_scale: int = 2,
         activation: str = "SiLU",
         dropout: float = 0.0,
+        num_registers: int = 1,
+        norm_affine: bool = False,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.out_dim = embed_dim if out_dim is None else out_dim
+        self.num_registers = int(num_registers)
         self.layers = nn.ModuleList(
             EncoderLayer(
                 embed_dim,
@@ -89,23 +103,41 @@ class TransformerEncoder(nn.Module):
                 ff_hidden_scale=ff_hidden_scale,
                 activation=activation,
                 dropout=dropout,
+                norm_affine=norm_affine,
             )
             for _ in range(num_layers)
         )
-        self.norm = nn.LayerNorm(embed_dim)
         self.out_proj = (
             nn.Identity() if self.out_dim == embed_dim else nn.Linear(embed_dim, self.out_dim)
         )
+        self.norm = nn.LayerNorm(self.out_dim, elementwise_affine=norm_affine)
+        # tiny, so the registers start as near-empty tokens (as the old tool's)
+        self.registers = (
+            nn.Parameter(torch.randn(self.num_registers, embed_dim) * 1e-4)
+            if self.num_registers
+            else None
+        )
 
-    def forward(self, x: Tensor, pad_mask: Tensor) -> Tensor:
-        """`x[B, T, embed_dim]`, `pad_mask[B, T]` (True = padded) -> `[B, T, out_dim]`."""
+    def forward(self, x: Tensor, pad_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """`x[B, T, embed_dim]`, `pad_mask[B, T]` (True = padded) -> the tracks then the
+        registers, `[B, T + num_registers, out_dim]`, and their pad mask."""
+        if self.registers is not None:
+            batch = x.shape[0]
+            x = torch.cat([x, self.registers.to(x.dtype).expand(batch, -1, -1)], dim=1)
+            pad_mask = torch.cat([pad_mask, pad_mask.new_zeros(batch, self.num_registers)], 1)
         for layer in self.layers:
             x = layer(x, pad_mask)
-        x = self.out_proj(self.norm(x))
-        return x.masked_fill(pad_mask.unsqueeze(-1), 0.0)
+        x = self.norm(self.out_proj(x))
+        return x.masked_fill(pad_mask.unsqueeze(-1), 0.0), pad_mask
 
-    def forward_packed(self, x: Tensor, packing: Packing) -> Tensor:
-        """The same encoder on packed tracks: `x[N, embed_dim]` -> `[N, out_dim]`."""
+    def forward_packed(self, x: Tensor, packing: Packing) -> tuple[Tensor, Packing]:
+        """The same encoder on packed tracks `x[N, embed_dim]`: the packed tracks and
+        registers `[N + B * num_registers, out_dim]` and their packing (see
+        `Packing.append_tokens`; its `tracks()` selects the track rows)."""
+        if self.registers is not None:
+            packing, order = packing.append_tokens(self.num_registers)
+            tokens = self.registers.to(x.dtype).expand(packing.pad_mask.shape[0], -1, -1)
+            x = torch.cat([x, tokens.flatten(0, 1)]).index_select(0, order)
         for layer in self.layers:
             x = layer.forward_packed(x, packing)
-        return self.out_proj(self.norm(x))
+        return self.norm(self.out_proj(x)), packing

@@ -31,7 +31,7 @@ from salt.data.dataset import Batch, BatchLoader
 from salt.data.ftag import load_yaml_dict
 from salt.data.staging import stage
 from salt.data.workers import loader_options, resolve_num_workers
-from salt.errors import Interrupted, TrainingError
+from salt.errors import ConfigError, Interrupted, TrainingError
 from salt.provenance import check_clean, collect_metadata, git_state, push_tag, seed_everything
 from salt.tracking import Logger, NullLogger, build_logger
 from salt.training import checkpoint as ckpt
@@ -536,14 +536,7 @@ def train_epoch(run: Run) -> bool:
 def validate(run: Run) -> dict[str, float]:
     run.model.eval()
     fast = int(run.cfg.trainer.fast_dev_run or 0)
-    jet_task = next(
-        (
-            t
-            for t in run.tagger.tasks.values()
-            if t.input_type == "jets" and getattr(t, "class_names", None)
-        ),
-        None,
-    )
+    jet_task = run.tagger.flavour_task()
     sums: dict[str, Tensor] = {}
     correct = torch.zeros((), device=run.dist.device, dtype=torch.float64)
     counted = torch.zeros((), device=run.dist.device, dtype=torch.float64)
@@ -576,6 +569,19 @@ def validate(run: Run) -> dict[str, float]:
     if jet_task is not None:
         metrics["val/jet_accuracy"] = values["_correct"] / max(values["_counted"], 1.0)
     return metrics
+
+
+def monitored(run: Run) -> str:
+    """The validation metric that names the epoch checkpoints and picks the best one
+    (`trainer.monitor`; auto: the jet flavour task's loss, as the old tool, else the total)."""
+    name = str(run.cfg.trainer.get("monitor", "auto"))
+    if name == "auto":
+        task = run.tagger.flavour_task()
+        return f"val/{task.name}_loss" if task is not None else "val/loss"
+    losses = ["val/loss", *(f"val/{t}_loss" for t in run.tagger.tasks)]
+    if name not in losses:
+        raise ConfigError(f"trainer.monitor={name!r}: expected auto or one of {losses}.")
+    return name
 
 
 class StopSignal:
@@ -643,6 +649,7 @@ def _fit(run: Run) -> Run:
     fast = int(cfg.trainer.fast_dev_run or 0)
     max_epochs = 1 if fast else int(cfg.trainer.max_epochs)
     max_steps = int(cfg.trainer.max_steps)
+    monitor = monitored(run)
     status = "failed"
     try:
         while c.epoch < max_epochs and not (0 < max_steps <= c.step):
@@ -657,7 +664,7 @@ def _fit(run: Run) -> Run:
                 raise Interrupted(run.stop.received or signal.SIGTERM, c.step, run.run_dir)
             metrics = validate(run)
             c.epoch_complete = complete
-            c.best_val_loss = min(c.best_val_loss, metrics["val/loss"])
+            c.best_val_loss = min(c.best_val_loss, metrics[monitor])
             run.logger.log_metrics(metrics | {"epoch": c.epoch}, step=c.step, epoch=c.epoch)
             run.logger.on_epoch_end(c.epoch)
             if dist.is_main:
@@ -668,7 +675,7 @@ def _fit(run: Run) -> Run:
                     flush=True,
                 )
             if not fast:
-                save(run, ckpt.checkpoint_name(c.epoch, metrics["val/loss"]))
+                save(run, ckpt.checkpoint_name(c.epoch, metrics[monitor]))
             if not complete:
                 break  # max_steps reached mid-epoch: a resume continues this epoch
             c.epoch, c.epoch_complete = c.epoch + 1, False
