@@ -1,8 +1,10 @@
 """Side by side: this package's GN2 and the old tool's (salt-ml 0.13.0) on the same jets.
 
-    python scripts/compare_with_salt.py                        # built-in sample, both tools
-    python scripts/compare_with_salt.py --data DIR             # FTAG files in DIR (see --help)
-    python scripts/compare_with_salt.py --only ours -- model.init_net.norm=LayerNorm   # ablation
+    python scripts/compare_with_salt.py                  # built-in sample, both tools (~25 min)
+    python scripts/compare_with_salt.py --data DIR       # FTAG files in DIR (see --help)
+    python scripts/compare_with_salt.py --only ours --variant registers0 -- \
+        model.encoder.num_registers=0                    # a variant of ours beside the old tool
+    python scripts/compare_with_salt.py --equivalence    # same weights -> same function?
 
 Both tools train the same small GN2 (embedding 128, init net [128], 2 encoder layers, 4 heads,
 output 64, heads [128, 64, 32], ReLU, no dropout, class weights from the class dict, the old
@@ -346,7 +348,7 @@ def run(cmd: list[str], log: Path | None = None, cwd: Path | None = None) -> flo
 
 
 def train_ours(args, m: Model, s: Schedule, f: Files, extra: list[str]) -> dict:
-    out = args.work / "ours"
+    out = args.work / ("ours" if args.variant is None else f"ours_{args.variant}")
     out.mkdir(parents=True, exist_ok=True)
     done = out / "result.json"
     if done.exists() and not args.retrain:
@@ -388,8 +390,6 @@ def train_old(args, m: Model, s: Schedule, f: Files) -> dict:
     exe = ensure_old_venv(args.venv)
     config = out / "GN2_small.yaml"
     config.write_text(yaml.safe_dump(old_config(m, s, f, args.name, out / "logs"), sort_keys=False))
-    env_note = "COMET_API_KEY unset: the old tool logs nothing online"
-    print(env_note, flush=True)
     seconds = run([str(exe), "fit", "--config", str(config), "--force"], out / "train.log", out)
     run_dirs = sorted((out / "logs").glob(f"{args.name}_*"), key=lambda p: p.stat().st_mtime)
     assert run_dirs, f"no run directory under {out / 'logs'}"
@@ -622,6 +622,8 @@ def report(args, results: dict[str, dict], f: Files) -> str:
     head = "| b-jet efficiency | " + " | ".join(f"{wp}%" for wp in WORKING_POINTS) + " |"
     lines = [head, "|---" * (len(WORKING_POINTS) + 1) + "|"]
     names = {"old": "old tool", "ours": "salt"}
+    if args.variant is not None:
+        names["ours"] = f"salt, {args.variant}"
     for flavour, mask in (("light", u), ("c", c)):
         for name, s in scores.items():
             lines.append(
@@ -697,8 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jets",
         type=int,
-        default=100_000,
-        help="training jets of the built-in sample (default 100000)",
+        default=200_000,
+        help="training jets of the built-in sample (default 200000; val and test: a quarter)",
     )
     parser.add_argument("--sample-seed", type=int, default=1, help="built-in sample seed")
     parser.add_argument("--epochs", type=int, default=3)
@@ -714,6 +716,11 @@ def main(argv: list[str] | None = None) -> int:
         / "salt"
         / f"salt-ml-{OLD_VERSION}",
         help="the old tool's virtualenv (created if missing)",
+    )
+    parser.add_argument(
+        "--variant",
+        help="name of a variant of ours (its overrides after --): trained into ours_<variant>/ "
+        "and shown beside the old tool's run of the same --work",
     )
     parser.add_argument(
         "--equivalence",
@@ -738,10 +745,14 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     if args.only in ("both", "old"):
         results["old"] = train_old(args, model, schedule, files)
+    elif (args.work / "old" / "result.json").exists():  # shown beside a variant of ours
+        results["old"] = json.loads((args.work / "old" / "result.json").read_text())
     if args.only in ("both", "ours"):
         results["ours"] = train_ours(args, model, schedule, files, args.overrides)
     table = report(args, results, files)
-    (args.work / "table.md").write_text(table + "\n")
+    (args.work / f"table{'' if args.variant is None else '_' + args.variant}.md").write_text(
+        table + "\n"
+    )
     print(table)
     return 0
 

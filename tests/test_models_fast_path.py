@@ -89,6 +89,23 @@ def test_packed_path_equals_plain_path(tagger: Tagger, precision: str, num_track
     assert torch.count_nonzero(fast_out["track_vertexing"][~pair_pad]) == int((~pair_pad).sum())
 
 
+@pytest.mark.parametrize("num_registers", [0, 3])
+def test_packed_path_equals_plain_path_with_other_register_counts(num_registers: int) -> None:
+    """No registers (jets without tracks pool to zero) and several (each jet's tokens after
+    its tracks): the packed path is still the same function."""
+    cfg = model_cfg("GN2")
+    cfg.encoder.num_registers = num_registers
+    torch.manual_seed(4)
+    model = build_tagger(cfg).eval().double()
+    assert (model.encoder.registers is None) == (num_registers == 0)
+    batch = make_batch(model, 7, seed=3)
+    batch["inputs"] = {k: v.double() for k, v in batch["inputs"].items()}
+    fast = run_path(model, batch, packed=True)
+    plain = run_path(model, batch, packed=False)
+    for what, a, b in zip(("output", "loss", "gradient of"), fast, plain, strict=True):
+        assert_same(a, b, 1e-10, 1e-12, what)
+
+
 def test_training_mode_without_dropout_and_a_batch_without_tracks() -> None:
     """Training mode (dropout off: masks are random) and an all-padded batch, which the
     packed path hands to the padded one: parameters get zero gradients, not None."""

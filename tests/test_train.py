@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from salt.data.build import resolve_files
-from salt.errors import TrainingError
+from salt.errors import ConfigError, TrainingError
 from salt.train import train
 from salt.training import checkpoint as ckpt
 from salt.training.distributed import DistInfo, init_distributed, spawn
@@ -164,6 +164,26 @@ def test_run_directory_contents(tmp_path: Path, sample_cache: Path) -> None:
     last = ckpt.load_checkpoint(run / "ckpts" / "last.ckpt")
     assert last["counters"]["epoch"] == 1 and last["counters"]["epoch_complete"]
     assert last["counters"]["step"] == 2 * 12
+    # checkpoints are named (and the best one picked) by the validation jet-classification
+    # loss, as in the old tool (trainer.monitor=auto), not by the total loss
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val/loss" in r]
+    for name, row in zip(names[:2], val, strict=True):
+        assert name.endswith(f"val_loss={row['val/jet_classification_loss']:.5f}.ckpt")
+        assert row["val/loss"] != row["val/jet_classification_loss"]
+    best = min(r["val/jet_classification_loss"] for r in val)
+    assert last["counters"]["best_val_loss"] == pytest.approx(best)
+
+
+def test_monitor_must_name_a_validation_loss(tmp_path: Path, sample_cache: Path) -> None:
+    cfg = make_cfg(tmp_path, sample_cache, "trainer.monitor=val/jet_accuracy")
+    with pytest.raises(
+        ConfigError,
+        match=r"trainer.monitor='val/jet_accuracy': expected auto or "
+        r"one of \['val/loss', 'val/jet_classification_loss'",
+    ):
+        train(cfg)
+    assert not (tmp_path / "logs").exists()  # refused before the run directory is made
 
 
 def from_run_config(run_dir: Path, *overrides: str) -> list[str]:

@@ -4,7 +4,8 @@
 variable lists and the chosen parts:
 
 - init net input: tracks variables, with the jets variables appended to every track;
-- encoder: `embed_dim` -> `encoder.out_dim`;
+- encoder: `embed_dim` -> `encoder.out_dim`, with its register tokens appended to every
+  jet's tracks (the pooling sees them, the track tasks do not);
 - track representations: encoder out_dim + len(global variables) (global appended after
   the encoder);
 - pooled jet vector: the track representation size (global_attention) or the pooling's
@@ -175,7 +176,8 @@ def label_specs(model_cfg: ModelConfig) -> dict[str, dict[str, LabelSpec]]:
     """`{input_type: {label: LabelSpec}}` of all tasks, for the loader to read the labels.
 
     Classification labels carry their class count (`len(class_names)`), so the loader refuses
-    values the task has no class for; vertexing labels are read as integers (`LabelSpec()`),
+    values the task has no class for; vertexing labels (and a vertexing task's origin_label,
+    unless a classification task reads it) are read as integers (`LabelSpec()`),
     regression targets as float32 (`LabelSpec(continuous=True)`). Two tasks reading the same
     label with different label maps is a config error; two classification tasks sharing an
     unmapped label get the smaller class count.

@@ -96,6 +96,7 @@ class Run:
     run_dir: Path | None
     total_steps: int
     autocast_dtype: torch.dtype | None
+    monitor: str = "val/loss"  # names the epoch checkpoints, picks the best (trainer.monitor)
     stop: StopSignal | None = None
 
 
@@ -193,6 +194,7 @@ def setup(cfg: DictConfig, dist: DistInfo, resources: contextlib.ExitStack | Non
 
     class_dict = load_yaml_dict(files.class_dict, "class_dict") if files.class_dict else None
     tagger = models.build_tagger(cfg.model, class_dict).to(dist.device)
+    monitor = monitored(cfg, tagger)
     model: nn.Module = tagger
     if dist.world_size > 1:
         ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -274,6 +276,7 @@ def setup(cfg: DictConfig, dist: DistInfo, resources: contextlib.ExitStack | Non
         run_dir,
         total_steps,
         amp,
+        monitor,
     )
     if loaded is not None:
         restore(run, loaded, Path(resume_from))
@@ -571,14 +574,14 @@ def validate(run: Run) -> dict[str, float]:
     return metrics
 
 
-def monitored(run: Run) -> str:
+def monitored(cfg: DictConfig, tagger: models.Tagger) -> str:
     """The validation metric that names the epoch checkpoints and picks the best one
     (`trainer.monitor`; auto: the jet flavour task's loss, as the old tool, else the total)."""
-    name = str(run.cfg.trainer.get("monitor", "auto"))
+    name = str(cfg.trainer.get("monitor", "auto"))
     if name == "auto":
-        task = run.tagger.flavour_task()
+        task = tagger.flavour_task()
         return f"val/{task.name}_loss" if task is not None else "val/loss"
-    losses = ["val/loss", *(f"val/{t}_loss" for t in run.tagger.tasks)]
+    losses = ["val/loss", *(f"val/{t}_loss" for t in tagger.tasks)]
     if name not in losses:
         raise ConfigError(f"trainer.monitor={name!r}: expected auto or one of {losses}.")
     return name
@@ -649,7 +652,6 @@ def _fit(run: Run) -> Run:
     fast = int(cfg.trainer.fast_dev_run or 0)
     max_epochs = 1 if fast else int(cfg.trainer.max_epochs)
     max_steps = int(cfg.trainer.max_steps)
-    monitor = monitored(run)
     status = "failed"
     try:
         while c.epoch < max_epochs and not (0 < max_steps <= c.step):
@@ -664,7 +666,7 @@ def _fit(run: Run) -> Run:
                 raise Interrupted(run.stop.received or signal.SIGTERM, c.step, run.run_dir)
             metrics = validate(run)
             c.epoch_complete = complete
-            c.best_val_loss = min(c.best_val_loss, metrics[monitor])
+            c.best_val_loss = min(c.best_val_loss, metrics[run.monitor])
             run.logger.log_metrics(metrics | {"epoch": c.epoch}, step=c.step, epoch=c.epoch)
             run.logger.on_epoch_end(c.epoch)
             if dist.is_main:
@@ -675,7 +677,7 @@ def _fit(run: Run) -> Run:
                     flush=True,
                 )
             if not fast:
-                save(run, ckpt.checkpoint_name(c.epoch, metrics[monitor]))
+                save(run, ckpt.checkpoint_name(c.epoch, metrics[run.monitor]))
             if not complete:
                 break  # max_steps reached mid-epoch: a resume continues this epoch
             c.epoch, c.epoch_complete = c.epoch + 1, False
