@@ -65,29 +65,11 @@ OLD_DEPENDENCIES = [
     "umami-preprocessing==0.3.1",
     "hdf5plugin",
 ]
-JET_VARIABLES = ["pt_btagJes", "eta_btagJes"]
-# the old tool's GN2 config (salt/configs/GN2/GN2.yaml): 19 track variables
-TRACK_VARIABLES = [
-    "d0",
-    "z0SinTheta",
-    "dphi",
-    "deta",
-    "qOverP",
-    "IP3D_signed_d0_significance",
-    "IP3D_signed_z0_significance",
-    "phiUncertainty",
-    "thetaUncertainty",
-    "qOverPUncertainty",
-    "numberOfPixelHits",
-    "numberOfSCTHits",
-    "numberOfInnermostPixelLayerHits",
-    "numberOfNextToInnermostPixelLayerHits",
-    "numberOfInnermostPixelLayerSharedHits",
-    "numberOfInnermostPixelLayerSplitHits",
-    "numberOfPixelSharedHits",
-    "numberOfPixelSplitHits",
-    "numberOfSCTSharedHits",
-]
+# GN2's variables: conf/model/GN2.yaml holds the old tool's list (its GN2.yaml), 19 track
+# variables and jet pt/eta; both tools train on exactly these
+_GN2_VARIABLES = yaml.safe_load((REPO / "conf" / "model" / "GN2.yaml").read_text())["variables"]
+JET_VARIABLES: list[str] = _GN2_VARIABLES["jets"]
+TRACK_VARIABLES: list[str] = _GN2_VARIABLES["tracks"]
 WORKING_POINTS = (60, 70, 77, 85)
 SIGNIFICANCE = "IP3D_signed_d0_significance"
 
