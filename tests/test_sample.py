@@ -326,7 +326,8 @@ def test_cli_writes_the_same_sample(tmp_path: Path) -> None:
     assert "num_jets" in bad.stderr
 
 
-def test_interrupted_run_leaves_nothing_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, Slurm's cancel
+def test_interrupted_run_leaves_nothing_behind(tmp_path: Path, signum: int) -> None:
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
         [sys.executable, "-m", "salt.data.sample", str(out), "--jets", "5000000"],
@@ -341,11 +342,11 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "no temporary file appeared"
             time.sleep(0.05)
         assert all(p.name.startswith(".") for p in out.iterdir())
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode != 0
+    assert proc.returncode == 128 + signum
     assert list(out.iterdir()) == []

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -437,6 +438,25 @@ class _SplitSummary:
     origins: np.ndarray = field(default_factory=lambda: np.zeros(_N_ORIGINS, np.int64))
 
 
+class SampleInterrupted(Exception):
+    """The command line got SIGINT or SIGTERM: stop between blocks, remove partial files."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+# Signals received by the command line's handler. It only records them: a KeyboardInterrupt
+# thrown into the middle of the thread pool or an HDF5 call can hang the exit; the writer
+# checks between blocks instead (one block takes well under a second).
+_RECEIVED: list[int] = []
+
+
+def _stop_if_signalled() -> None:
+    if _RECEIVED:
+        raise SampleInterrupted(_RECEIVED[0])
+
+
 def _write_split(path: Path, n_jets: int, seed: int, split: int) -> _SplitSummary:
     """Write one split to ``path`` block by block; return its summary (real tracks only)."""
     summary = _SplitSummary()
@@ -479,6 +499,7 @@ def _write_split(path: Path, n_jets: int, seed: int, split: int) -> _SplitSummar
             pending = pool.submit(make_block, 0)
             for block in range(n_blocks):
                 jets, tracks, jet_moments, track_moments, origins = pending.result()
+                _stop_if_signalled()
                 if block + 1 < n_blocks:
                     pending = pool.submit(make_block, block + 1)
                 start = block * _BLOCK_JETS
@@ -575,10 +596,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda received, frame: _RECEIVED.append(received))
     try:
         paths = write_sample(args.out_dir, args.jets, args.seed)
     except ValueError as err:
         parser.error(str(err))
+    except SampleInterrupted as err:
+        print(f"salt.data.sample: {err}; no file was left behind", file=sys.stderr)
+        return 128 + err.signum
     elapsed = time.perf_counter() - start
     print(f"wrote the sample (seed {args.seed}) in {elapsed:.1f} s:")
     for key, path in paths.items():
