@@ -17,6 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from salt.models.tasks import VERTEXING_REDUCTIONS
+
 REQUIRED = object()  # marks a key without default
 
 INPUT_TYPES = ("jets", "tracks", "global")
@@ -80,7 +82,7 @@ TASK_COMMON_KEYS: dict[str, Any] = {
 }
 TASK_TYPE_KEYS: dict[str, dict[str, Any]] = {
     "classification": {"class_names": REQUIRED, "label_map": None, "use_class_weights": False},
-    # origin_label: weight pairs by track origin; reduction: positive_pairs | pairs
+    # origin_label: weight pairs by track origin; reduction: VERTEXING_REDUCTIONS
     "vertexing": {"origin_label": None, "reduction": "positive_pairs"},
     "regression": {"loss": "mse", "huber_delta": 1.0},
 }
@@ -289,9 +291,10 @@ def task_settings(name: str, cfg: Any) -> dict[str, Any]:
             raise ModelConfigError(
                 f"{where}.origin_label must be a variable name or null, got {out['origin_label']!r}"
             )
-        if out["reduction"] not in ("positive_pairs", "pairs"):
+        if out["reduction"] not in VERTEXING_REDUCTIONS:
             raise ModelConfigError(
-                f"{where}.reduction must be positive_pairs or pairs, got {out['reduction']!r}"
+                f"{where}.reduction must be one of {VERTEXING_REDUCTIONS}, got "
+                f"{out['reduction']!r}"
             )
     if kind == "regression" and out["loss"] not in ("mse", "huber"):
         raise ModelConfigError(f"{where}.loss must be mse or huber, got {out['loss']!r}")
