@@ -45,7 +45,7 @@ from torch import Tensor, nn
 import salt
 from salt.data.build import make_loader
 from salt.data.ftag import DEFAULT_INPUT_MAP, VALID, norm_arrays, open_h5
-from salt.evaluation.run import LoadedRun, jet_classification_task
+from salt.evaluation.run import LoadedRun
 from salt.models.tasks import ClassificationTask, VertexingTask
 
 INPUT_NAMES = {"jets": "jet_features", "tracks": "track_features", "global": "global_features"}
@@ -99,7 +99,7 @@ class ONNXTagger(nn.Module):
                 v: {"mean": float(section[v]["mean"]), "std": float(section[v]["std"])}
                 for v in names
             }
-        self.jet_task = jet_classification_task(run.tagger)
+        self.jet_task = run.tagger.flavour_task()
         self.outputs: list[tuple[str, str, int | None]] = []  # (name, task, class column)
         for name, task in run.tagger.tasks.items():
             if task is self.jet_task:

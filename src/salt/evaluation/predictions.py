@@ -39,7 +39,7 @@ from torch import Tensor
 import salt
 from salt.data.ftag import DEFAULT_INPUT_MAP, VALID, DataError, open_h5
 from salt.errors import ConfigError
-from salt.evaluation.run import LoadedRun, jet_classification_task
+from salt.evaluation.run import LoadedRun
 from salt.models.tasks import ClassificationTask, RegressionTask, Task, VertexingTask
 from salt.utils.atomic import atomic_path
 
@@ -202,7 +202,7 @@ class PredictionWriter:
         self.path = Path(src.filename)
         imap = {**DEFAULT_INPUT_MAP, **dict(input_map or {})}
         tasks = list(run.tagger.tasks.values())
-        self.jet_task = jet_classification_task(run.tagger)
+        self.jet_task = run.tagger.flavour_task()
         jet_tasks = [t for t in tasks if t.input_type == "jets"]
         truth = [t.label for t in jet_tasks if not isinstance(t, RegressionTask)]
         self.jets_src = self._dataset(imap["jets"])

@@ -20,7 +20,6 @@ from salt.data.build import resolve_files
 from salt.data.dataset import expand_files
 from salt.data.ftag import DataError, load_yaml_dict
 from salt.errors import ConfigError
-from salt.models.tasks import ClassificationTask
 from salt.training import checkpoint as ckpt
 from salt.training.run_dir import load_run_config
 
@@ -82,20 +81,18 @@ def choose_checkpoint(run_dir: Path, ckpt_path: Any) -> Path:
     return best
 
 
-def _dict_from_run(run_dir: Path, cfg: DictConfig, name: str, required: bool) -> dict | None:
-    """``norm_dict``/``class_dict``: the run directory's copy, else the run's configured file."""
-    copy = run_dir / f"{name}.yaml"
+def _norm_dict_of(run_dir: Path, cfg: DictConfig) -> dict:
+    """The run's ``norm_dict``: the run directory's copy, else the run's configured file."""
+    copy = run_dir / "norm_dict.yaml"
     if copy.exists():
-        return load_yaml_dict(copy, name)
-    configured = cfg.get("data", {}).get(name)
+        return load_yaml_dict(copy, "norm_dict")
+    configured = cfg.get("data", {}).get("norm_dict")
     if configured and Path(str(configured)).exists():
-        return load_yaml_dict(Path(str(configured)), name)
-    if required:
-        raise DataError(
-            f"{copy}: {name} not found (training copies it into the run directory), and the "
-            f"run's data.{name} ({configured}) does not exist either."
-        )
-    return None
+        return load_yaml_dict(Path(str(configured)), "norm_dict")
+    raise DataError(
+        f"{copy}: norm_dict not found (training copies it into the run directory), and the "
+        f"run's data.norm_dict ({configured}) does not exist either."
+    )
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -132,8 +129,7 @@ def load_run(run_dir: str | Path, ckpt_path: Any = None, device: Any = "cpu") ->
     model_cfg = state.get("config") or OmegaConf.to_container(cfg.model, resolve=True)
     if not isinstance(model_cfg, dict):
         raise ckpt.CheckpointError(f"{path}: the stored model config is not a mapping.")
-    norm_dict = _dict_from_run(run_dir, cfg, "norm_dict", required=True)
-    assert norm_dict is not None
+    norm_dict = _norm_dict_of(run_dir, cfg)
     tagger = models.build_tagger(model_cfg, loss_weights=False)  # inference: no loss
     try:
         tagger.load_state_dict(state["model"])
@@ -176,8 +172,3 @@ def resolve_test_file(run_data: dict[str, Any], given: Any) -> Path:
     raise ConfigError(
         "no test file: the run's config has no data.test_file; pass data.test_file=path/to/test.h5"
     )
-
-
-def jet_classification_task(tagger: models.Tagger) -> ClassificationTask | None:
-    """The jet flavour task (see `Tagger.flavour_task`)."""
-    return tagger.flavour_task()

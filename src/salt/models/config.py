@@ -293,8 +293,7 @@ def task_settings(name: str, cfg: Any) -> dict[str, Any]:
             )
         if out["reduction"] not in VERTEXING_REDUCTIONS:
             raise ModelConfigError(
-                f"{where}.reduction must be one of {VERTEXING_REDUCTIONS}, got "
-                f"{out['reduction']!r}"
+                f"{where}.reduction must be one of {VERTEXING_REDUCTIONS}, got {out['reduction']!r}"
             )
     if kind == "regression" and out["loss"] not in ("mse", "huber"):
         raise ModelConfigError(f"{where}.loss must be mse or huber, got {out['loss']!r}")

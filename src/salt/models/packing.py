@@ -11,7 +11,8 @@ as `[jets, n, n, ...]`: all ordered pairs of real tracks of the same jet, `i == 
 Track outputs are returned in the padded layout, zero in padded slots (`unpack`).
 
 A `Packing` is built once per forward from the pad mask and reused by every layer and task.
-It needs the multiplicity counts on the host: one host sync per batch on a GPU.
+It needs the multiplicity counts on the host: one host sync per batch on a GPU
+(`append_tokens` adds none).
 `append_tokens` gives the packing of the same jets with learned tokens (the encoder's
 registers) appended to each; its `tracks()` selects the track rows again, in the order of
 the original packing.
@@ -70,11 +71,7 @@ class Packing:
         jets_per_size = (per_jet.unsqueeze(1) == sizes).sum(dim=0).tolist()
         blocks = tuple(Block(n, count) for n, count in enumerate(jets_per_size) if n and count)
         num_tracks = sum(b.size * b.num_jets for b in blocks)
-        # the real slots with the jets in jet order: (position in jet_order) * T + t
-        in_order = real.index_select(0, jet_order).flatten()
-        in_order = torch.nonzero_static(in_order, size=num_tracks).squeeze(1)
-        position = torch.div(in_order, num_slots, rounding_mode="floor")
-        slot = jet_order.index_select(0, position) * num_slots + in_order % num_slots
+        slot = _real_slots(real, jet_order, num_tracks)
         return cls(pad_mask, jet_order, slot, jets_per_size[0], blocks)
 
     def append_tokens(self, num: int) -> tuple[Packing, Tensor]:
@@ -84,9 +81,13 @@ class Packing:
         batch_size, num_slots = self.pad_mask.shape
         width = num_slots + num
         mask = torch.cat([self.pad_mask, self.pad_mask.new_zeros(batch_size, num)], dim=1)
-        seq = Packing.from_mask(mask)
-        jet = torch.div(seq.slot, width, rounding_mode="floor")
-        pos = seq.slot % width
+        # derived from this packing (no second sort, no host sync): every jet gains `num`
+        # rows, so the jet order is unchanged and jets without tracks form the first block
+        empty = (Block(num, self.num_empty),) if self.num_empty else ()
+        blocks = empty + tuple(Block(b.size + num, b.num_jets) for b in self.blocks)
+        slots = _real_slots(~mask, self.jet_order, self.num_tracks + batch_size * num)
+        jet = torch.div(slots, width, rounding_mode="floor")
+        pos = slots % width
         is_track = pos < num_slots
         # the packed row of every real track slot b * T + t
         row_of_slot = torch.zeros(batch_size * num_slots, dtype=torch.long, device=mask.device)
@@ -96,14 +97,7 @@ class Packing:
         order = torch.where(is_track, track_source, token_source)
         inverse = torch.empty_like(order)
         inverse.index_copy_(0, order, torch.arange(len(order), device=mask.device))
-        seq = Packing(
-            seq.pad_mask,
-            seq.jet_order,
-            seq.slot,
-            seq.num_empty,
-            seq.blocks,
-            inverse[: self.num_tracks],
-        )
+        seq = Packing(mask, self.jet_order, slots, 0, blocks, inverse[: self.num_tracks])
         return seq, order
 
     def tracks(self, x: Tensor) -> Tensor:
@@ -174,6 +168,16 @@ class Packing:
         batch_size, num_slots = self.pad_mask.shape
         out = x.new_zeros(batch_size * num_slots * num_slots)
         return out.index_copy_(0, self.pair_slot, x).view(batch_size, num_slots, num_slots)
+
+
+def _real_slots(real: Tensor, jet_order: Tensor, count: int) -> Tensor:
+    """Flat slot indices `b * T + t` of the `count` real slots of `real[B, T]`, jets in
+    `jet_order`, slots in order within a jet."""
+    num_slots = real.shape[1]
+    in_order = real.index_select(0, jet_order).flatten()  # (position in jet_order) * T + t
+    in_order = torch.nonzero_static(in_order, size=count).squeeze(1)
+    position = torch.div(in_order, num_slots, rounding_mode="floor")
+    return jet_order.index_select(0, position) * num_slots + in_order % num_slots
 
 
 def _cat_rows(parts: list[Tensor]) -> Tensor:
