@@ -43,25 +43,25 @@ PHASES = ("data", "forward", "backward", "optimizer")
 class Variant:
     """One model/optimizer set-up to measure."""
 
-    packed: bool = True  # Tagger.packed: per-track work on the real tracks only
+    backend: str = "packed"  # Tagger.backend (model.attention.backend)
     cpu_dropout: bool = True  # salt's Dropout (cheaper CPU mask) instead of nn.Dropout
     foreach: bool = False  # AdamW(foreach=True) instead of the loop's optimizer
     precision: str | None = None  # trainer.precision override (None: the config's)
 
 
 VARIANTS = {
-    "plain": Variant(packed=False, cpu_dropout=False),
+    "plain": Variant(backend="padded", cpu_dropout=False),
     "+packed": Variant(cpu_dropout=False),
     "+cpu_dropout": Variant(),  # the default model
     "+foreach_adamw": Variant(foreach=True),
-    "plain_bf16": Variant(packed=False, cpu_dropout=False, precision="bf16"),
+    "plain_bf16": Variant(backend="padded", cpu_dropout=False, precision="bf16"),
     "default_bf16": Variant(precision="bf16"),
 }
 
 
 def apply_variant(run, variant: Variant) -> None:
     """Set the tagger and optimizer of `run` up as `variant` says."""
-    run.tagger.packed = variant.packed
+    run.tagger.backend = variant.backend
     if not variant.cpu_dropout:
         for module in list(run.tagger.modules()):
             for name, child in module.named_children():

@@ -499,8 +499,8 @@ def equivalence(args, m: Model, f: Files) -> int:
     old_names = {"jet_classification": "jets_classification"}
     expected_grads = map_old_state(ref["grads"], m)
     worst = 0.0
-    for packed in (True, False):
-        tagger = models.build_tagger(cfg.model, class_dict, packed=packed).double()
+    for backend in ("packed", "padded"):
+        tagger = models.build_tagger(cfg.model, class_dict, backend=backend).double()
         tagger.load_state_dict(map_old_state(ref["state_dict"], m), strict=True)
         outputs, losses = tagger(inputs, masks, label_arrays)
         losses["loss"].backward()
@@ -511,7 +511,7 @@ def equivalence(args, m: Model, f: Files) -> int:
         for name, p in tagger.named_parameters():
             rows.append((f"grad {name}", p.grad, expected_grads[name]))
         print(
-            f"{'packed' if packed else 'padded'} path vs the old tool "
+            f"{backend} path vs the old tool "
             f"({args.equivalence_jets} jets, fp64): largest relative differences"
         )
         for label, ours, theirs in rows:

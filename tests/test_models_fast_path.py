@@ -1,10 +1,12 @@
-"""The packed fast path computes the same function as the plain padded path.
+"""Every attention backend computes the same function as the plain padded path.
 
-Same weights, same batches (scattered padding, jets without tracks, a jet without padding,
-several track-slot counts): outputs, losses and every parameter gradient agree. Tolerances:
-fp64 1e-10 (the logic is exact), fp32 1e-5 relative (the same sums in another order and
-matrix products of other shapes), bf16 autocast 5e-2 on the losses (bf16 has 8 bits of
-mantissa; the packed path's attention core runs in fp32 on CPU).
+`packed` (per-multiplicity blocks) and `varlen` (one call over all jets; on CPU its reference
+core, the flash kernel being CUDA-only) against `padded`. Same weights, same batches
+(scattered padding, jets without tracks, a jet without padding, several track-slot counts):
+outputs, losses and every parameter gradient agree. Tolerances: fp64 1e-10 (the logic is
+exact), fp32 1e-5 relative (the same sums in another order and matrix products of other
+shapes), bf16 autocast 5e-2 on the losses (bf16 has 8 bits of mantissa; the packed path's
+attention core runs in fp32 on CPU).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from salt.models import Tagger, build_tagger
+from salt.models import ModelConfigError, Tagger, build_tagger
 from salt.models.dropout import Dropout, dropout
-from salt.models.packing import Packing
+from salt.models.packing import Packing, jets_per_multiplicity
 from tests.test_models_tagger import COMBOS, batch_with_padding, model_cfg
 
 # (dtype, rtol, atol) for outputs, losses and gradients
@@ -35,15 +37,21 @@ def make_batch(tagger: Tagger, num_tracks: int, batch_size: int = 9, seed: int =
     return batch_with_padding(tagger, pad, g)
 
 
-def run_path(tagger: Tagger, batch: dict, packed: bool) -> tuple[dict, dict, dict]:
+def backends(tagger: Tagger) -> list[str]:
+    """The packed layouts this tagger can run (varlen needs scaled dot-product attention)."""
+    sdp = tagger.encoder.attention_type == "scaled_dot_product"
+    return ["packed", "varlen"] if sdp else ["packed"]
+
+
+def run_path(tagger: Tagger, batch: dict, backend: str) -> tuple[dict, dict, dict]:
     """Outputs, losses and parameter gradients of one path."""
-    tagger.packed = packed
+    tagger.backend = backend
     tagger.zero_grad(set_to_none=True)
     outputs, losses = tagger(batch["inputs"], batch["pad_masks"], batch["labels"])
     losses["loss"].backward()
     grads = {}
     for name, p in tagger.named_parameters():
-        assert p.grad is not None, f"no gradient for {name} (packed={packed})"
+        assert p.grad is not None, f"no gradient for {name} (backend={backend})"
         grads[name] = p.grad.clone()
     return outputs, {k: v.detach() for k, v in losses.items()}, grads
 
@@ -72,21 +80,25 @@ def tagger(request) -> Tagger:
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("num_tracks", [1, 7, 16])
-def test_packed_path_equals_plain_path(tagger: Tagger, precision: str, num_tracks: int) -> None:
+def test_every_backend_equals_the_padded_path(
+    tagger: Tagger, precision: str, num_tracks: int
+) -> None:
     dtype, rtol, atol = PRECISIONS[precision]
     model = copy.deepcopy(tagger).to(dtype)
     batch = make_batch(model, num_tracks, seed=num_tracks)
     batch["inputs"] = {k: v.to(dtype) for k, v in batch["inputs"].items()}
-    fast_out, fast_loss, fast_grad = run_path(model, batch, packed=True)
-    plain_out, plain_loss, plain_grad = run_path(model, batch, packed=False)
-    assert_same(fast_out, plain_out, rtol, atol, "output")
-    assert_same(fast_loss, plain_loss, rtol, atol, "loss")
-    assert_same(fast_grad, plain_grad, rtol, atol, "gradient of")
+    plain_out, plain_loss, plain_grad = run_path(model, batch, "padded")
     pad = batch["pad_masks"]["tracks"]
     pair_pad = pad.unsqueeze(2) | pad.unsqueeze(1)
-    assert torch.count_nonzero(fast_out["track_origin"][pad]) == 0
-    assert torch.count_nonzero(fast_out["track_vertexing"][pair_pad]) == 0
-    assert torch.count_nonzero(fast_out["track_vertexing"][~pair_pad]) == int((~pair_pad).sum())
+    for backend in backends(model):
+        fast_out, fast_loss, fast_grad = run_path(model, batch, backend)
+        assert_same(fast_out, plain_out, rtol, atol, f"{backend} output")
+        assert_same(fast_loss, plain_loss, rtol, atol, f"{backend} loss")
+        assert_same(fast_grad, plain_grad, rtol, atol, f"{backend} gradient of")
+        assert torch.count_nonzero(fast_out["track_origin"][pad]) == 0
+        assert torch.count_nonzero(fast_out["track_vertexing"][pair_pad]) == 0
+        real_pairs = int((~pair_pad).sum())
+        assert torch.count_nonzero(fast_out["track_vertexing"][~pair_pad]) == real_pairs
 
 
 @pytest.mark.parametrize("num_registers", [0, 3])
@@ -100,10 +112,11 @@ def test_packed_path_equals_plain_path_with_other_register_counts(num_registers:
     assert (model.encoder.registers is None) == (num_registers == 0)
     batch = make_batch(model, 7, seed=3)
     batch["inputs"] = {k: v.double() for k, v in batch["inputs"].items()}
-    fast = run_path(model, batch, packed=True)
-    plain = run_path(model, batch, packed=False)
-    for what, a, b in zip(("output", "loss", "gradient of"), fast, plain, strict=True):
-        assert_same(a, b, 1e-10, 1e-12, what)
+    plain = run_path(model, batch, "padded")
+    for backend in backends(model):
+        fast = run_path(model, batch, backend)
+        for what, a, b in zip(("output", "loss", "gradient of"), fast, plain, strict=True):
+            assert_same(a, b, 1e-10, 1e-12, f"{backend} {what}")
 
 
 def test_training_mode_without_dropout_and_a_batch_without_tracks() -> None:
@@ -123,10 +136,11 @@ def test_training_mode_without_dropout_and_a_batch_without_tracks() -> None:
             batch["inputs"]["tracks"].zero_()
             for y in batch["labels"]["tracks"].values():
                 y.fill_(-1)
-        fast = run_path(model, batch, packed=True)
-        plain = run_path(model, batch, packed=False)
-        for what, a, b in zip(("output", "loss", "gradient of"), fast, plain, strict=True):
-            assert_same(a, b, 1e-10, 1e-12, what)
+        plain = run_path(model, batch, "padded")
+        for backend in backends(model):
+            fast = run_path(model, batch, backend)
+            for what, a, b in zip(("output", "loss", "gradient of"), fast, plain, strict=True):
+                assert_same(a, b, 1e-10, 1e-12, f"{backend} {what}")
 
 
 def test_bf16_autocast_agrees_with_the_plain_path() -> None:
@@ -134,15 +148,16 @@ def test_bf16_autocast_agrees_with_the_plain_path() -> None:
     model = build_tagger(model_cfg("GN2")).eval()
     batch = make_batch(model, 20, batch_size=32, seed=6)
     results = {}
-    for packed in (True, False):
-        model.packed = packed
+    for backend in ("padded", "packed", "varlen"):
+        model.backend = backend
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outputs, losses = model(batch["inputs"], batch["pad_masks"], batch["labels"])
-        results[packed] = (outputs, losses)
-    for key, loss in results[False][1].items():
-        torch.testing.assert_close(results[True][1][key], loss, rtol=5e-2, atol=1e-3)
-    probs = {p: model.predict(results[p][0])["jet_classification"] for p in results}
-    torch.testing.assert_close(probs[True], probs[False], rtol=0.0, atol=3e-2)
+        results[backend] = (outputs, losses)
+    probs = {b: model.predict(results[b][0])["jet_classification"] for b in results}
+    for backend in ("packed", "varlen"):
+        for key, loss in results["padded"][1].items():
+            torch.testing.assert_close(results[backend][1][key], loss, rtol=5e-2, atol=1e-3)
+        torch.testing.assert_close(probs[backend], probs["padded"], rtol=0.0, atol=3e-2)
 
 
 class VertexingOutput(torch.nn.Module):
@@ -159,10 +174,17 @@ class VertexingOutput(torch.nn.Module):
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
-def test_packed_is_the_default_and_tracing_records_the_padded_path() -> None:
-    """A traced graph (the ONNX export traces) must not freeze the example's packing."""
-    assert build_tagger(model_cfg("GN1")).packed
-    assert not build_tagger(model_cfg("GN1"), packed=False).packed
+def test_backend_choice_and_tracing_records_the_padded_path() -> None:
+    """auto is packed on CPU; the config key and the build argument set the backend; a
+    traced graph (the ONNX export traces) must not freeze the example's packing."""
+    tagger = build_tagger(model_cfg("GN1"))
+    assert tagger.backend == "auto" and tagger.layout(torch.device("cpu")) == "packed"
+    assert build_tagger(model_cfg("GN1"), backend="padded").backend == "padded"
+    cfg = model_cfg("GN1")
+    cfg.attention.backend = "varlen"
+    assert build_tagger(cfg).layout(torch.device("cpu")) == "varlen"
+    # on CUDA, auto is varlen under fp16/bf16 (where torch has the kernel), else padded
+    assert tagger.layout(torch.device("cuda")) == "padded"
     torch.manual_seed(3)
     model = VertexingOutput(build_tagger(model_cfg("GN1"))).eval()
     example, other = (make_batch(model.tagger, 6, seed=seed) for seed in (1, 2))
@@ -175,6 +197,31 @@ def test_packed_is_the_default_and_tracing_records_the_padded_path() -> None:
     with torch.no_grad():
         traced = torch.jit.trace(model, args[0], check_trace=False)
         torch.testing.assert_close(traced(*args[1]), model(*args[1]))
+
+
+def test_backend_config_errors() -> None:
+    cfg = model_cfg("GN1")
+    cfg.attention.backend = "flash"
+    with pytest.raises(ModelConfigError, match=r"model.attention.backend='flash': expected one"):
+        build_tagger(cfg)
+    cfg = model_cfg("GN1", "gatv2")
+    cfg.attention.backend = "varlen"
+    with pytest.raises(ModelConfigError, match="varlen needs scaled_dot_product attention"):
+        build_tagger(cfg)
+
+
+def test_host_counted_multiplicities_give_the_same_packing() -> None:
+    """The loop counts the multiplicities on the CPU batch (no host sync on a GPU)."""
+    pad = torch.rand(11, 6, generator=torch.Generator().manual_seed(7)) < 0.5
+    counts = jets_per_multiplicity(pad)
+    assert sum(counts) == 11 and len(counts) == 7
+    a, b = Packing.from_mask(pad), Packing.from_mask(pad, counts)
+    assert a.blocks == b.blocks and torch.equal(a.slot, b.slot)
+    lengths = (~pad).sum(1)[a.jet_order]
+    assert a.cu_seqlens.tolist() == [0, *lengths.cumsum(0).tolist()]
+    assert a.cu_seqlens.dtype == torch.int32
+    with pytest.raises(ValueError, match="expected 7"):
+        Packing.from_mask(pad, counts[:-1])
 
 
 # ---- Packing --------------------------------------------------------------------------------

@@ -197,15 +197,15 @@ def example_inputs(wrapper: ONNXTagger, batch: int = 3, tracks: int = 5) -> tupl
 def padded_path(tagger: nn.Module) -> Iterator[None]:
     """Run the tagger on its padded path: the packed path sizes tensors by the number of real
     tracks of the batch at hand, which a traced graph would freeze to the example's count."""
-    packed = getattr(tagger, "packed", None)
-    if packed is None:
+    backend = getattr(tagger, "backend", None)
+    if backend is None:
         yield
         return
-    tagger.packed = False
+    tagger.backend = "padded"
     try:
         yield
     finally:
-        tagger.packed = packed
+        tagger.backend = backend
 
 
 def export_bytes(wrapper: ONNXTagger, checkpoint: Path, opset: int = OPSET) -> bytes:

@@ -10,12 +10,18 @@ Padding: padded keys (`kv_mask` True) never influence any query. A query whose k
 padded (a jet with no real tracks) receives a zero message instead of the NaN a softmax over
 nothing gives; its gradients stay finite. Queries and keys may come from different sets
 (cross-attention: a class token attending to the tracks).
+
+Self-attention over packed tracks (`forward_packed`) has two cores computing the same math:
+per block of equal-multiplicity jets (no padding, one call per multiplicity: fast on CPU), or
+`varlen`: one call over all jets given their cumulative lengths, torch's flash varlen kernel
+on CUDA in fp16/bf16 (`torch.nn.attention.varlen`, torch >= 2.9), elsewhere a reference on
+the padded layout with the same result.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +31,29 @@ from salt.models.config import ModelConfigError
 from salt.models.packing import Packing
 
 ATTENTION_TYPES = ("scaled_dot_product", "gatv2")
+# how the encoder's self-attention is computed, all the same math (see salt.models.tagger)
+ATTENTION_BACKENDS = ("auto", "packed", "varlen", "padded")
+
+
+def varlen_kernel() -> Callable[..., Tensor] | None:
+    """torch's flash varlen attention (`varlen_attn`), or None where this torch lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def varlen_kernel_runs(x: Tensor, head_dim: int) -> bool:
+    """Whether the flash varlen kernel takes `x`: CUDA, fp16/bf16, head_dim a multiple of 8
+    up to 256 (flash attention's limits)."""
+    return (
+        x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+        and varlen_kernel() is not None
+    )
 
 
 def resolve_heads(
@@ -161,21 +190,37 @@ class MultiheadAttention(nn.Module):
         vh = self._heads(self.linear_v(kv))
         return self._output(self._attend(qh, kh, vh, kv_mask), kv_mask)
 
-    def forward_packed(self, x: Tensor, packing: Packing) -> Tensor:
+    def forward_packed(self, x: Tensor, packing: Packing, varlen: bool = False) -> Tensor:
         """Self-attention of packed tracks `x[N, E]` (see `Packing`) -> `[N, E]`.
 
         Projections run on all tracks at once (one matrix product for q, k and v); the
-        attention runs per block of jets with equal multiplicity, without padding.
+        attention runs per block of jets with equal multiplicity, without padding, or with
+        `varlen` in one call over all jets (see the module docstring).
         """
         weight = torch.cat([self.linear_q.weight, self.linear_k.weight, self.linear_v.weight])
         bias = torch.cat([self.linear_q.bias, self.linear_k.bias, self.linear_v.bias])
         qkv = F.linear(x, weight, bias)  # [N, 3E]
+        if varlen and self.gatv2 is None:
+            return self.linear_out(self._attend_varlen(qkv, packing))
         messages = []
         with _attention_precision(qkv) as dtype:
             for block in packing.split(qkv.to(dtype)):  # [jets, n, 3E]
                 qh, kh, vh = (self._heads(part) for part in block.chunk(3, dim=-1))
                 messages.append(self._attend(qh, kh, vh, None).to(qkv.dtype))
         return self.linear_out(packing.merge(messages))
+
+    def _attend_varlen(self, qkv: Tensor, packing: Packing) -> Tensor:
+        """Messages `[N, E]` of packed `qkv[N, 3E]`, every jet attending to its own rows."""
+        dropout = self.dropout if self.training else 0.0
+        if not dropout and varlen_kernel_runs(qkv, self.head_dim):
+            kernel = varlen_kernel()
+            assert kernel is not None
+            q, k, v = (p.unflatten(-1, (self.num_heads, self.head_dim)) for p in qkv.chunk(3, -1))
+            cu_seqlens, longest = packing.cu_seqlens, packing.pad_mask.shape[1]
+            return kernel(q, k, v, cu_seqlens, cu_seqlens, longest, longest).flatten(-2)
+        # the reference: the same attention on the padded layout (CPU, fp32, dropout)
+        qh, kh, vh = (self._heads(p) for p in packing.unpack(qkv).chunk(3, dim=-1))
+        return packing.pack(self._attend(qh, kh, vh, packing.pad_mask))
 
     def forward_packed_kv(self, q: Tensor, kv: Tensor, packing: Packing) -> Tensor:
         """Attend from per-jet queries `q[B, Tq, E]` to packed tracks `kv[N, kv_dim]`.

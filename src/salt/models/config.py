@@ -57,6 +57,8 @@ ATTENTION_COMMON_KEYS: dict[str, Any] = {
     "head_dim": None,
     "dropout": 0.0,
 }
+# the encoder's self-attention also picks how it is computed (salt.models.tagger.Tagger)
+ENCODER_ATTENTION_KEYS: dict[str, Any] = {**ATTENTION_COMMON_KEYS, "backend": "auto"}
 ATTENTION_TYPE_KEYS: dict[str, dict[str, Any]] = {
     "scaled_dot_product": {},
     "gatv2": {"negative_slope": 0.2},
@@ -156,6 +158,22 @@ def take_typed(
     if ignore_other_types:
         ignored = {k for other in by_type.values() for k in other} - set(keys)
     return take(cfg, where, keys, ignored)
+
+
+def encoder_attention(cfg: Any) -> dict[str, Any]:
+    """The checked `model.attention` node (the encoder's self-attention)."""
+    return take_typed(
+        cfg,
+        "model.attention",
+        ENCODER_ATTENTION_KEYS,
+        ATTENTION_TYPE_KEYS,
+        ignore_other_types=True,
+    )
+
+
+def attention_backend(cfg: Any) -> str:
+    """`model.attention.backend`: how the encoder's self-attention is computed."""
+    return str(encoder_attention(cfg)["backend"])
 
 
 def check_activation(name: Any, where: str) -> str:

@@ -11,8 +11,9 @@ as `[jets, n, n, ...]`: all ordered pairs of real tracks of the same jet, `i == 
 Track outputs are returned in the padded layout, zero in padded slots (`unpack`).
 
 A `Packing` is built once per forward from the pad mask and reused by every layer and task.
-It needs the multiplicity counts on the host: one host sync per batch on a GPU
-(`append_tokens` adds none).
+It needs the multiplicity counts on the host: counted from the batch's CPU mask before the
+batch goes to the GPU (`jets_per_multiplicity`), it needs no host sync (`append_tokens` adds
+none); from a GPU mask alone, one sync.
 `append_tokens` gives the packing of the same jets with learned tokens (the encoder's
 registers) appended to each; its `tracks()` selects the track rows again, in the order of
 the original packing.
@@ -20,10 +21,12 @@ the original packing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -59,16 +62,23 @@ class Packing:
     track_rows: Tensor | None = None
 
     @classmethod
-    def from_mask(cls, pad_mask: Tensor) -> Packing:
-        """The packing of `pad_mask[B, T]` (True = padded)."""
+    def from_mask(cls, pad_mask: Tensor, jets_per_size: Sequence[int] | None = None) -> Packing:
+        """The packing of `pad_mask[B, T]` (True = padded).
+
+        `jets_per_size` (`jets_per_multiplicity` of the same mask, counted on the host before
+        the batch went to the device) spares the one device-to-host copy the packing needs.
+        """
         num_slots = pad_mask.shape[1]
         real = ~pad_mask
         per_jet = real.sum(dim=1)
         jet_order = torch.argsort(per_jet, stable=True)
-        # the only host sync: how many jets have each multiplicity (not bincount: CUDA's
-        # is flagged nondeterministic)
-        sizes = torch.arange(num_slots + 1, device=pad_mask.device)
-        jets_per_size = (per_jet.unsqueeze(1) == sizes).sum(dim=0).tolist()
+        if jets_per_size is None:
+            jets_per_size = jets_per_multiplicity(pad_mask)  # a host sync on a GPU
+        elif len(jets_per_size) != num_slots + 1:
+            raise ValueError(
+                f"jets_per_size has {len(jets_per_size)} entries for a mask of "
+                f"{num_slots} track slots (expected {num_slots + 1})"
+            )
         blocks = tuple(Block(n, count) for n, count in enumerate(jets_per_size) if n and count)
         num_tracks = sum(b.size * b.num_jets for b in blocks)
         slot = _real_slots(real, jet_order, num_tracks)
@@ -103,6 +113,13 @@ class Packing:
     def tracks(self, x: Tensor) -> Tensor:
         """The track rows of packed `x` (all rows, unless made by `append_tokens`)."""
         return x if self.track_rows is None else x.index_select(0, self.track_rows)
+
+    @cached_property
+    def cu_seqlens(self) -> Tensor:
+        """int32 `[B + 1]`: where each jet's rows start (jets in `jet_order`), then N; the
+        sequence boundaries of varlen attention."""
+        lengths = (~self.pad_mask).sum(dim=1).index_select(0, self.jet_order)
+        return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
 
     @property
     def num_tracks(self) -> int:
@@ -168,6 +185,17 @@ class Packing:
         batch_size, num_slots = self.pad_mask.shape
         out = x.new_zeros(batch_size * num_slots * num_slots)
         return out.index_copy_(0, self.pair_slot, x).view(batch_size, num_slots, num_slots)
+
+
+def jets_per_multiplicity(pad_mask: Tensor) -> list[int]:
+    """How many jets of `pad_mask[B, T]` have 0, 1, ..., T real tracks (a host list).
+
+    Computed where the mask lives: on a CPU batch before it goes to the GPU, it costs no sync.
+    """
+    per_jet = (~pad_mask).sum(dim=1)
+    # not bincount: CUDA's is flagged nondeterministic
+    sizes = torch.arange(pad_mask.shape[1] + 1, device=pad_mask.device)
+    return (per_jet.unsqueeze(1) == sizes).sum(dim=0).tolist()
 
 
 def _real_slots(real: Tensor, jet_order: Tensor, count: int) -> Tensor:

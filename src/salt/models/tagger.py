@@ -16,7 +16,7 @@ variable lists and the chosen parts:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from salt.data.ftag import LabelSpec
 from salt.models import config as schema
-from salt.models.attention import resolve_heads
+from salt.models.attention import ATTENTION_BACKENDS, resolve_heads, varlen_kernel
 from salt.models.dense import Dense
 from salt.models.packing import Packing
 from salt.models.pooling import CrossAttentionPooling, GlobalAttentionPooling
@@ -38,10 +38,17 @@ ModelConfig = DictConfig | Mapping[str, Any]
 class Tagger(nn.Module):
     """A jet tagger; `forward` returns (outputs, losses) per task.
 
-    `packed` (default): every per-track part runs on the real tracks only (see
-    `salt.models.packing`); the same function as the plain padded path (`packed=False`),
-    which is kept as the reference for tests and benchmarks and is what tracing (ONNX export)
-    records. Settable on a built tagger.
+    `backend` (`model.attention.backend`, settable on a built tagger) picks how the same
+    function is computed (`ATTENTION_BACKENDS`):
+
+    - `packed`: every per-track part runs on the real tracks only (`salt.models.packing`),
+      self-attention per block of jets with equal multiplicity: fastest on CPU;
+    - `varlen`: the same packed rows, self-attention in one flash varlen call over all jets
+      (CUDA, fp16/bf16; elsewhere an exact reference), no loop over multiplicities;
+    - `padded`: every track slot, masked attention; no data-dependent shapes (no host sync,
+      one graph for `torch.compile`); what tracing (ONNX export) records;
+    - `auto`: packed on CPU; on CUDA varlen under fp16/bf16 autocast where torch has the
+      kernel and the attention is scaled dot-product, else padded.
     """
 
     def __init__(
@@ -52,11 +59,11 @@ class Tagger(nn.Module):
         encoder: TransformerEncoder,
         pooling: nn.Module,
         tasks: Mapping[str, Task],
-        packed: bool = True,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.name = name
-        self.packed = packed
+        self.backend = check_backend(backend, encoder.attention_type)
         self.variables = {k: list(v) for k, v in variables.items()}
         self.init_net = init_net
         self.encoder = encoder
@@ -84,21 +91,25 @@ class Tagger(nn.Module):
         inputs: Mapping[str, Tensor],
         pad_masks: Mapping[str, Tensor],
         labels: Mapping[str, Mapping[str, Tensor]] | None = None,
+        jets_per_size: Sequence[int] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Outputs per task and, with labels, the task losses plus the weighted sum "loss".
 
         `inputs`: {"tracks": [B, T, Ft], "jets": [B, Fj], "global": [B, Fg]} (as configured);
-        `pad_masks`: {"tracks": bool [B, T]}, True for padded slots.
+        `pad_masks`: {"tracks": bool [B, T]}, True for padded slots. `jets_per_size`:
+        `jets_per_multiplicity` of the tracks mask, counted on the host (spares the packed
+        layouts their one host sync on a GPU).
         """
         tracks = self._input(inputs, "tracks")
         pad_mask = pad_masks["tracks"]
         jets = self._input(inputs, "jets") if "jets" in self.variables else None
         glob = self._input(inputs, "global") if "global" in self.variables else None
-        # a traced graph (ONNX export) would freeze the batch's packing: trace the padded path
-        if self.packed and not torch.jit.is_tracing():
-            outputs = self._forward_packed(tracks, jets, glob, pad_mask)
-        else:
+        layout = self.layout(tracks.device)
+        if layout == "padded":
             outputs = self._forward_padded(tracks, jets, glob, pad_mask)
+        else:
+            packing = Packing.from_mask(pad_mask, jets_per_size)
+            outputs = self._forward_packed(tracks, jets, glob, packing, layout == "varlen")
         if labels is None:
             return outputs, {}
         losses: dict[str, Tensor] = {}
@@ -124,17 +135,53 @@ class Tagger(nn.Module):
         x = x[:, : pad_mask.shape[1]]
         return {name: task(pooled, x, pad_mask) for name, task in self.tasks.items()}
 
+    def layout(self, device: torch.device) -> str:
+        """The layout a forward on `device` runs now: padded, packed or varlen (`backend`)."""
+        if torch.jit.is_tracing():
+            return "padded"  # a traced graph (ONNX export) would freeze one batch's packing
+        if self.backend != "auto":
+            return self.backend
+        if device.type != "cuda":
+            return "packed"
+        low_precision = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in (
+            torch.float16,
+            torch.bfloat16,
+        )
+        varlen = self.encoder.attention_type == "scaled_dot_product" and varlen_kernel()
+        return "varlen" if low_precision and varlen else "padded"
+
+    def compile_for(self, layout: str) -> None:
+        """torch.compile with dynamic shapes: no recompile as batch size and track count vary.
+
+        `padded`: the whole forward, one graph. The packed layouts build their structure from
+        the batch's multiplicities in Python (a new graph per batch if traced), so only the
+        per-track parts are compiled: the init net, every encoder feed-forward block and the
+        task heads after their first layer.
+        """
+        if layout == "padded":
+            self.compile(dynamic=True)
+            return
+        self.init_net.rest.compile(dynamic=True)
+        for layer in self.encoder.layers:
+            layer.compile_feed_forward()
+        for task in self.tasks.values():
+            task.net.rest.compile(dynamic=True)
+
     def _forward_packed(
-        self, tracks: Tensor, jets: Tensor | None, glob: Tensor | None, pad_mask: Tensor
+        self,
+        tracks: Tensor,
+        jets: Tensor | None,
+        glob: Tensor | None,
+        packing: Packing,
+        varlen: bool,
     ) -> dict[str, Tensor]:
         """The same outputs, computing per-track parts on the real tracks only."""
-        packing = Packing.from_mask(pad_mask)
         if packing.num_tracks == 0:
             # nothing to pack; the padded path keeps every parameter in the autograd graph
             # (zero gradients, not None), as the same function must
-            return self._forward_padded(tracks, jets, glob, pad_mask)
+            return self._forward_padded(tracks, jets, glob, packing.pad_mask)
         x = self.init_net(packing.pack(tracks), jets, packing)
-        x, seq = self.encoder.forward_packed(x, packing)  # seq: the tracks and registers
+        x, seq = self.encoder.forward_packed(x, packing, varlen)  # seq: tracks and registers
         if glob is not None:
             x = torch.cat([x, seq.per_track(glob.to(x.dtype))], dim=-1)
         pooled = self.pooling.forward_packed(x, seq)
@@ -160,6 +207,20 @@ class Tagger(nn.Module):
         Values on padded tracks (pairs) carry no meaning; select real ones with the pad mask.
         """
         return {name: task.predict(outputs[name]) for name, task in self.tasks.items()}
+
+
+def check_backend(backend: str, attention_type: str) -> str:
+    """`backend` if it is one of ATTENTION_BACKENDS and fits the attention type."""
+    if backend not in ATTENTION_BACKENDS:
+        raise schema.ModelConfigError(
+            f"model.attention.backend={backend!r}: expected one of {ATTENTION_BACKENDS}"
+        )
+    if backend == "varlen" and attention_type != "scaled_dot_product":
+        raise schema.ModelConfigError(
+            f"model.attention.backend=varlen needs scaled_dot_product attention (the flash "
+            f"kernel computes no {attention_type} scores); use auto, packed or padded"
+        )
+    return backend
 
 
 def _concat_masked(x: Tensor, extra: Tensor, pad_mask: Tensor) -> Tensor:
@@ -220,13 +281,7 @@ def label_specs(model_cfg: ModelConfig) -> dict[str, dict[str, LabelSpec]]:
 
 def _encoder(top: dict[str, Any], embed_dim: int) -> TransformerEncoder:
     enc = schema.take(top["encoder"], "model.encoder", schema.ENCODER_KEYS)
-    att = schema.take_typed(
-        top["attention"],
-        "model.attention",
-        schema.ATTENTION_COMMON_KEYS,
-        schema.ATTENTION_TYPE_KEYS,
-        ignore_other_types=True,
-    )
+    att = schema.encoder_attention(top["attention"])
     num_heads, _ = resolve_heads(embed_dim, att["num_heads"], att["head_dim"], "model.attention")
     return TransformerEncoder(
         embed_dim=embed_dim,
@@ -356,15 +411,15 @@ def _task(
 def build_tagger(
     model_cfg: ModelConfig,
     class_dict: Mapping[str, Any] | None = None,
-    packed: bool = True,
+    backend: str | None = None,
     loss_weights: bool = True,
 ) -> Tagger:
     """Build the tagger described by the `model` config node.
 
     `class_dict` ({input: {label: [weight per class]}}) supplies the class weights of tasks
     with `use_class_weights: true`; `loss_weights=False` builds for inference only (class
-    weights only enter the training loss), without a class_dict. `packed=False` selects the
-    plain padded reference path.
+    weights only enter the training loss), without a class_dict. `backend` overrides
+    `model.attention.backend` (see `Tagger`).
     """
     cfg = schema.to_dict(model_cfg)
     top = schema.take(cfg, "model", schema.MODEL_KEYS)
@@ -390,4 +445,5 @@ def build_tagger(
     tasks = {
         name: _task(name, spec, track_size, pooled_size, class_dict) for name, spec in specs.items()
     }
-    return Tagger(str(top["name"]), variables, init_net, encoder, pooling, tasks, packed)
+    backend = backend or schema.attention_backend(top["attention"])
+    return Tagger(str(top["name"]), variables, init_net, encoder, pooling, tasks, backend)

@@ -60,15 +60,26 @@ class EncoderLayer(nn.Module):
             dropout=dropout,
         )
         self.dropout = Dropout(dropout)
+        self._feed_forward = self.feed_forward  # `compile_feed_forward` swaps in a compiled one
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """The residual feed-forward block: per track, so the same on any layout."""
+        return x + self.dropout(self.ff(self.ff_norm(x)))
+
+    def compile_feed_forward(self) -> None:
+        """torch.compile the feed-forward block alone (dynamic track count): for the packed
+        layouts, whose attention has data-dependent structure that compiling would recompile
+        for every batch."""
+        self._feed_forward = torch.compile(self.feed_forward, dynamic=True)
 
     def forward(self, x: Tensor, pad_mask: Tensor) -> Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), kv_mask=pad_mask))
-        return x + self.dropout(self.ff(self.ff_norm(x)))
+        return self._feed_forward(x)
 
-    def forward_packed(self, x: Tensor, packing: Packing) -> Tensor:
+    def forward_packed(self, x: Tensor, packing: Packing, varlen: bool = False) -> Tensor:
         """The same layer on packed tracks `x[N, embed_dim]` (see `Packing`)."""
-        x = x + self.dropout(self.attn.forward_packed(self.attn_norm(x), packing))
-        return x + self.dropout(self.ff(self.ff_norm(x)))
+        x = x + self.dropout(self.attn.forward_packed(self.attn_norm(x), packing, varlen))
+        return self._feed_forward(x)
 
 
 class TransformerEncoder(nn.Module):
@@ -93,6 +104,7 @@ class TransformerEncoder(nn.Module):
         self.embed_dim = embed_dim
         self.out_dim = embed_dim if out_dim is None else out_dim
         self.num_registers = int(num_registers)
+        self.attention_type = attention
         self.layers = nn.ModuleList(
             EncoderLayer(
                 embed_dim,
@@ -130,14 +142,17 @@ class TransformerEncoder(nn.Module):
         x = self.norm(self.out_proj(x))
         return x.masked_fill(pad_mask.unsqueeze(-1), 0.0), pad_mask
 
-    def forward_packed(self, x: Tensor, packing: Packing) -> tuple[Tensor, Packing]:
+    def forward_packed(
+        self, x: Tensor, packing: Packing, varlen: bool = False
+    ) -> tuple[Tensor, Packing]:
         """The same encoder on packed tracks `x[N, embed_dim]`: the packed tracks and
         registers `[N + B * num_registers, out_dim]` and their packing (see
-        `Packing.append_tokens`; its `tracks()` selects the track rows)."""
+        `Packing.append_tokens`; its `tracks()` selects the track rows). `varlen`: the
+        self-attention in one varlen call (see `MultiheadAttention.forward_packed`)."""
         if self.registers is not None:
             packing, order = packing.append_tokens(self.num_registers)
             tokens = self.registers.to(x.dtype).expand(packing.pad_mask.shape[0], -1, -1)
             x = torch.cat([x, tokens.flatten(0, 1)]).index_select(0, order)
         for layer in self.layers:
-            x = layer.forward_packed(x, packing)
+            x = layer.forward_packed(x, packing, varlen)
         return self.norm(self.out_proj(x)), packing

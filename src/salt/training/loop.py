@@ -31,10 +31,11 @@ from salt.data.dataset import Batch, BatchLoader
 from salt.data.ftag import load_yaml_dict
 from salt.data.staging import stage
 from salt.data.workers import loader_options, resolve_num_workers
-from salt.errors import ConfigError, Interrupted, TrainingError
+from salt.errors import ConfigError, Interrupted
 from salt.provenance import check_clean, collect_metadata, git_state, push_tag, seed_everything
 from salt.tracking import Logger, NullLogger, build_logger
 from salt.training import checkpoint as ckpt
+from salt.training.device_batches import DeviceBatch, DeviceBatches
 from salt.training.distributed import (
     DistInfo,
     all_gather_object,
@@ -43,6 +44,7 @@ from salt.training.distributed import (
     broadcast_object,
     detect_environment,
 )
+from salt.training.loss_window import LossWindow
 from salt.training.run_dir import (
     create_run_dir,
     remember_job,
@@ -98,6 +100,12 @@ class Run:
     autocast_dtype: torch.dtype | None
     monitor: str = "val/loss"  # names the epoch checkpoints, picks the best (trainer.monitor)
     stop: StopSignal | None = None
+    losses: LossWindow = field(default_factory=LossWindow)  # read every log_every_n_steps
+
+    def __post_init__(self) -> None:
+        # the loaders as the step sees them: on the device, the next batch already copied
+        self.train_batches = DeviceBatches(self.train_loader, self.dist.device)
+        self.val_batches = DeviceBatches(self.val_loader, self.dist.device)
 
 
 # ---- set-up -------------------------------------------------------------------------------
@@ -107,6 +115,13 @@ def autocast_dtype(precision: Any) -> torch.dtype | None:
     if value not in choices:
         raise ValueError(f"trainer.precision={precision!r}: expected one of 32, bf16, 16.")
     return choices[value]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device` (None: full precision)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def ranks_sharing_cpus(dist: DistInfo) -> int:
@@ -156,11 +171,13 @@ def build_optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
     opt_cfg = cfg.optimizer
     if optimizer is None:
+        # fused (one kernel for all parameters, CPU and CUDA): it can also skip a step on
+        # the device (`found_inf`), which the non-finite check relies on (optimizer_step)
         optimizer = torch.optim.AdamW(
             model.parameters(),
             lr=float(opt_cfg.max),
             weight_decay=float(opt_cfg.weight_decay),
-            fused=(device.type == "cuda") or None,
+            fused=True,
         )
     # one-cycle: initial -> max over pct_start of the steps, then cosine down to end
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -195,6 +212,10 @@ def setup(cfg: DictConfig, dist: DistInfo, resources: contextlib.ExitStack | Non
     class_dict = load_yaml_dict(files.class_dict, "class_dict") if files.class_dict else None
     tagger = models.build_tagger(cfg.model, class_dict).to(dist.device)
     monitor = monitored(cfg, tagger)
+    amp = autocast_dtype(cfg.trainer.precision)
+    if cfg.trainer.get("compile"):
+        with autocast(dist.device, amp):
+            tagger.compile_for(tagger.layout(dist.device))
     model: nn.Module = tagger
     if dist.world_size > 1:
         ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -206,7 +227,6 @@ def setup(cfg: DictConfig, dist: DistInfo, resources: contextlib.ExitStack | Non
     if fast_dev_run:
         total_steps = fast_dev_run
     optimizer, scheduler = build_optimizer(cfg, tagger, total_steps, dist.device)
-    amp = autocast_dtype(cfg.trainer.precision)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp is torch.float16)
 
     counters = Counters()
@@ -291,7 +311,7 @@ def checkpoint_state(run: Run, rng_per_rank: list[dict[str, Any]] | None = None)
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
-        "data": run.train_loader.state_dict(),
+        "data": run.train_batches.state_dict(),
         "rng": rng_per_rank[0],
         # every DDP rank's generators: dropout draws differ per rank (different batch shapes)
         "rng_per_rank": rng_per_rank,
@@ -310,11 +330,17 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# model keys that change how the tagger is computed, not what: free to differ on resume
+SAME_FUNCTION_KEYS = frozenset({"attention.backend"})
+
+
 def check_model_config(saved: Any, current: Any, path: Path) -> None:
     """A checkpoint only fits the model config it was trained with: name what differs."""
     a, b = _flat(saved), _flat(current)
     differing = sorted(
-        k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>")
+        k
+        for k in a.keys() | b.keys()
+        if a.get(k, "<absent>") != b.get(k, "<absent>") and k not in SAME_FUNCTION_KEYS
     )
     if differing:
         shown = "; ".join(
@@ -352,7 +378,7 @@ def restore(run: Run, state: Mapping[str, Any], path: Path) -> None:
             for _ in range(min(int(state["counters"]["step"]), run.total_steps - 1)):
                 run.scheduler.step()
     run.scaler.load_state_dict(state["scaler"])
-    run.train_loader.load_state_dict(state["data"])
+    run.train_batches.load_state_dict(state["data"])
     run.counters.load_state_dict(state["counters"])
     per_rank = state.get("rng_per_rank")
     if per_rank and len(per_rank) == run.dist.world_size:
@@ -377,6 +403,7 @@ def save(run: Run, name: str, also_last: bool = True) -> None:
     and a failed write (a full disk) stops every rank, not only rank 0."""
     if run.run_dir is None:
         return
+    run.losses.read()  # no checkpoint after a step with a non-finite loss
     rng = all_gather_object(ckpt.rng_state())
     failure, cause = None, None
     if run.dist.is_main:
@@ -425,52 +452,42 @@ def resume_hint(run: Run) -> str:
 
 
 # ---- one step -----------------------------------------------------------------------------
-def forward(run: Run, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    ctx = (
-        torch.autocast(run.dist.device.type, dtype=run.autocast_dtype)
-        if run.autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-    with ctx:
-        return run.model(batch["inputs"], batch["pad_masks"], batch["labels"])
+def forward(
+    run: Run, batch: Batch, jets_per_size: list[int] | None = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    with autocast(run.dist.device, run.autocast_dtype):
+        return run.model(
+            batch["inputs"], batch["pad_masks"], batch["labels"], jets_per_size=jets_per_size
+        )
 
 
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    if device.type == "cpu":
-        return batch
+def optimizer_step(run: Run, loss: Tensor) -> None:
+    """Step the optimizer unless `loss` is non-finite, decided on the device (no host sync).
 
-    def move(x: Any) -> Any:
-        if isinstance(x, dict):
-            return {k: move(v) for k, v in x.items()}
-        return x.to(device, non_blocking=True)
-
-    return move(batch)
-
-
-def check_finite(run: Run, losses: Mapping[str, Tensor]) -> None:
-    # One host sync per step: a NaN must stop the run before it reaches the weights.
-    if bool(torch.isfinite(losses["loss"])):
+    The fused AdamW skips its update where `found_inf` is non-zero, as GradScaler has it do
+    for fp16 (a non-finite loss gives non-finite gradients, which the scaler finds itself).
+    The loss window names the step when it is next read (salt.training.loss_window).
+    """
+    if run.scaler.is_enabled():
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
         return
-    bad = [k for k, v in losses.items() if k != "loss" and not bool(torch.isfinite(v))]
-    raise TrainingError(
-        f"non-finite loss at step {run.counters.step} (epoch {run.counters.epoch}) in task(s) "
-        f"{', '.join(bad) or 'loss'}: {[float(losses[k].detach()) for k in bad]}. Stopping; "
-        "the last good checkpoint is kept. Check the inputs (data.nan_policy) and the "
-        "learning rate."
-    )
+    run.optimizer.found_inf = (~torch.isfinite(loss.detach())).float()  # type: ignore[attr-defined]
+    try:
+        run.optimizer.step()
+    finally:
+        del run.optimizer.found_inf  # type: ignore[attr-defined]
 
 
-def train_step(run: Run, batch: Batch) -> dict[str, Tensor]:
-    _, losses = forward(run, batch)
-    check_finite(run, losses)
+def train_step(run: Run, batch: DeviceBatch) -> dict[str, Tensor]:
+    _, losses = forward(run, batch.tensors, batch.jets_per_size)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(losses["loss"]).backward()
     clip = run.cfg.trainer.gradient_clip_val
     if clip:
         run.scaler.unscale_(run.optimizer)
         nn.utils.clip_grad_norm_(run.tagger.parameters(), float(clip), foreach=True)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    optimizer_step(run, losses["loss"])
     run.scheduler.step()
     return {k: v.detach() for k, v in losses.items()}
 
@@ -495,44 +512,44 @@ def train_epoch(run: Run) -> bool:
     """One (possibly resumed) epoch; True when it ran to its end."""
     c = run.counters
     run.model.train()
-    run.train_loader.set_epoch(c.epoch)
+    run.train_batches.set_epoch(c.epoch)
     fast = int(run.cfg.trainer.fast_dev_run or 0)
     log_every = int((run.cfg.get("logger") or {}).get("log_every_n_steps", 50))
     ckpt_every = int(run.cfg.trainer.ckpt_every_n_steps or 0)
     max_steps = int(run.cfg.trainer.max_steps)
-    total = fast or len(run.train_loader)
+    total = fast or len(run.train_batches)
     bar = progress(run, total, f"epoch {c.epoch}")
     if bar is not None:
-        bar.update(run.train_loader.state_dict()["consumed"] if not fast else 0)
-    sums: dict[str, Tensor] = {}
+        bar.update(run.train_batches.consumed if not fast else 0)
     n_batches, n_jets, t0 = 0, 0, time.perf_counter()
-    for batch in limited(run.train_loader, fast):
-        losses = train_step(run, to_device(batch, run.dist.device))
+    for batch in limited(run.train_batches, fast):
+        losses = train_step(run, batch)
+        run.losses.add(losses, c.step, c.epoch)  # stays on the device until read
         c.step += 1
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0) + v
         n_batches += 1
-        n_jets += len(batch["inputs"]["jets"]) if "jets" in batch["inputs"] else 0
+        n_jets += batch.num_jets
         if bar is not None:
             bar.update(1)
         if c.step % log_every == 0 or n_batches == total:
+            window = run.losses.read()  # the one host sync of the window
             rate = n_jets * run.dist.world_size / (time.perf_counter() - t0)
             metrics = {
-                f"train/{k}" if k == "loss" else f"train/{k}_loss": float(v) / n_batches
-                for k, v in sums.items()
+                f"train/{k}" if k == "loss" else f"train/{k}_loss": v
+                for k, v in window.means.items()
             }
             metrics |= {"train/lr": run.scheduler.get_last_lr()[0], "train/jets_per_s": rate}
             run.logger.log_metrics(metrics, step=c.step, epoch=c.epoch)
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", jets_s=f"{rate:.0f}")
-            sums, n_batches, n_jets, t0 = {}, 0, 0, time.perf_counter()
+            n_batches, n_jets, t0 = 0, 0, time.perf_counter()
         if ckpt_every and c.step % ckpt_every == 0 and not fast:
             save(run, ckpt.LAST, also_last=False)
         if 0 < max_steps <= c.step or stop_requested(run):
             break
+    run.losses.read()  # a non-finite loss in the last steps stops the run here
     if bar is not None:
         bar.close()
-    return fast > 0 or run.train_loader.consumed >= len(run.train_loader)
+    return fast > 0 or run.train_batches.consumed >= len(run.train_batches)
 
 
 @torch.no_grad()
@@ -543,10 +560,9 @@ def validate(run: Run) -> dict[str, float]:
     sums: dict[str, Tensor] = {}
     correct = torch.zeros((), device=run.dist.device, dtype=torch.float64)
     counted = torch.zeros((), device=run.dist.device, dtype=torch.float64)
-    for batch in limited(run.val_loader, fast):
-        batch = to_device(batch, run.dist.device)
-        outputs, losses = forward(run, batch)
-        n = len(next(iter(batch["inputs"].values())))
+    for device_batch in limited(run.val_batches, fast):
+        batch, n = device_batch.tensors, device_batch.num_jets
+        outputs, losses = forward(run, batch, device_batch.jets_per_size)
         for k, v in losses.items():
             sums[k] = sums.get(k, 0) + v.double() * n
         sums["_jets"] = sums.get("_jets", 0) + n
@@ -626,10 +642,20 @@ class StopSignal:
             previous(self.received, None)
 
 
-def stop_requested(run: Run) -> bool:
-    """Whether any rank received a stop signal (all ranks must stop at the same step)."""
+# under DDP the ranks agree on a stop every this many steps (each time: one host sync)
+STOP_CHECK_EVERY_N_STEPS = 10
+
+
+def stop_requested(run: Run, at_boundary: bool = False) -> bool:
+    """Whether any rank received a stop signal (all ranks must stop at the same step).
+
+    Under DDP, asked every `STOP_CHECK_EVERY_N_STEPS` steps (and at `at_boundary`, an epoch's
+    end); alone, every step, for free.
+    """
     flag = run.stop is not None and run.stop.received is not None
     if run.dist.world_size > 1:
+        if not at_boundary and run.counters.step % STOP_CHECK_EVERY_N_STEPS:
+            return False
         t = torch.tensor([float(flag)], device=run.dist.device)
         flag = bool(all_reduce_sum(t).item() > 0)
     return flag
@@ -656,7 +682,7 @@ def _fit(run: Run) -> Run:
     try:
         while c.epoch < max_epochs and not (0 < max_steps <= c.step):
             complete = train_epoch(run)
-            if not complete and stop_requested(run):
+            if not complete and stop_requested(run, at_boundary=True):
                 save(run, ckpt.LAST, also_last=False)
                 barrier()  # no rank leaves (and gets the job killed) before rank 0 has saved
                 status = "interrupted"
