@@ -5,6 +5,7 @@
     python scripts/compare_with_salt.py --only ours --variant registers0 -- \
         model.encoder.num_registers=0                    # a variant of ours beside the old tool
     python scripts/compare_with_salt.py --equivalence    # same weights -> same function?
+    python scripts/compare_with_salt.py --speed          # real GN2, fp32 CPU jets/s of both
 
 Both tools train the same small GN2 (embedding 128, init net [128], 2 encoder layers, 4 heads,
 output 64, heads [128, 64, 32], ReLU, no dropout, class weights from the class dict, the old
@@ -448,6 +449,51 @@ def map_old_state(old: dict, m: Model) -> dict:
     return out
 
 
+GN2 = Model(embed_dim=256, init_hidden=256, num_layers=4, num_heads=8, out_dim=128)
+
+
+def speed(args, f: Files) -> int:
+    """fp32 CPU training speed of the real GN2: the old tool's model step against salt's
+    whole loop (data, step), on the same file and batch size."""
+    out = args.work / "speed"
+    out.mkdir(parents=True, exist_ok=True)
+    steps, warmup, batch = args.speed_steps, 2, args.batch_size
+    settings = {
+        "file": str(f.train),
+        "norm_dict": str(f.norm_dict),
+        "class_dict": str(f.class_dict),
+        "seed": 3,
+        "model": vars(GN2) | {"head_hidden": list(GN2.head_hidden)},
+        "jet_variables": JET_VARIABLES,
+        "track_variables": TRACK_VARIABLES,
+        "batch_size": batch,
+        "steps": steps,
+        "warmup": warmup,
+    }
+    (out / "settings.json").write_text(json.dumps(settings))
+    exe = ensure_old_venv(args.venv)
+    script = str(REPO / "scripts" / "old_tool_reference.py")
+    old_cmd = [str(exe.parent / "python"), script, "--speed", str(out / "settings.json")]
+    run(old_cmd, out / "old.log")
+    old = json.loads((out / "old.log").read_text().strip().splitlines()[-1])
+    ours_args = ours_overrides(GN2, Schedule(1, batch), f, "GN2", out)
+    bench = [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--variant", "auto"]
+    bench += ["--steps", str(steps), "--warmup", str(warmup), *ours_args]
+    run(bench, out / "ours.log")
+    ours = json.loads((out / "ours.log").read_text().strip().splitlines()[-1])
+    ratio = ours["jets_per_s"] / old["jets_per_s"]
+    table = (
+        f"GN2 (real sizes) fp32 training on CPU, batch {batch}, {old['threads']} threads, "
+        f"{steps} timed steps:\n"
+        f"  old tool (salt-ml {OLD_VERSION}), model step only: {old['jets_per_s']:8.1f} jets/s\n"
+        f"  salt, the whole loop ({ours['layout']} layout):     {ours['jets_per_s']:8.1f} jets/s\n"
+        f"  salt / old tool: {ratio:.1f}x"
+    )
+    (out / "speed.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
 def equivalence(args, m: Model, f: Files) -> int:
     """Load the old tool's freshly initialised GN2 into ours; compare losses, jet logits and
     gradients on the same jets (fp64, both of our paths). 0 when they agree."""
@@ -710,6 +756,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only check that our GN2 with the old tool's weights is the same function "
         "(losses, jet logits, gradients) on the first training jets",
     )
+    parser.add_argument(
+        "--speed",
+        action="store_true",
+        help="only compare fp32 CPU training speed of the real GN2 (jets/s, --batch-size)",
+    )
+    parser.add_argument("--speed-steps", type=int, default=10)
     parser.add_argument("--equivalence-jets", type=int, default=300)
     parser.add_argument("--equivalence-tol", type=float, default=1e-5)
     parser.add_argument(
@@ -724,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
     model, schedule = Model(), Schedule(args.epochs, args.batch_size)
     if args.equivalence:
         return equivalence(args, model, files)
+    if args.speed:
+        return speed(args, files)
     results = {}
     if args.only in ("both", "old"):
         results["old"] = train_old(args, model, schedule, files)

@@ -1,7 +1,15 @@
 """Run with the old tool's python (salt-ml): its GN2 on the first jets of a file, saved for
-`compare_with_salt.py --equivalence`, which loads the same weights into ours and compares.
+`compare_with_salt.py --equivalence`, which loads the same weights into ours and compares;
+or its training speed, for `compare_with_salt.py --speed`.
 
     <old venv>/bin/python scripts/old_tool_reference.py SETTINGS.json OUT.pt
+    <old venv>/bin/python scripts/old_tool_reference.py --speed SETTINGS.json
+
+With --speed, SETTINGS.json also holds "batch_size", "steps" and "warmup": fp32 training
+steps (forward, backward, AdamW) on consecutive batches of the file's first jets, as the old
+tool's loader gives them (every track slot of the file, padded ones included); prints one JSON
+line with jets/s over the timed steps. Only the model's step is timed (the old tool's loader
+and Lightning add to that in real training): a lower bound on its time per jet.
 
 SETTINGS.json: {"file", "norm_dict", "class_dict", "num_jets", "seed", "model": {sizes},
 "jet_variables", "track_variables"}. OUT.pt: the state dict, the per-task losses, the jet
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -137,7 +146,39 @@ def load_batch(settings: dict) -> tuple[dict, dict, dict]:
     return inputs, {"tracks": pad}, labels
 
 
+def speed(settings: dict) -> dict:
+    """Timed fp32 training steps of the old tool's GN2 (see the module docstring)."""
+    batch, steps, warmup = settings["batch_size"], settings["steps"], settings["warmup"]
+    settings = {**settings, "num_jets": batch * (steps + warmup)}
+    torch.manual_seed(settings["seed"])
+    model, norm = build(settings)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-5)
+    inputs, pad_masks, labels = load_batch(settings)
+    inputs = norm(inputs)
+
+    def part(tree: dict, i: int) -> dict:
+        return {
+            k: part(v, i) if isinstance(v, dict) else v[i * batch : (i + 1) * batch]
+            for k, v in tree.items()
+        }
+
+    model.train()
+    for i in range(steps + warmup):
+        if i == warmup:
+            start = time.perf_counter()
+        _, losses = model(part(inputs, i), part(pad_masks, i), part(labels, i))
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    seconds = time.perf_counter() - start
+    return {"jets_per_s": batch * steps / seconds, "threads": torch.get_num_threads()}
+
+
 def main() -> int:
+    if sys.argv[1] == "--speed":
+        with open(sys.argv[2]) as f:
+            print(json.dumps(speed(json.load(f))))
+        return 0
     with open(sys.argv[1]) as f:
         settings = json.load(f)
     torch.manual_seed(settings["seed"])

@@ -157,3 +157,27 @@ def test_state_before_iterating_a_new_epoch_is_its_start(tmp_path: Path) -> None
     assert len(list(loader)) == 6 and loader.state_dict() == {"epoch": 0, "consumed": 6}
     loader.set_epoch(1)
     assert loader.state_dict() == {"epoch": 1, "consumed": 0}
+
+
+def test_each_file_is_opened_once_not_per_batch(tmp_path: Path, monkeypatch) -> None:
+    """A reader keeps its file open across chunks, batches and epochs (reopening an HDF5 file
+    per batch costs milliseconds each on a network filesystem)."""
+    import salt.data.ftag as ftag
+
+    paths = [write_ftag_file(tmp_path / f"f{i}.h5", n_jets=120, seed=i) for i in range(2)]
+    norm = norm_dict_for(paths[0])
+    opened: list[str] = []
+    original = ftag.open_h5
+
+    def counted(path):
+        opened.append(str(path))
+        return original(path)
+
+    monkeypatch.setattr(ftag, "open_h5", counted)
+    loader = BatchLoader(make(paths, norm), num_workers=0)
+    batches = 0
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        batches += sum(1 for _ in loader)
+    assert batches == 2 * 24  # 8 chunks of 3 batches per epoch
+    assert sorted(opened) == sorted(str(p) for p in paths)  # once each

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -96,6 +97,22 @@ class Dense(nn.Module):
                 rest.append(Dropout(dropout))
             rest.append(nn.Linear(n_in, n_out))
         self.rest = nn.Sequential(*rest)
+        self._tail = self._run_rest  # `compile_tail` swaps in a compiled one
+
+    def _run_rest(self, h: Tensor) -> Tensor:
+        return self.rest(h)
+
+    def tail(self, h: Tensor) -> Tensor:
+        """Everything after the first layer (`rest`) on first-layer outputs `h`."""
+        return self._tail(h)
+
+    def compile_tail(self, backend: str = "inductor") -> None:
+        """torch.compile `tail` (dynamic row count): per row, so the same on any layout.
+
+        A method of ours is compiled, not `rest` itself: torch.compile does not trace a
+        module whose code is all torch's (an `nn.Sequential`).
+        """
+        self._tail = torch.compile(self._run_rest, dynamic=True, backend=backend)
 
     def forward(
         self, x: Tensor, context: Tensor | None = None, packing: Packing | None = None
@@ -106,7 +123,7 @@ class Dense(nn.Module):
         holds packed tracks (see `salt.models.packing`) and each takes its jet's context.
         """
         if not self.context_size:
-            return self.rest(self.first(x))
+            return self.tail(self.first(x))
         if context is None:
             raise ValueError("this Dense network was built with a context; pass one")
         if packing is not None:
@@ -114,10 +131,10 @@ class Dense(nn.Module):
                 raise ValueError("a packed context needs a Dense network with a single input")
             # project the context once per jet, then give every track its jet's projection
             per_jet = self.first.project(1, context, bias=True)
-            return self.rest(self.first.project(0, x) + packing.per_track(per_jet))
+            return self.tail(self.first.project(0, x) + packing.per_track(per_jet))
         # context [B, C] -> [B, 1, ..., C] to broadcast against x [B, ..., F]
         context = context.reshape(context.shape[0], *([1] * (x.dim() - 2)), -1)
-        return self.rest(self.first(x, context))
+        return self.tail(self.first(x, context))
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

@@ -150,22 +150,23 @@ class Tagger(nn.Module):
         varlen = self.encoder.attention_type == "scaled_dot_product" and varlen_kernel()
         return "varlen" if low_precision and varlen else "padded"
 
-    def compile_for(self, layout: str) -> None:
+    def compile_for(self, layout: str, backend: str = "inductor") -> None:
         """torch.compile with dynamic shapes: no recompile as batch size and track count vary.
 
         `padded`: the whole forward, one graph. The packed layouts build their structure from
         the batch's multiplicities in Python (a new graph per batch if traced), so only the
         per-track parts are compiled: the init net, every encoder feed-forward block and the
-        task heads after their first layer.
+        task heads after their first layer. `backend`: torch.compile's (inductor; aot_eager
+        and eager trace without generating code, for debugging).
         """
         if layout == "padded":
-            self.compile(dynamic=True)
+            self.compile(dynamic=True, backend=backend)
             return
-        self.init_net.rest.compile(dynamic=True)
+        self.init_net.compile_tail(backend)
         for layer in self.encoder.layers:
-            layer.compile_feed_forward()
+            layer.compile_feed_forward(backend)
         for task in self.tasks.values():
-            task.net.rest.compile(dynamic=True)
+            task.net.compile_tail(backend)
 
     def _forward_packed(
         self,

@@ -215,7 +215,7 @@ class VertexingTask(Task):
             per_jet = first.linear.bias
         # pairwise sum [B, T, T, H]; per_jet cast to the (autocast) dtype of the projections
         h = x_i.unsqueeze(2) + x_j.unsqueeze(1) + per_jet.to(x_i.dtype)
-        logits = self.net.rest(h).squeeze(-1)  # [B, T, T]
+        logits = self.net.tail(h).squeeze(-1)  # [B, T, T]
         pair_pad = pad_mask.unsqueeze(2) | pad_mask.unsqueeze(1)
         return logits.masked_fill(pair_pad, 0.0)
 
@@ -228,7 +228,7 @@ class VertexingTask(Task):
         else:
             x_i = x_i + first.linear.bias.to(x_i.dtype)
         h = packing.pairwise(x_i, first.project(1, tracks))  # [P, H]
-        return packing.unpack_pairs(self.net.rest(h).squeeze(-1))
+        return packing.unpack_pairs(self.net.tail(h).squeeze(-1))
 
     def loss(self, output: Tensor, target: Tensor, pad_mask: Tensor) -> Tensor:
         vertex, origin = (target, None) if target.dim() == 2 else target.unbind(-1)

@@ -66,11 +66,11 @@ class EncoderLayer(nn.Module):
         """The residual feed-forward block: per track, so the same on any layout."""
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
-    def compile_feed_forward(self) -> None:
+    def compile_feed_forward(self, backend: str = "inductor") -> None:
         """torch.compile the feed-forward block alone (dynamic track count): for the packed
         layouts, whose attention has data-dependent structure that compiling would recompile
         for every batch."""
-        self._feed_forward = torch.compile(self.feed_forward, dynamic=True)
+        self._feed_forward = torch.compile(self.feed_forward, dynamic=True, backend=backend)
 
     def forward(self, x: Tensor, pad_mask: Tensor) -> Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), kv_mask=pad_mask))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -115,6 +116,21 @@ def autocast_dtype(precision: Any) -> torch.dtype | None:
     if value not in choices:
         raise ValueError(f"trainer.precision={precision!r}: expected one of 32, bf16, 16.")
     return choices[value]
+
+
+def compile_option(value: Any) -> str | None:
+    """`trainer.compile`: false (None), true (inductor) or a torch.compile backend's name."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "inductor"
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if not isinstance(value, str) or value not in backends:
+        raise ConfigError(
+            f"trainer.compile={value!r}: expected true, false or a torch.compile backend "
+            f"({', '.join(sorted(backends))})."
+        )
+    return value
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -213,9 +229,10 @@ def setup(cfg: DictConfig, dist: DistInfo, resources: contextlib.ExitStack | Non
     tagger = models.build_tagger(cfg.model, class_dict).to(dist.device)
     monitor = monitored(cfg, tagger)
     amp = autocast_dtype(cfg.trainer.precision)
-    if cfg.trainer.get("compile"):
+    compile_backend = compile_option(cfg.trainer.get("compile", False))
+    if compile_backend is not None:
         with autocast(dist.device, amp):
-            tagger.compile_for(tagger.layout(dist.device))
+            tagger.compile_for(tagger.layout(dist.device), compile_backend)
     model: nn.Module = tagger
     if dist.world_size > 1:
         ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -560,6 +577,8 @@ def validate(run: Run) -> dict[str, float]:
     sums: dict[str, Tensor] = {}
     correct = torch.zeros((), device=run.dist.device, dtype=torch.float64)
     counted = torch.zeros((), device=run.dist.device, dtype=torch.float64)
+    scores: list[Tensor] = []  # the jet flavour probabilities and classes, for rejections
+    classes: list[Tensor] = []
     for device_batch in limited(run.val_batches, fast):
         batch, n = device_batch.tensors, device_batch.num_jets
         outputs, losses = forward(run, batch, device_batch.jets_per_size)
@@ -571,6 +590,8 @@ def validate(run: Run) -> dict[str, float]:
             keep = target >= 0
             correct += (outputs[jet_task.name].argmax(-1) == target)[keep].sum()
             counted += keep.sum()
+            scores.append(jet_task.predict(outputs[jet_task.name]).float())
+            classes.append(target)
     keys = sorted(sums)
     totals = all_reduce_sum(
         torch.stack(
@@ -587,7 +608,36 @@ def validate(run: Run) -> dict[str, float]:
     }
     if jet_task is not None:
         metrics["val/jet_accuracy"] = values["_correct"] / max(values["_counted"], 1.0)
+        metrics |= rejections_at(jet_task.class_names, scores, classes)
     return metrics
+
+
+REJECTION_WP = 70  # % b-jet efficiency of the rejections logged per epoch
+
+
+def rejections_at(
+    class_names: list[str], scores: list[Tensor], classes: list[Tensor]
+) -> dict[str, float]:
+    """`val/<flavour>_rej_70`: background rejections at 70% b-jet efficiency (D_b with
+    f_c = 0.2, as salt.evaluate) on every rank's validation jets; none without b, c, u."""
+    from salt.evaluation.performance import REQUIRED_CLASSES, b_tagging_performance
+    from salt.evaluation.predictions import JetScores
+
+    if not scores or any(c not in class_names for c in REQUIRED_CLASSES):
+        return {}
+    parts = all_gather_object((torch.cat(scores).cpu().numpy(), torch.cat(classes).cpu().numpy()))
+    probs = np.concatenate([p for p, _ in parts])
+    labels = np.concatenate([c for _, c in parts])
+    try:
+        perf = b_tagging_performance(JetScores(list(class_names), probs, labels), 0.2, [70])
+    except ValueError:  # no b-jet among the validation jets
+        return {}
+    row = perf.working_points[REJECTION_WP]
+    return {
+        f"val/{k.removesuffix('_rejection')}_rej_{REJECTION_WP}": float(v)
+        for k, v in row.items()
+        if k.endswith("_rejection") and v is not None and math.isfinite(v)
+    }
 
 
 def monitored(cfg: DictConfig, tagger: models.Tagger) -> str:
@@ -679,6 +729,9 @@ def _fit(run: Run) -> Run:
     max_epochs = 1 if fast else int(cfg.trainer.max_epochs)
     max_steps = int(cfg.trainer.max_steps)
     status = "failed"
+    started, first_step = time.perf_counter(), c.step
+    best: tuple[int, dict[str, float]] | None = None
+    last: tuple[int, dict[str, float]] | None = None
     try:
         while c.epoch < max_epochs and not (0 < max_steps <= c.step):
             complete = train_epoch(run)
@@ -692,16 +745,14 @@ def _fit(run: Run) -> Run:
                 raise Interrupted(run.stop.received or signal.SIGTERM, c.step, run.run_dir)
             metrics = validate(run)
             c.epoch_complete = complete
+            if metrics[run.monitor] <= c.best_val_loss:
+                best = (c.epoch, metrics)
             c.best_val_loss = min(c.best_val_loss, metrics[run.monitor])
+            last = (c.epoch, metrics)
             run.logger.log_metrics(metrics | {"epoch": c.epoch}, step=c.step, epoch=c.epoch)
             run.logger.on_epoch_end(c.epoch)
             if dist.is_main:
-                accuracy = metrics.get("val/jet_accuracy")
-                print(
-                    f"epoch {c.epoch}: val loss {metrics['val/loss']:.4f}"
-                    + (f", jet accuracy {accuracy:.3f}" if accuracy is not None else ""),
-                    flush=True,
-                )
+                print(f"epoch {c.epoch}: {epoch_line(metrics)}", flush=True)
             if not fast:
                 save(run, ckpt.checkpoint_name(c.epoch, metrics[run.monitor]))
             if not complete:
@@ -711,5 +762,44 @@ def _fit(run: Run) -> Run:
     finally:
         run.logger.finalize(status)
     if dist.is_main and run.run_dir is not None:
-        print(f"salt: run directory {run.run_dir}", flush=True)
+        print(summary(run, time.perf_counter() - started, c.step - first_step, best, last))
     return run
+
+
+def epoch_line(metrics: Mapping[str, float]) -> str:
+    """The validation figures of one epoch, as printed."""
+    parts = [f"val loss {metrics['val/loss']:.4f}"]
+    if "val/jet_accuracy" in metrics:
+        parts.append(f"jet accuracy {metrics['val/jet_accuracy']:.3f}")
+    parts += [
+        f"{name} rejection {metrics[key]:.1f}"
+        for name in ("light", "c")
+        if (key := f"val/{name}_rej_{REJECTION_WP}") in metrics
+    ]
+    wp = f" (at {REJECTION_WP}% b-jet efficiency)" if len(parts) > 2 else ""
+    return ", ".join(parts) + wp
+
+
+def summary(
+    run: Run,
+    seconds: float,
+    steps: int,
+    best: tuple[int, Mapping[str, float]] | None,
+    last: tuple[int, Mapping[str, float]] | None,
+) -> str:
+    """What a physicist reads first at the end of a run: time, the rejections of the best
+    epoch on the validation jets, and the next commands."""
+    minutes, secs = divmod(round(seconds), 60)
+    lines = [f"salt: trained {steps} steps in {minutes}m{secs:02d}s; run directory {run.run_dir}"]
+    shown = best or last
+    if shown is not None:
+        epoch, metrics = shown
+        which = "the best checkpoint" if best is not None else "the last epoch"
+        lines.append(f"  validation jets, epoch {epoch} ({which}): {epoch_line(metrics)}")
+    lines += [
+        "  next:",
+        f"    python -m salt.evaluate run_dir={run.run_dir}   # test jets: predictions file, "
+        "rejections, ROC",
+        f"    python -m salt.export run_dir={run.run_dir}     # ONNX model for ATLAS inference",
+    ]
+    return "\n".join(lines)
