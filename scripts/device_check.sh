@@ -107,14 +107,18 @@ step() {
 }
 
 # ---- 1. environment ---------------------------------------------------------------------
+# salt runs from a copy of src/ and conf/ outside any git checkout: its provenance check then
+# needs no git executable (the machine may have none, and a copied .git without it is an error)
+mkdir -p "$WORK/salt"
+cp -r "$ROOT/src" "$ROOT/conf" "$WORK/salt/"
+SITE="$WORK/salt/src"
 if [ -n "$WHEELS" ]; then
     step "install the missing packages from $WHEELS" 120 \
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --target "$WORK/site" "$WHEELS"/*.whl
-    export PYTHONPATH="$ROOT/src:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
-else
-    export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+    SITE="$SITE:$WORK/site"
 fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 step "environment" 60 "$PY" - <<'EOF'
 import os, platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cpus", os.cpu_count())
@@ -125,8 +129,11 @@ else:
     print("gpu: none (CUDA not available)")
 from salt.models.attention import varlen_kernel
 print("varlen kernel (torch.nn.attention.varlen):", varlen_kernel() is not None)
-import hydra, omegaconf, submitit, git  # the packages the wheels bring
-print("hydra", hydra.__version__, "omegaconf", omegaconf.__version__)
+import importlib.util, hydra, omegaconf, submitit  # the packages the wheels bring
+print("hydra", hydra.__version__, "omegaconf", omegaconf.__version__,
+      "gitpython", importlib.util.find_spec("git") is not None)
+import salt
+print("salt from", salt.__file__)
 EOF
 
 # ---- 2. tests ---------------------------------------------------------------------------

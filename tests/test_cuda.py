@@ -118,7 +118,8 @@ def test_low_precision_training_reduces_the_loss(
         tmp_path,
         sample_cache,
         f"trainer.precision={precision}",
-        "trainer.max_epochs=3",
+        "trainer.max_epochs=8",  # 96 steps: on CPU (bf16) the loss falls from 4.36 to 3.32
+        "optimizer.max=3e-3",
         "logger=local",
         "logger.log_every_n_steps=1",
     )

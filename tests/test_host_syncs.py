@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from salt.errors import TrainingError
 from salt.training.loop import limited, setup, train_step
+from salt.training.loss_window import LossWindow
 from tests.test_train import cpu, make_cfg
 
 # aten ops that read a device value on the host or size their output by the data
@@ -141,3 +142,16 @@ def test_a_non_finite_loss_skips_the_step_on_the_device_and_is_named_later(
     assert not torch.equal(run.tagger.state_dict()[weight], before[weight])
     with pytest.raises(TrainingError, match=r"non-finite loss at step 1 \(epoch 0\) in task"):
         run.losses.read()
+
+
+def test_loss_window_means_keep_and_names() -> None:
+    window = LossWindow()
+    for step, value in enumerate([1.0, 2.0, 3.0]):
+        window.add({"jets": torch.tensor(value), "loss": torch.tensor(2 * value)}, step, 0)
+    assert window.read(keep=True).means == {"jets": 2.0, "loss": 4.0}  # a check keeps them
+    summary = window.read()
+    assert summary.num_steps == 3 and summary.means == {"jets": 2.0, "loss": 4.0}
+    assert len(window) == 0 and window.read().num_steps == 0
+    with pytest.raises(ValueError, match="loss names changed"):
+        window.add({"jets": torch.tensor(1.0)}, 3, 0)
+        window.add({"tracks": torch.tensor(1.0)}, 4, 0)

@@ -420,7 +420,7 @@ def save(run: Run, name: str, also_last: bool = True) -> None:
     and a failed write (a full disk) stops every rank, not only rank 0."""
     if run.run_dir is None:
         return
-    run.losses.read()  # no checkpoint after a step with a non-finite loss
+    run.losses.read(keep=True)  # no checkpoint after a step with a non-finite loss
     rng = all_gather_object(ckpt.rng_state())
     failure, cause = None, None
     if run.dist.is_main:
@@ -588,7 +588,7 @@ def validate(run: Run) -> dict[str, float]:
         if jet_task is not None:
             target = batch["labels"][jet_task.input_type][jet_task.label]
             keep = target >= 0
-            correct += (outputs[jet_task.name].argmax(-1) == target)[keep].sum()
+            correct += ((outputs[jet_task.name].argmax(-1) == target) & keep).sum()
             counted += keep.sum()
             scores.append(jet_task.predict(outputs[jet_task.name]).float())
             classes.append(target)
@@ -623,9 +623,14 @@ def rejections_at(
     from salt.evaluation.performance import REQUIRED_CLASSES, b_tagging_performance
     from salt.evaluation.predictions import JetScores
 
-    if not scores or any(c not in class_names for c in REQUIRED_CLASSES):
+    if any(c not in class_names for c in REQUIRED_CLASSES):
         return {}
-    parts = all_gather_object((torch.cat(scores).cpu().numpy(), torch.cat(classes).cpu().numpy()))
+    local = (
+        (torch.cat(scores).cpu().numpy(), torch.cat(classes).cpu().numpy())
+        if scores
+        else (np.zeros((0, len(class_names)), np.float32), np.zeros(0, np.int64))
+    )
+    parts = all_gather_object(local)  # every rank calls it, with or without jets
     probs = np.concatenate([p for p, _ in parts])
     labels = np.concatenate([c for _, c in parts])
     try:

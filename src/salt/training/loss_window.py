@@ -47,8 +47,9 @@ class LossWindow:
         self._rows.append(torch.stack([losses[k].detach().float() for k in names]))
         self._steps.append((step, epoch))
 
-    def read(self) -> WindowSummary:
-        """The means of the window (one host sync), then an empty window.
+    def read(self, keep: bool = False) -> WindowSummary:
+        """The means of the window (one host sync), then an empty window (`keep`: the steps
+        stay for the next read, e.g. a check before a checkpoint between two log steps).
 
         Raises `TrainingError` naming the first step with a non-finite loss and its task(s).
         """
@@ -56,7 +57,8 @@ class LossWindow:
             return WindowSummary({}, 0)
         table = torch.stack(self._rows).cpu()  # [steps, losses]: the window's one sync
         names, steps = self._names, self._steps
-        self._rows, self._steps = [], []
+        if not keep:
+            self._rows, self._steps = [], []
         finite = torch.isfinite(table)
         if not bool(finite.all()):
             first = int((~finite).any(dim=1).int().argmax())
