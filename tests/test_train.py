@@ -245,6 +245,35 @@ def test_resume_with_more_epochs_extends_the_run(tmp_path: Path, sample_cache: P
         train(make_cfg(tmp_path, sample_cache, f"resume={first}"), overrides=["model=GN1"])
 
 
+def test_resume_overrides_follow_hydras_grammar(tmp_path: Path, sample_cache: Path) -> None:
+    """`resume=<run> key=value` parses values as Hydra does (1e-3 a float, null None, lists),
+    `~key` deletes the key, `+`/`++` add; sweeps and groups are refused."""
+    from salt.train import resume_config
+
+    first = fit(make_cfg(tmp_path, sample_cache, "trainer.max_epochs=1"), cpu()).run_dir
+    cfg = make_cfg(tmp_path, sample_cache, f"resume={first}")
+    resumed = resume_config(
+        cfg,
+        [
+            f"resume={first}",
+            "optimizer.max=1e-3",
+            "trainer.gradient_clip_val=null",
+            "~trainer.monitor",
+            "+trainer.extra=[1,2]",
+            "++seed=7",
+        ],
+    )
+    assert resumed.optimizer.max == 1e-3 and isinstance(resumed.optimizer.max, float)
+    assert resumed.trainer.gradient_clip_val is None
+    assert "monitor" not in resumed.trainer
+    assert list(resumed.trainer.extra) == [1, 2] and resumed.seed == 7
+    assert resumed.ckpt_path.endswith(".ckpt") and resumed.resume is None
+    with pytest.raises(ValueError, match=r"has no key 'trainer\.nothing' to delete"):
+        resume_config(cfg, ["~trainer.nothing"])
+    with pytest.raises(ValueError, match="one value per key, not a sweep"):
+        resume_config(cfg, ["trainer.max_epochs=2,3"])
+
+
 def test_resume_mid_epoch_after_sigterm_is_bitwise_identical(
     tmp_path: Path, sample_cache: Path
 ) -> None:

@@ -1,21 +1,86 @@
-"""The errors a user can cause and fix (bad data, config, checkout, checkpoint): these are
-reported as one clear message without a traceback (``debug=true`` shows it)."""
+"""Every exception type of salt, and how a command reports them.
+
+The errors a user can cause and fix (bad data, config, checkout, checkpoint) are reported as
+one clear message without a traceback (``debug=true`` shows it). This module imports nothing
+from the rest of the package, so every other module may import it: dependencies point down.
+"""
 
 from __future__ import annotations
 
 import errno
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from omegaconf.errors import OmegaConfBaseException
 
-from salt.data.ftag import DataError
-from salt.models.config import ModelConfigError
-from salt.provenance import ProvenanceError
-from salt.tracking import LoggerConfigError
-from salt.training.checkpoint import CheckpointError
-from salt.training.distributed import RankFailedError
+
+class DataError(ValueError):
+    """Bad input data or data configuration; the message names the file, key and expectation."""
+
+
+class StagingError(DataError):
+    """The data cannot be staged (no space, unreadable file, unusable temp root)."""
+
+
+class ModelConfigError(ValueError):
+    """A model config node has a missing, unknown or inconsistent key."""
+
+
+class LoggerConfigError(ValueError):
+    """Bad ``logger`` config; the message names the key and what was expected."""
+
+
+class ProvenanceError(RuntimeError):
+    """Git state could not be read or acted on."""
+
+
+class DirtyCheckoutError(ProvenanceError):
+    """The salt checkout has uncommitted changes and ``force`` was not set."""
+
+
+class TagError(ProvenanceError):
+    """A run tag could not be created or pushed."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read, or is not a salt checkpoint."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (the previous file at the path is unchanged)."""
+
+
+class RankFailedError(RuntimeError):
+    """A process started by `spawn` failed; ``rank`` says which. ``reported``: it printed its
+    own error already."""
+
+    def __init__(self, rank: int, message: str, reported: bool = False) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.reported = reported
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported, or the exported model disagrees with torch."""
+
+
+class StagingInterrupted(BaseException):  # like KeyboardInterrupt: no `except Exception`
+    """A signal stopped the staging; the copies are already removed."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        name = signal.Signals(self.signum).name
+        super().__init__(f"data staging stopped by {name}; the copies were removed")
+
+
+class SampleInterrupted(Exception):
+    """The command line got SIGINT or SIGTERM: stop between blocks, remove partial files."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
 class ConfigError(ValueError):
@@ -58,8 +123,6 @@ def run_entry_point(
 ) -> None:
     """Run a command's body: a user error is one line on stderr and exit 1 (``debug=true``
     re-raises it with its traceback); a stop by signal exits 128 + the signal number."""
-    from salt.data.staging import StagingInterrupted
-
     try:
         fn(cfg)
     except (Interrupted, StagingInterrupted) as err:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import salt
+from salt.errors import DirtyCheckoutError, ProvenanceError, TagError
 
 __all__ = [
     "DirtyCheckoutError",
@@ -45,18 +46,6 @@ logger = logging.getLogger(__name__)
 _MAX_LISTED = 20
 # Seconds a `git push` may take before it is killed (it must never hang a training job).
 _PUSH_TIMEOUT_S = 120
-
-
-class ProvenanceError(RuntimeError):
-    """Git state could not be read or acted on."""
-
-
-class DirtyCheckoutError(ProvenanceError):
-    """The salt checkout has uncommitted changes and ``force`` was not set."""
-
-
-class TagError(ProvenanceError):
-    """A run tag could not be created or pushed."""
 
 
 @dataclass

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from salt.config_check import command
 from salt.errors import USER_ERRORS
@@ -49,8 +49,11 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     if found is None:
         raise ckpt.CheckpointError(f"{run_dir / 'ckpts'}: no complete checkpoint to resume from.")
     base = load_run_config(run_dir)
-    for item in overrides:
-        key, _, value = item.lstrip("+~").partition("=")
+    # Hydra's own grammar: 1e-3 is a float, null is None, ~key deletes, [a,b] is a list
+    for item, override in zip(
+        overrides, OverridesParser.create().parse_overrides(overrides), strict=True
+    ):
+        key = override.key_or_group
         if key.split("/")[0].split(".")[0] in LAUNCH_KEYS:
             continue
         if key in GROUPS:
@@ -58,10 +61,26 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
                 f"'{item}': resume={run_dir} continues that run with its own {key} config; "
                 "change keys (e.g. trainer.max_epochs=30), not groups."
             )
-        OmegaConf.update(base, key, yaml.safe_load(value) if value else None, force_add=True)
+        if override.is_sweep_override():
+            raise ValueError(f"'{item}': resume takes one value per key, not a sweep.")
+        if override.is_delete():
+            _delete(base, key, item, run_dir)
+            continue
+        # the run's saved config may predate keys added since: keys may be added without +
+        OmegaConf.update(base, key, override.value(), merge=True, force_add=True)
     base.ckpt_path = str(found)
     base.resume = None
     return base
+
+
+def _delete(cfg: DictConfig, key: str, item: str, run_dir: Path) -> None:
+    """`~key`: remove `key` from the resumed run's config (as Hydra deletes it)."""
+    parent_key, _, name = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if not isinstance(parent, DictConfig) or name not in parent:
+        raise ValueError(f"'{item}': {run_dir}/config.yaml has no key {key!r} to delete.")
+    with open_dict(parent):
+        del parent[name]
 
 
 def world_size(cfg: DictConfig) -> int:

@@ -20,36 +20,14 @@ import h5py
 import numpy as np
 import yaml
 
+from salt.data.labels import LabelsConfig, LabelSpec
+from salt.errors import DataError
+
 DEFAULT_INPUT_MAP: dict[str, str] = {"jets": "jets", "tracks": "tracks", "global": "jets"}
 # input types the model reads as a sequence per jet; every other one (jets, global) is one row
 # per jet. Their datasets must have the matching shape: (n_jets, n_slots) or (n_jets,).
 PER_SLOT_INPUTS: tuple[str, ...] = ("tracks",)
 VALID = "valid"
-
-
-class DataError(ValueError):
-    """Bad input data or data configuration; the message names the file, key and expectation."""
-
-
-@dataclass(frozen=True)
-class LabelSpec:
-    """How a label variable becomes class indices.
-
-    ``label_map`` maps values in the file to class indices (a target of -1 means "ignored by the
-    loss"); any other value in the file is an error. Without a map, values must lie in
-    ``[0, num_classes)`` or be -1 (ignored by the loss) when ``num_classes`` is known; without
-    either (vertexing) values are passed on as integers. ``continuous`` (regression targets)
-    passes them on as float32, padded slots and missing targets NaN (ignored by the loss).
-    ``task`` only names the task in messages.
-    """
-
-    label_map: Mapping[int, int] | None = None
-    num_classes: int | None = None
-    task: str | None = field(default=None, compare=False)
-    continuous: bool = False
-
-
-LabelsConfig = Mapping[str, Mapping[str, LabelSpec | Mapping[int, int] | None]]
 
 
 def _closest(name: str, options: Sequence[str]) -> str:

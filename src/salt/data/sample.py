@@ -35,6 +35,8 @@ import h5py
 import numpy as np
 import yaml
 
+from salt.errors import SampleInterrupted
+
 JET_VARIABLES = ["pt_btagJes", "eta_btagJes"]
 TRACK_FLOAT_VARIABLES = [
     "d0",
@@ -436,14 +438,6 @@ class _SplitSummary:
     tracks: _RunningMoments = field(default_factory=lambda: _RunningMoments(TRACK_VARIABLES))
     flavours: np.ndarray = field(default_factory=lambda: np.zeros(len(FLAVOUR_NAMES), np.int64))
     origins: np.ndarray = field(default_factory=lambda: np.zeros(_N_ORIGINS, np.int64))
-
-
-class SampleInterrupted(Exception):
-    """The command line got SIGINT or SIGTERM: stop between blocks, remove partial files."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
 
 
 # Signals received by the command line's handler. It only records them: a KeyboardInterrupt

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 from tqdm import tqdm
 
-from salt.data.ftag import DataError
+from salt.errors import StagingError, StagingInterrupted
 from salt.utils.atomic import atomic_write_text, temp_name
 
 if TYPE_CHECKING:
@@ -79,19 +79,6 @@ _ABORT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 # Guarded only where nobody handles them (default action: terminate without cleanup); the
 # loop uses SIGUSR1/2 for "save and requeue", which must reach its handler.
 _DEFAULT_ONLY_SIGNALS = ("SIGUSR1", "SIGUSR2")
-
-
-class StagingError(DataError):
-    """The data cannot be staged (no space, unreadable file, unusable temp root)."""
-
-
-class StagingInterrupted(BaseException):  # like KeyboardInterrupt: no `except Exception`
-    """A signal stopped the staging; the copies are already removed."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = int(signum)
-        name = signal.Signals(self.signum).name
-        super().__init__(f"data staging stopped by {name}; the copies were removed")
 
 
 # ---- who owns a staging directory ----------------------------------------------------------

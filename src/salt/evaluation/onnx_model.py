@@ -45,6 +45,7 @@ from torch import Tensor, nn
 import salt
 from salt.data.build import make_loader
 from salt.data.ftag import DEFAULT_INPUT_MAP, VALID, norm_arrays, open_h5
+from salt.errors import ExportError
 from salt.evaluation.run import LoadedRun
 from salt.models.tasks import ClassificationTask, VertexingTask
 
@@ -52,10 +53,6 @@ INPUT_NAMES = {"jets": "jet_features", "tracks": "track_features", "global": "gl
 MASK_NAME = "track_mask"
 OPSET = 17
 INSTALL_HINT = "ONNX export needs the onnx and onnxruntime packages: pip install onnx onnxruntime"
-
-
-class ExportError(RuntimeError):
-    """The model could not be exported, or the exported model disagrees with torch."""
 
 
 def require_onnx() -> tuple[Any, Any]:

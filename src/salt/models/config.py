@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from salt.errors import ModelConfigError
 from salt.models.tasks import VERTEXING_REDUCTIONS
 
 REQUIRED = object()  # marks a key without default
@@ -93,10 +94,6 @@ TASK_INPUTS: dict[str, tuple[str, ...]] = {
     "vertexing": ("tracks",),
     "regression": ("jets",),
 }
-
-
-class ModelConfigError(ValueError):
-    """A model config node has a missing, unknown or inconsistent key."""
 
 
 def to_dict(cfg: DictConfig | Mapping) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from salt.data.ftag import LabelSpec
+from salt.data.labels import LabelSpec
 from salt.models import config as schema
 from salt.models.attention import ATTENTION_BACKENDS, resolve_heads, varlen_kernel
 from salt.models.dense import Dense

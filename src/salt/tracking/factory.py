@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from salt.errors import LoggerConfigError
 from salt.tracking.base import Logger, MultiLogger, NullLogger
 
 COMMON_KEYS = {"type": str, "log_every_n_steps": int, "plots": bool}
@@ -21,10 +22,6 @@ TYPE_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "local": {},
     "comet": {"project_name": str, "workspace": (str, type(None)), "offline": bool},
 }
-
-
-class LoggerConfigError(ValueError):
-    """Bad ``logger`` config; the message names the key and what was expected."""
 
 
 def _as_dict(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:

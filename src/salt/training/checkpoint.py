@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from salt.errors import CheckpointError, CheckpointWriteError
 from salt.utils.atomic import atomic_path, is_temp_name
 
 __all__ = [
@@ -67,14 +68,6 @@ _LEAF_TYPES = (str, bytes, bytearray, int, float, complex, bool, type(None))
 _TORCH_TYPES = (torch.Size, torch.dtype, torch.device)
 _MAPPING_TYPES = (dict, collections.OrderedDict)
 _SEQUENCE_TYPES = (list, tuple, set)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read, or is not a salt checkpoint."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint could not be written (the previous file at the path is unchanged)."""
 
 
 def _check_loadable(obj: Any, where: str) -> None:

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from salt.errors import RankFailedError
+
 __all__ = [
     "REPORTED_EXIT_CODE",
     "SPAWNED_ENV",
@@ -85,16 +87,6 @@ SPAWNED_ENV = "SALT_SPAWNED"  # set in processes started by `spawn`
 # ends with SIGABRT; 2 to 12 of 60 two-rank runs here, torch 2.13: scripts/check_rank_exit.py).
 # Destroying the group does not stop those threads, so `cleanup` releases the GIL this long.
 GLOO_DRAIN_S = 0.2
-
-
-class RankFailedError(RuntimeError):
-    """A process started by `spawn` failed; ``rank`` says which. ``reported``: it printed its
-    own error already."""
-
-    def __init__(self, rank: int, message: str, reported: bool = False) -> None:
-        super().__init__(message)
-        self.rank = rank
-        self.reported = reported
 
 
 # --------------------------------------------------------------------------- environment

@@ -1,0 +1,37 @@
+"""Dependencies point down: the error types import nothing of salt, the models no HDF5."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "salt"
+
+
+def test_errors_module_imports_nothing_from_salt() -> None:
+    tree = ast.parse((SRC / "errors.py").read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.split(".")[0] == "salt"], imported
+
+
+def test_every_exception_class_lives_in_errors() -> None:
+    elsewhere = []
+    for path in SRC.rglob("*.py"):
+        if path.name == "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                isinstance(b, ast.Name) and b.id.endswith(("Error", "Exception"))
+                for b in node.bases
+            ):
+                elsewhere.append(f"{path.relative_to(SRC)}:{node.name}")
+    assert not elsewhere, elsewhere
+
+
+def test_the_model_layer_does_not_import_h5py() -> None:
+    code = "import sys, salt.models; print('h5py' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
