@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from salt.data.build import resolve_files
 from salt.errors import ConfigError, TrainingError
 from salt.train import train
 from salt.training import checkpoint as ckpt
-from salt.training.distributed import DistInfo, init_distributed, spawn
+from salt.training.distributed import DistInfo, barrier, cleanup, init_distributed, spawn
 from salt.training.loop import build_loaders, build_optimizer, fit, forward, setup
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -428,6 +429,54 @@ def test_ddp_two_ranks_match_single_process(tmp_path: Path, sample_cache: Path) 
         ref.scheduler.step()
     for k, v in ref.tagger.state_dict().items():
         torch.testing.assert_close(v, r0[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _staging_rank(rank: int, cfg_dict: dict, out: str) -> None:
+    cfg = OmegaConf.create(cfg_dict)
+    root = Path(cfg.data.move_files_temp)
+    dist = init_distributed("cpu", "cpu")
+    try:
+        with contextlib.ExitStack() as resources:
+            run = setup(cfg, dist, resources)
+            seen = {
+                "train": [str(p) for p in run.train_loader.dataset.files],
+                "copies": sorted(p.name for p in root.glob("salt-stage-*")),
+            }
+            barrier()  # both ranks have looked before either leaves
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(seen))
+    finally:
+        cleanup()
+
+
+def test_ddp_ranks_of_a_node_share_one_staged_copy(tmp_path: Path, sample_cache: Path) -> None:
+    """Only the node's first rank copies; the other reads the same copy; it is removed once
+    both are done (today's 4-GPU node held four copies)."""
+    root = tmp_path / "stage"
+    cfg = make_cfg(
+        tmp_path,
+        sample_cache,
+        f"data.move_files_temp={root}",
+        "trainer.fast_dev_run=1",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+    )
+    spawn(_staging_rank, 2, (OmegaConf.to_container(cfg), str(tmp_path)))
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(seen[0]["copies"]) == 1 and seen[0]["copies"] == seen[1]["copies"]
+    assert seen[0]["train"] == seen[1]["train"]
+    assert seen[0]["train"][0].startswith(str(root / seen[0]["copies"][0]))
+    assert not list(root.glob("salt-stage-*"))  # removed after both ranks were done
+
+
+def test_move_files_temp_auto_takes_the_slurm_jobs_tmpdir(monkeypatch, tmp_path: Path) -> None:
+    from salt.data.staging import staging_root
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert staging_root("auto") is None  # not a Slurm job: read in place
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    assert staging_root("auto") == str(tmp_path)
+    assert staging_root(None) is None and staging_root("/dev/shm/x") == "/dev/shm/x"
 
 
 def _git(cwd: Path, *args: str) -> str:

@@ -483,6 +483,21 @@ def _copy_all(copies: list[_Copy], directory: Path, progress: bool) -> None:
     log.info("salt: staged %s in %.1f s (%s/s)", _size(total), seconds, _size(total / seconds))
 
 
+def staging_root(value: Any) -> str | None:
+    """`data.move_files_temp`: a directory, null (read in place), or auto: the job's own
+    `$TMPDIR` under Slurm (a per-job local disk where the cluster provides one), else null."""
+    if value is None or value is False or str(value).strip() == "":
+        return None
+    if str(value).strip().lower() != "auto":
+        return str(value)
+    tmp = os.environ.get("TMPDIR") if os.environ.get("SLURM_JOB_ID") else None
+    if tmp:
+        log.info("salt: data.move_files_temp=auto -> %s (the Slurm job's TMPDIR)", tmp)
+    else:
+        log.info("salt: data.move_files_temp=auto: not in a Slurm job; reading the files in place")
+    return tmp or None
+
+
 # ---- the entry point -----------------------------------------------------------------------
 @contextlib.contextmanager
 def stage(

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -30,9 +31,9 @@ from salt import models
 from salt.data.build import DataFiles, check_no_truth_inputs, make_loader, resolve_files
 from salt.data.dataset import Batch, BatchLoader
 from salt.data.ftag import load_yaml_dict
-from salt.data.staging import stage
+from salt.data.staging import stage, staging_root
 from salt.data.workers import loader_options, resolve_num_workers
-from salt.errors import ConfigError, Interrupted
+from salt.errors import ConfigError, Interrupted, StagingError
 from salt.provenance import check_clean, collect_metadata, git_state, push_tag, seed_everything
 from salt.tracking import Logger, NullLogger, build_logger
 from salt.training import checkpoint as ckpt
@@ -149,6 +150,34 @@ def ranks_sharing_cpus(dist: DistInfo) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
 
 
+@contextlib.contextmanager
+def stage_once_per_node(files: DataFiles, temp_root: str, dist: DistInfo) -> Iterator[DataFiles]:
+    """`stage` the data on each node once: its first rank copies (and checks the free space,
+    so ranks cannot race for it), the node's other ranks wait and read the same copies. A
+    failure on any node is every rank's error. The copies are removed after every rank of the
+    node is done with them (on an error, at once: the run is ending)."""
+    if not dist.distributed:
+        with stage(files, temp_root, progress=dist.is_main) as staged:
+            yield staged
+        return
+    with contextlib.ExitStack() as copies:
+        result: DataFiles | str | None = None  # the copies, or the node's error
+        if dist.local_rank == 0:
+            try:
+                result = copies.enter_context(stage(files, temp_root, progress=dist.is_main))
+            except StagingError as err:
+                result = f"{socket.gethostname()}: {err}"
+        node = socket.gethostname()
+        gathered = all_gather_object((node, dist.local_rank, result))  # the copies are done
+        failures = [r for _, _, r in gathered if isinstance(r, str)]
+        if failures:
+            raise StagingError(failures[0])
+        staged = next(r for n, lr, r in gathered if n == node and lr == 0)
+        assert isinstance(staged, DataFiles)
+        yield staged
+        barrier()  # every rank is done reading before the node's first rank removes them
+
+
 def build_loaders(cfg: DictConfig, files: DataFiles, dist: DistInfo) -> tuple[BatchLoader, ...]:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     assert isinstance(data, dict)
@@ -220,9 +249,9 @@ def setup(cfg: DictConfig, dist: DistInfo, resources: contextlib.ExitStack | Non
         files = resolve_files(OmegaConf.to_container(cfg.data, resolve=True))
     barrier()  # the sample is written once, by rank 0
     files = source_files = resolve_files(OmegaConf.to_container(cfg.data, resolve=True))
-    temp_root = cfg.data.get("move_files_temp")
+    temp_root = staging_root(cfg.data.get("move_files_temp"))
     if temp_root and resources is not None:
-        files = resources.enter_context(stage(files, str(temp_root), progress=dist.is_main))
+        files = resources.enter_context(stage_once_per_node(files, temp_root, dist))
     train_loader, val_loader = build_loaders(cfg, files, dist)
 
     class_dict = load_yaml_dict(files.class_dict, "class_dict") if files.class_dict else None
