@@ -35,3 +35,17 @@ def test_the_model_layer_does_not_import_h5py() -> None:
     code = "import sys, salt.models; print('h5py' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_temporary_files_are_named_in_one_place() -> None:
+    """Every atomic write goes through salt.utils.atomic (`.<name>.tmp-<pid>-<hex>`), so a
+    leftover is recognisable by one rule (`is_temp_name`)."""
+    import re
+
+    pattern = re.compile(r"""\.tmp["'}]""")
+    offenders = [
+        str(path.relative_to(SRC))
+        for path in SRC.rglob("*.py")
+        if path.name != "atomic.py" and pattern.search(path.read_text())
+    ]
+    assert not offenders, offenders

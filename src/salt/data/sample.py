@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import signal
 import sys
 import time
@@ -36,6 +35,7 @@ import numpy as np
 import yaml
 
 from salt.errors import SampleInterrupted
+from salt.utils.atomic import temp_name
 
 JET_VARIABLES = ["pt_btagJes", "eta_btagJes"]
 TRACK_FLOAT_VARIABLES = [
@@ -511,7 +511,7 @@ def _temp_path(out_dir: Path, name: str) -> Path:
 
     Not created here: files are created by their writer with the usual umask permissions.
     """
-    return out_dir / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    return out_dir / temp_name(name)
 
 
 def _write_yaml(path: Path, comment: str, data: dict) -> None:

@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from salt.tracking.base import Logger
 from salt.tracking.plots import write_plots
+from salt.utils.atomic import atomic_path
 
 LOGGER = logging.getLogger(__name__)
 
@@ -109,12 +110,8 @@ class LocalLogger(Logger):
         if n_rows is not None:
             rows = rows[: int(n_rows)]
         # Temp then rename: the source may be this very file (resume in the same directory).
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", encoding="utf-8") as fh:
+        with atomic_path(self.path) as tmp, tmp.open("w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in rows)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
         return rows
 
     def log_metrics(

@@ -9,13 +9,14 @@ user's interactive backend; a bare ``Figure`` renders with Agg.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from salt.utils.atomic import atomic_path
 
 Row = Mapping[str, Any]
 
@@ -49,9 +50,8 @@ def loss_names(rows: Iterable[Row]) -> list[str]:
 
 def _save(fig: Figure, path: Path) -> None:
     """Write atomically: a reader (or a crash) never sees a half-written PNG."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
 
 
 def _grid(n: int) -> tuple[int, int]:
