@@ -23,24 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from salt.tracking.base import Logger
+from salt.utils.nested import flatten
 
 LOGGER = logging.getLogger(__name__)
 
 COMET_DIR = "comet"
 # comet's own rule for experiment keys.
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9]{32,50}")
-
-
-def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to one level with dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, prefix=f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _import_comet() -> Any:

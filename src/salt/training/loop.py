@@ -54,6 +54,7 @@ from salt.training.run_dir import (
     write_run_files,
 )
 from salt.utils.atomic import atomic_path
+from salt.utils.nested import flatten
 
 log = logging.getLogger("salt")
 
@@ -367,22 +368,13 @@ def checkpoint_state(run: Run, rng_per_rank: list[dict[str, Any]] | None = None)
     }
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, Mapping):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
-    return out
-
-
 # model keys that change how the tagger is computed, not what: free to differ on resume
 SAME_FUNCTION_KEYS = frozenset({"attention.backend"})
 
 
 def check_model_config(saved: Any, current: Any, path: Path) -> None:
     """A checkpoint only fits the model config it was trained with: name what differs."""
-    a, b = _flat(saved), _flat(current)
+    a, b = (flatten(c) if isinstance(c, Mapping) else {} for c in (saved, current))
     differing = sorted(
         k
         for k in a.keys() | b.keys()
