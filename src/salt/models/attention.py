@@ -21,6 +21,7 @@ the padded layout with the same result.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -35,6 +36,7 @@ ATTENTION_TYPES = ("scaled_dot_product", "gatv2")
 ATTENTION_BACKENDS = ("auto", "packed", "varlen", "padded")
 
 
+@functools.cache  # asked on every forward: look it up once
 def varlen_kernel() -> Callable[..., Tensor] | None:
     """torch's flash varlen attention (`varlen_attn`), or None where this torch lacks it."""
     try:

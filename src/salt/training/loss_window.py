@@ -11,6 +11,7 @@ NaN reaches the weights in between.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -64,7 +65,7 @@ class LossWindow:
             first = int((~finite).any(dim=1).int().argmax())
             step, epoch = steps[first]
             values = dict(zip(names, table[first].tolist(), strict=True))
-            bad = [k for k in names if k != "loss" and not torch.isfinite(torch.tensor(values[k]))]
+            bad = [k for k in names if k != "loss" and not math.isfinite(values[k])]
             raise TrainingError(
                 f"non-finite loss at step {step} (epoch {epoch}) in task(s) "
                 f"{', '.join(bad) or 'loss'}: {[values[k] for k in bad or ['loss']]}. "
