@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 from hydra import compose, initialize_config_dir
 
+import salt.schema  # noqa: F401  (registers the config schemas that conf/ names)
 from salt import models
 from salt.data.dataset import BatchLoader, H5BatchDataset
 from salt.data.ftag import DEFAULT_INPUT_MAP, VALID

@@ -500,6 +500,7 @@ def equivalence(args, m: Model, f: Files) -> int:
     import torch
     from hydra import compose, initialize_config_dir
 
+    import salt.schema  # noqa: F401  (registers the config schemas that conf/ names)
     from salt import models
     from salt.data.ftag import FTAGReader, load_yaml_dict
 

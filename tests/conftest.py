@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
+import salt.schema  # noqa: F401  (the config schemas, for tests that compose with Hydra)
+
 TRACK_VARS = ["d0", "z0SinTheta", "numberOfPixelHits"]
 JET_VARS = ["pt_btagJes", "eta_btagJes"]
 

@@ -28,6 +28,7 @@ from salt.data.ftag import DataError
 from salt.errors import run_entry_point
 from salt.evaluate import evaluate
 from salt.models import build_tagger, input_variables, label_specs
+from salt.models.tagger import ModelConfig
 from salt.train import train
 from salt.training import checkpoint as ckpt
 from salt.training.run_dir import config_to_save
@@ -503,7 +504,7 @@ def make_run_dir(tmp_path: Path, files: Files) -> Path:
     shutil.copyfile(files.norm, run_dir / "norm_dict.yaml")
     state = {
         "model": build_tagger(cfg.model, loss_weights=False).state_dict(),
-        "config": OmegaConf.to_container(cfg.model, resolve=True),
+        "config": ModelConfig.read(cfg.model).plain(),
     }
     ckpt.save_checkpoint(state, run_dir / "ckpts" / ckpt.checkpoint_name(0, 1.0))
     return run_dir

@@ -44,7 +44,7 @@ def ok(config_name: str, *overrides: str, **kwargs: object) -> None:
         (
             "trainer.max_epoch=3",
             "salt: error: trainer.max_epoch=3: no key 'max_epoch' in 'trainer'; "
-            "did you mean max_epochs? (use +trainer.max_epoch=3 to add a new key)",
+            "did you mean max_epochs?",
         ),
         (
             "model=GN3",
@@ -77,14 +77,12 @@ def test_unknown_nested_key_under_group_chosen_on_command_line() -> None:
     )
     # a key only the chosen option has is checked against that option
     ok("train", "logger=comet", "logger.offline=true")
-    msg = error("train", "logger.offline=true")  # the default logger (local) has no such key
-    assert "no key 'offline' in 'logger'" in msg and "+logger.offline=true" in msg
+    msg = error("train", "logger.offline=true")  # the default logger (local) takes no such key
+    assert msg == "logger.offline: a comet setting, but logger.type=local (use logger=comet)"
 
 
 def test_unknown_top_level_key_and_missing_parent() -> None:
-    assert error("train", "sead=1") == (
-        "sead=1: no key 'sead' in the config; did you mean seed? (use +sead=1 to add a new key)"
-    )
+    assert error("train", "sead=1") == "sead=1: no key 'sead' in the config; did you mean seed?"
     msg = error("train", "trainr.max_epochs=3")
     assert msg.startswith(
         "trainr.max_epochs=3: no key 'trainr' in the config; did you mean trainer?"

@@ -35,6 +35,7 @@ from salt.evaluation.predictions import (
 )
 from salt.evaluation.run import load_run
 from salt.models import build_tagger
+from salt.models.tagger import ModelConfig
 from salt.models.tasks import ClassificationTask
 from salt.train import train
 from salt.training import checkpoint as ckpt
@@ -91,7 +92,7 @@ def make_run_dir(tmp: Path, sample: Path, *overrides: str) -> Path:
         (run_dir / name).write_bytes((sample / name).read_bytes())
     state = {
         "model": tagger.state_dict(),
-        "config": OmegaConf.to_container(cfg.model, resolve=True),
+        "config": ModelConfig.read(cfg.model).plain(),
     }
     ckpt.save_checkpoint(state, run_dir / "ckpts" / ckpt.checkpoint_name(0, 1.0))
     return run_dir

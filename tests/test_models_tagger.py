@@ -400,7 +400,9 @@ def test_class_weights_from_the_class_dict() -> None:
 def test_config_errors_name_the_key() -> None:
     cfg = model_cfg("GN2")
     cfg.encoder.num_layer = 3  # typo
-    with pytest.raises(ModelConfigError, match=r"model\.encoder: unknown key\(s\) \['num_layer'\]"):
+    with pytest.raises(
+        ModelConfigError, match=r"model\.encoder\.num_layer: unknown key; did you mean num_layers\?"
+    ):
         build_tagger(cfg)
 
     cfg = model_cfg("GN2")

@@ -24,7 +24,8 @@ from salt.errors import ConfigError, TrainingError
 from salt.train import train
 from salt.training import checkpoint as ckpt
 from salt.training.distributed import DistInfo, barrier, cleanup, init_distributed, spawn
-from salt.training.loop import build_loaders, build_optimizer, fit, forward, setup
+from salt.training.loop import build_loaders, fit, forward, setup
+from salt.training.optim import Schedule, adamw
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TASKS = ("jet_classification", "track_origin", "track_vertexing")
@@ -248,10 +249,13 @@ def test_resume_with_more_epochs_extends_the_run(tmp_path: Path, sample_cache: P
 
 def test_resume_overrides_follow_hydras_grammar(tmp_path: Path, sample_cache: Path) -> None:
     """`resume=<run> key=value` parses values as Hydra does (1e-3 a float, null None, lists),
-    `~key` deletes the key, `+`/`++` add; sweeps and groups are refused."""
+    typed by the schema; `~key` deletes the key (it takes the schema's default), `+`/`++` add;
+    unknown keys, sweeps and groups are refused."""
     from salt.train import resume_config
 
-    first = fit(make_cfg(tmp_path, sample_cache, "trainer.max_epochs=1"), cpu()).run_dir
+    first = fit(
+        make_cfg(tmp_path, sample_cache, "trainer.max_epochs=1", "trainer.monitor=val/loss"), cpu()
+    ).run_dir
     cfg = make_cfg(tmp_path, sample_cache, f"resume={first}")
     resumed = resume_config(
         cfg,
@@ -260,19 +264,23 @@ def test_resume_overrides_follow_hydras_grammar(tmp_path: Path, sample_cache: Pa
             "optimizer.max=1e-3",
             "trainer.gradient_clip_val=null",
             "~trainer.monitor",
-            "+trainer.extra=[1,2]",
+            "data.allow_truth_inputs=[d0,z0]",
             "++seed=7",
         ],
     )
     assert resumed.optimizer.max == 1e-3 and isinstance(resumed.optimizer.max, float)
     assert resumed.trainer.gradient_clip_val is None
-    assert "monitor" not in resumed.trainer
-    assert list(resumed.trainer.extra) == [1, 2] and resumed.seed == 7
+    assert resumed.trainer.monitor == "auto"  # deleted: the default, not the run's val/loss
+    assert list(resumed.data.allow_truth_inputs) == ["d0", "z0"] and resumed.seed == 7
     assert resumed.ckpt_path.endswith(".ckpt") and resumed.resume is None
     with pytest.raises(ValueError, match=r"has no key 'trainer\.nothing' to delete"):
         resume_config(cfg, ["~trainer.nothing"])
     with pytest.raises(ValueError, match="one value per key, not a sweep"):
         resume_config(cfg, ["trainer.max_epochs=2,3"])
+    with pytest.raises(ValueError, match=r"'\+trainer\.extra=1': trainer\.extra: unknown key"):
+        resume_config(cfg, ["+trainer.extra=1"])
+    with pytest.raises(ValueError, match=r"'optimizer\.max=fast': optimizer\.max: Value 'fast'"):
+        resume_config(cfg, ["optimizer.max=fast"])
 
 
 def test_resume_mid_epoch_after_sigterm_is_bitwise_identical(
@@ -409,12 +417,13 @@ def test_ddp_two_ranks_match_single_process(tmp_path: Path, sample_cache: Path) 
     ref = setup(single, cpu())
     files = resolve_files(OmegaConf.to_container(single.data, resolve=True))
     shards = [
-        build_loaders(single, files, DistInfo(r, r, 2, torch.device("cpu"), r == 0, "gloo"))[0]
+        build_loaders(ref.cfg, files, DistInfo(r, r, 2, torch.device("cpu"), r == 0, "gloo"))[0]
         for r in (0, 1)
     ]
     steps = len(shards[0])
     assert steps == 6
-    ref.optimizer, ref.scheduler = build_optimizer(single, ref.tagger, steps, torch.device("cpu"))
+    ref.optimizer = adamw(ref.tagger.parameters(), ref.cfg.optimizer)
+    ref.scheduler = Schedule(ref.optimizer, ref.cfg.optimizer, steps)
     for b0, b1 in zip(*shards, strict=True):
         ref.optimizer.zero_grad()
         loss = (

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from salt.data.build import DataConfig
 from salt.data.ftag import DataError
 from salt.data.workers import (
     NumWorkersWarning,
@@ -19,6 +20,7 @@ from salt.data.workers import (
     loader_options,
     resolve_num_workers,
 )
+from salt.errors import ConfigError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -126,16 +128,20 @@ def test_numeric_strings_are_accepted() -> None:
     assert _no_warnings("0", on_gpu=False) == 0
 
 
+def options(cfg: dict, on_gpu: bool) -> dict:
+    return loader_options(DataConfig.read(cfg), on_gpu=on_gpu)
+
+
 def test_loader_options() -> None:
-    assert loader_options({}, on_gpu=True) == {
+    assert options({}, on_gpu=True) == {
         "persistent_workers": False,
         "prefetch_factor": None,
         "pin_memory": True,
     }
-    assert loader_options({"pin_memory": "auto"}, on_gpu=False)["pin_memory"] is False
-    assert loader_options({"pin_memory": True}, on_gpu=False)["pin_memory"] is False
-    assert loader_options({"pin_memory": False}, on_gpu=True)["pin_memory"] is False
-    opts = loader_options({"persistent_workers": True, "prefetch_factor": 4}, on_gpu=False)
+    assert options({"pin_memory": "auto"}, on_gpu=False)["pin_memory"] is False
+    assert options({"pin_memory": True}, on_gpu=False)["pin_memory"] is False
+    assert options({"pin_memory": False}, on_gpu=True)["pin_memory"] is False
+    opts = options({"persistent_workers": True, "prefetch_factor": 4}, on_gpu=False)
     assert opts["persistent_workers"] is True
     assert opts["prefetch_factor"] == 4
 
@@ -144,11 +150,15 @@ def test_loader_options() -> None:
     ("cfg", "key"),
     [
         ({"prefetch_factor": 0}, "prefetch_factor"),
-        ({"prefetch_factor": "2"}, "prefetch_factor"),
+        ({"prefetch_factor": "two"}, "prefetch_factor"),
         ({"pin_memory": "yes"}, "pin_memory"),
-        ({"persistent_workers": "true"}, "persistent_workers"),
+        ({"persistent_workers": "maybe"}, "persistent_workers"),
+        ({"num_workers": "many"}, "num_workers"),
+        ({"num_workers": -2}, "num_workers"),
     ],
 )
 def test_loader_options_bad_values(cfg: dict, key: str) -> None:
-    with pytest.raises(DataError, match=rf"data\.{key}="):
-        loader_options(cfg, on_gpu=True)
+    """Wrong types and ranges are one ConfigError naming the key when the data node is read
+    (strings OmegaConf converts exactly, such as "2" or "true", are that value)."""
+    with pytest.raises(ConfigError, match=rf"data\.{key}"):
+        DataConfig.read(cfg)

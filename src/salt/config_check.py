@@ -12,7 +12,7 @@ the first job).
 from __future__ import annotations
 
 import copy
-import difflib
+import dataclasses
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,7 +30,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+import salt.schema  # registers the config schemas with Hydra
 from salt.errors import ConfigError, run_entry_point
+from salt.utils.names import closest, did_you_mean
+from salt.utils.typed_config import omegaconf_message
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # The commands' config directory (the repository's conf/), absolute: Hydra resolves a relative
@@ -142,8 +145,11 @@ def check_overrides(
             if o.is_discrete_sweep() and next(iter(o.sweep_string_iterator()), None) is None:
                 raise ConfigError(f"{o.input_line}: this sweep has no values.")
         # Hydra's own settings (hydra.*, hydra/...) are Hydra's to check: left out of the compose.
-        _, err = _compose(config_name, [_first_value(o) for o in app])
+        composed, err = _compose(config_name, [_first_value(o) for o in app])
         if err is None:
+            if config_name == "train":  # values too, before a sweep or a Slurm job starts
+                assert composed is not None
+                salt.schema.read_train_config(composed)
             return
         # Explain the failure: the config without the plain key overrides, then each key in it.
         keys = [o for o in app if o.type == OverrideType.CHANGE and o not in groups]
@@ -241,23 +247,15 @@ def _first_value(o: Override) -> str:
 
 
 def _one_line(err: BaseException) -> str:
-    """A Hydra or OmegaConf message on one line, without OmegaConf's key/type detail lines."""
+    """A Hydra or OmegaConf message on one line, without OmegaConf's key/type detail lines;
+    Hydra's "Error merging override" is replaced by what OmegaConf said (the schema's type
+    or choices)."""
+    cause = err.__cause__
+    if str(err).startswith("Error merging override") and isinstance(cause, OmegaConfBaseException):
+        return omegaconf_message(cause)
     detail = ("full_key:", "object_type=", "reference_type=", "explicit_type=")
     lines = [s.strip() for s in str(err).splitlines()]
     return " ".join(s for s in lines if s and not s.startswith(detail))
-
-
-def _closest(word: str, candidates: Sequence[str]) -> str | None:
-    """The candidate closest to ``word`` (ignoring case), if any is close."""
-    lower = {c.lower(): c for c in candidates}
-    found = difflib.get_close_matches(word.lower(), list(lower), n=1, cutoff=0.6)
-    return lower[found[0]] if found else None
-
-
-def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
-    """``; did you mean X?``, or the end of the sentence when nothing is close."""
-    best = _closest(word, candidates)
-    return f"; did you mean {best}?" if best is not None else "."
 
 
 # ---- the checks ---------------------------------------------------------------------------------
@@ -268,7 +266,7 @@ def _check_config_name(loader: ConfigLoader, config_name: str) -> None:
     if name not in options:
         raise ConfigError(
             f"--config-name {config_name}: no primary config '{config_name}' in the config "
-            f"directories{_did_you_mean(name, options)} Options: {', '.join(options)}."
+            f"directories{did_you_mean(name, options)} Options: {', '.join(options)}."
         )
 
 
@@ -306,7 +304,7 @@ def _check_group_options(loader: ConfigLoader, o: Override) -> None:
         if str(value) not in options:
             raise ConfigError(
                 f"{o.input_line}: no option '{value}' in config group '{group}'"
-                f"{_did_you_mean(str(value), options)} Options: {', '.join(options)}."
+                f"{did_you_mean(str(value), options)} Options: {', '.join(options)}."
             )
 
 
@@ -314,13 +312,12 @@ def _check_key(loader: ConfigLoader, cfg: DictConfig, o: Override) -> None:
     """The key of a plain ``key=value`` override exists in ``cfg`` (the config composed with the
     command line's group choices)."""
     key = o.key_or_group
-    add = f"(use +{o.input_line} to add a new key)"
     if "/" in key:  # not a group (else it would not be checked here): a misspelled group path
         parent, _, name = key.rpartition("/")
         siblings = loader.list_groups(parent)
         where = f" in '{parent}'" if parent else ""
         raise ConfigError(
-            f"{o.input_line}: no config group '{key}'{_did_you_mean(name, siblings)} "
+            f"{o.input_line}: no config group '{key}'{did_you_mean(name, siblings)} "
             f"Config groups{where}: {', '.join(siblings) or 'none'}."
         )
     node: Any = cfg
@@ -330,6 +327,12 @@ def _check_key(loader: ConfigLoader, cfg: DictConfig, o: Override) -> None:
             return  # list items: Hydra checks indices itself
         if not isinstance(node, DictConfig) or not OmegaConf.is_struct(node):
             return  # a value or an open dict: nothing to look up here
+        # a schema's node takes no new keys; other nodes (e.g. from a --config-dir) may
+        add = (
+            ""
+            if dataclasses.is_dataclass(OmegaConf.get_type(node))
+            else f" (use +{o.input_line} to add a new key)"
+        )
         keys = [str(k) for k in node]  # not `part in node`: that is False for ??? values
         if part in keys:
             node = node._get_node(part)
@@ -338,7 +341,7 @@ def _check_key(loader: ConfigLoader, cfg: DictConfig, o: Override) -> None:
             return  # a leaf with a key below it: Hydra's message says what is wrong
         if i == 0:
             groups = [g for g in loader.list_groups("") if g != "hydra"]
-            best = _closest(part, [*keys, *groups])
+            best = next(iter(closest(part, [*keys, *groups])), None)
             value = o.value()
             # `modle=GN2`: a misspelled group when the value is an option of the closest group
             if (
@@ -356,6 +359,6 @@ def _check_key(loader: ConfigLoader, cfg: DictConfig, o: Override) -> None:
         else:
             parent = ".".join(parts[:i])
             where, candidates = f"in '{parent}'", keys
-        best = _closest(part, candidates)
-        hint = f"; did you mean {best}?" if best else f"; its keys: {', '.join(keys)}"
-        raise ConfigError(f"{o.input_line}: no key '{part}' {where}{hint} {add}")
+        best = closest(part, candidates)
+        hint = f"; did you mean {best[0]}?" if best else f"; its keys: {', '.join(keys)}"
+        raise ConfigError(f"{o.input_line}: no key '{part}' {where}{hint}{add}")

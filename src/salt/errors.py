@@ -24,12 +24,13 @@ class StagingError(DataError):
     """The data cannot be staged (no space, unreadable file, unusable temp root)."""
 
 
-class ModelConfigError(ValueError):
-    """A model config node has a missing, unknown or inconsistent key."""
+class ConfigError(ValueError):
+    """An inconsistent or invalid configuration; the message names the key path."""
 
 
-class LoggerConfigError(ValueError):
-    """Bad ``logger`` config; the message names the key and what was expected."""
+# one type for every config mistake; the names say where it was found
+ModelConfigError = ConfigError
+LoggerConfigError = ConfigError
 
 
 class ProvenanceError(RuntimeError):
@@ -83,10 +84,6 @@ class SampleInterrupted(Exception):
         self.signum = signum
 
 
-class ConfigError(ValueError):
-    """An inconsistent or invalid run configuration."""
-
-
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. a non-finite loss); the message says where and why."""
 
@@ -106,9 +103,7 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     DataError,
-    ModelConfigError,
     ProvenanceError,
-    LoggerConfigError,
     CheckpointError,
     ConfigError,
     TrainingError,

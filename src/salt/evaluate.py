@@ -16,17 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
 
 from salt.config_check import command
-from salt.data.build import make_loader
+from salt.data.build import DataConfig, make_loader
 from salt.errors import ConfigError
 from salt.evaluation.performance import (
     Performance,
     b_tagging_performance,
-    check_settings,
     format_table,
     plot_roc,
     write_performance,
@@ -39,8 +37,9 @@ from salt.evaluation.run import (
     resolve_test_file,
     run_config,
     run_data_config,
-    run_dir_of,
 )
+from salt.evaluation.settings import EvaluateConfig
+from salt.utils import typed_config
 
 
 @dataclass
@@ -71,37 +70,30 @@ def refuse_overwrite(paths: tuple[Path, ...], overwrite: bool) -> None:
         )
 
 
-def evaluation_data_config(run: LoadedRun, cfg: DictConfig) -> dict[str, Any]:
+def evaluation_data_config(run: LoadedRun, cfg: EvaluateConfig) -> DataConfig:
     """The run's data config with this evaluation's settings on top."""
     data = run.data_config()
-    batch_size = cfg.data.get("batch_size")
-    if batch_size is not None:
-        if int(batch_size) < 1:
-            raise ConfigError(f"data.batch_size={batch_size}: must be >= 1.")
-        data["batch_size"] = int(batch_size)
+    if cfg.data.batch_size is not None:
+        data.batch_size = cfg.data.batch_size
     # One process reads in file order: the rows of the output follow the test file.
-    data["num_workers"] = 0
-    if cfg.get("write_tracks"):
-        data["trim_tracks"] = False  # keep the file's track slots, so outputs align with them
+    data.num_workers = 0
+    if cfg.write_tracks:
+        data.trim_tracks = False  # keep the file's track slots, so outputs align with them
     return data
 
 
-def evaluate(cfg: DictConfig) -> EvaluationResult:
+def evaluate(config: EvaluateConfig | DictConfig) -> EvaluationResult:
     """Write the predictions file and the performance of ``cfg.run_dir``'s checkpoint."""
-    f_c = float(cfg.get("f_c", 0.2))
-    working_points = [float(w) for w in cfg.get("working_points") or []]
-    check_settings(f_c, working_points)
-    num_test = int(cfg.data.get("num_test", -1))
-    if num_test == 0 or num_test < -1:
-        raise ConfigError(f"data.num_test={num_test}: use -1 (all jets) or a positive number.")
-    run_dir = run_dir_of(cfg)
+    cfg = typed_config.read(EvaluateConfig, config, "")
+    f_c, working_points, num_test = cfg.f_c, cfg.working_points, cfg.data.num_test
+    run_dir = Path(str(cfg.run_dir))
     # outputs are named and checked before the model is loaded: a refusal comes at once
     run_data = run_data_config(run_config(run_dir), run_dir)
-    ckpt_path = choose_checkpoint(run_dir, cfg.get("ckpt_path"))
-    test_file = resolve_test_file(run_data, cfg.data.get("test_file"))
-    paths = output_paths(predictions_path(ckpt_path, test_file, cfg.data.get("test_suffix")))
-    refuse_overwrite(paths, bool(cfg.get("overwrite")))
-    run = load_run(run_dir, ckpt_path, cfg.get("device", "auto"))
+    ckpt_path = choose_checkpoint(run_dir, cfg.ckpt_path)
+    test_file = resolve_test_file(run_data, cfg.data.test_file)
+    paths = output_paths(predictions_path(ckpt_path, test_file, cfg.data.test_suffix))
+    refuse_overwrite(paths, cfg.overwrite)
+    run = load_run(run_dir, ckpt_path, cfg.device)
 
     data = evaluation_data_config(run, cfg)
     loader = make_loader(
@@ -113,7 +105,7 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
         num_jets=num_test,
         num_jets_key="data.num_test",
         train=False,
-        seed=int(run.cfg.get("seed", 42)),
+        seed=int(run.cfg.get("seed", 42)),  # the run's own config, as saved
         num_workers=0,
         pin_memory=run.device.type == "cuda",
     )
@@ -125,10 +117,10 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
         test_file,
         paths[0],
         num_jets,
-        extra_jet_vars=list(cfg.get("extra_jet_vars") or []),
-        write_tracks=bool(cfg.get("write_tracks")),
-        input_map=data.get("input_map"),
-        show_progress=bool(cfg.get("progress_bar", True)),
+        extra_jet_vars=list(cfg.extra_jet_vars),
+        write_tracks=cfg.write_tracks,
+        input_map=dict(data.input_map),
+        show_progress=cfg.progress_bar,
     )
     print(f"salt: predictions written to {paths[0]}", flush=True)
     result = EvaluationResult(paths[0], num_jets)

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
 
 from salt.config_check import command
+from salt.data.build import DataConfig
 from salt.data.ftag import open_h5
 from salt.errors import ConfigError
 from salt.evaluation.onnx_model import (
-    OPSET,
     ExportError,
     ONNXTagger,
     export_bytes,
@@ -39,9 +38,10 @@ from salt.evaluation.run import (
     resolve_test_file,
     run_config,
     run_data_config,
-    run_dir_of,
     single_file,
 )
+from salt.evaluation.settings import ExportConfig
+from salt.utils import typed_config
 from salt.utils.atomic import atomic_write_bytes
 
 
@@ -54,15 +54,15 @@ class ExportResult:
     parity_jets: int
 
 
-def parity_file(run_data: dict[str, Any], given: Any) -> Path:
+def parity_file(run_data: DataConfig, given: str | None) -> Path:
     """``parity.file`` if given, else the run's test file, else its validation file."""
     if given:
         return single_file(given, "parity.file")
     try:
         return resolve_test_file(run_data, None)
     except ConfigError:
-        if run_data.get("val_file"):
-            return single_file(run_data["val_file"], "data.val_file (from the run's config)")
+        if run_data.val_file:
+            return single_file(run_data.val_file, "data.val_file (from the run's config)")
         raise ConfigError(
             "no file for the parity check: the run has no test or validation file; pass "
             "parity.file=path/to/file.h5"
@@ -76,26 +76,27 @@ def _jets_in(path: Path, dataset: str) -> int:
         return len(f[dataset])
 
 
-def export(cfg: DictConfig) -> ExportResult:
+def export(config: ExportConfig | DictConfig) -> ExportResult:
     """Export ``cfg.run_dir``'s checkpoint to ONNX after a parity check against torch."""
-    run_dir = run_dir_of(cfg)
+    cfg = typed_config.read(ExportConfig, config, "")
+    run_dir = Path(str(cfg.run_dir))
     run_data = run_data_config(run_config(run_dir), run_dir)
-    ckpt_path = choose_checkpoint(run_dir, cfg.get("ckpt_path"))
-    out = Path(str(cfg.output)) if cfg.get("output") else ckpt_path.with_suffix(".onnx")
-    if out.exists() and not cfg.get("overwrite"):
+    ckpt_path = choose_checkpoint(run_dir, cfg.ckpt_path)
+    out = Path(cfg.output) if cfg.output else ckpt_path.with_suffix(".onnx")
+    if out.exists() and not cfg.overwrite:
         raise ConfigError(f"{out} exists; pass overwrite=true to replace it, or output=...")
-    settings = cfg.get("parity") or {}
-    tolerance = float(settings.get("tolerance", 1e-4))
-    num_jets, batch_size = int(settings.get("num_jets", 1000)), int(settings.get("batch_size", 250))
-    if num_jets < 1 or batch_size < 1:
-        raise ConfigError(f"parity.num_jets ({num_jets}) and parity.batch_size must be >= 1.")
+    tolerance, num_jets, batch_size = (
+        cfg.parity.tolerance,
+        cfg.parity.num_jets,
+        cfg.parity.batch_size,
+    )
     require_onnx()  # before the model is built: a missing package is reported at once
 
     run = load_run(run_dir, ckpt_path, "cpu")  # export and reference both on the CPU
-    wrapper = ONNXTagger(run, run_data.get("input_map"))
-    model_bytes = export_bytes(wrapper, ckpt_path, int(cfg.get("opset") or OPSET))
+    wrapper = ONNXTagger(run, run_data.input_map)
+    model_bytes = export_bytes(wrapper, ckpt_path, cfg.opset)
 
-    check_file = parity_file(run_data, settings.get("file"))
+    check_file = parity_file(run_data, cfg.parity.file)
     num_jets = min(num_jets, _jets_in(check_file, wrapper.input_map["jets"]))
     diffs = parity(wrapper, model_bytes, run, check_file, num_jets, batch_size)
     worst_name = max(diffs, key=lambda k: diffs[k])

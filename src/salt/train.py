@@ -16,16 +16,18 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from salt.config_check import command
-from salt.errors import USER_ERRORS
+from salt.errors import USER_ERRORS, ConfigError
+from salt.schema import TrainConfig, read_train_config
 from salt.training import checkpoint as ckpt
+from salt.training.config import TrainerConfig
 from salt.training.distributed import (
     REPORTED_EXIT_CODE,
     SPAWNED_ENV,
@@ -35,6 +37,7 @@ from salt.training.distributed import (
     spawn,
 )
 from salt.training.run_dir import load_run_config
+from salt.utils.typed_config import omegaconf_message
 
 log = logging.getLogger("salt")
 GROUPS = ("data", "model", "attention", "pooling", "logger")
@@ -50,6 +53,7 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         raise ckpt.CheckpointError(f"{run_dir / 'ckpts'}: no complete checkpoint to resume from.")
     base = load_run_config(run_dir)
     # Hydra's own grammar: 1e-3 is a float, null is None, ~key deletes, [a,b] is a list
+    changes = []
     for item, override in zip(
         overrides, OverridesParser.create().parse_overrides(overrides), strict=True
     ):
@@ -57,20 +61,30 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         if key.split("/")[0].split(".")[0] in LAUNCH_KEYS:
             continue
         if key in GROUPS:
-            raise ValueError(
+            raise ConfigError(
                 f"'{item}': resume={run_dir} continues that run with its own {key} config; "
                 "change keys (e.g. trainer.max_epochs=30), not groups."
             )
         if override.is_sweep_override():
-            raise ValueError(f"'{item}': resume takes one value per key, not a sweep.")
-        if override.is_delete():
+            raise ConfigError(f"'{item}': resume takes one value per key, not a sweep.")
+        if override.is_delete():  # on the saved config: the key takes the schema's default
             _delete(base, key, item, run_dir)
-            continue
-        # the run's saved config may predate keys added since: keys may be added without +
-        OmegaConf.update(base, key, override.value(), merge=True, force_add=True)
-    base.ckpt_path = str(found)
-    base.resume = None
-    return base
+        else:
+            changes.append((item, key, override.value()))
+    # typed by the schema, as a fresh run's config: a run saved before a key was added gets
+    # its default, and each override is converted to (or refused as) the key's type
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), base)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{run_dir / 'config.yaml'}: {omegaconf_message(err)}") from None
+    for item, key, value in changes:
+        try:
+            OmegaConf.update(typed, key, value, merge=True)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"'{item}': {omegaconf_message(err)}") from None
+    typed.ckpt_path = str(found)
+    typed.resume = None
+    return typed
 
 
 def _delete(cfg: DictConfig, key: str, item: str, run_dir: Path) -> None:
@@ -83,9 +97,8 @@ def _delete(cfg: DictConfig, key: str, item: str, run_dir: Path) -> None:
         del parent[name]
 
 
-def world_size(cfg: DictConfig) -> int:
-    devices = cfg.trainer.devices
-    accelerator = str(cfg.trainer.accelerator)
+def world_size(trainer: TrainerConfig) -> int:
+    devices, accelerator = trainer.devices, trainer.accelerator
     if isinstance(devices, int):
         return devices
     if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
@@ -95,15 +108,14 @@ def world_size(cfg: DictConfig) -> int:
     return 1
 
 
-def _worker(rank: int, cfg_dict: dict[str, Any]) -> None:
+def _worker(rank: int, cfg: TrainConfig) -> None:
     from salt.training.loop import fit
 
-    cfg = OmegaConf.create(cfg_dict)
-    dist = init_distributed(cfg.trainer.devices, str(cfg.trainer.accelerator))
+    dist = init_distributed(cfg.trainer.devices, cfg.trainer.accelerator)
     try:
         fit(cfg, dist)
     except USER_ERRORS as err:
-        if cfg.get("debug") or (rank == 0 and detect_environment() is None):
+        if cfg.debug or (rank == 0 and detect_environment() is None):
             raise  # reported by main()
         # a spawned or launched rank: one clear line, then a non-zero exit for the launcher
         print(f"salt: error on rank {dist.rank}: {err}", file=sys.stderr, flush=True)
@@ -121,12 +133,12 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> None:
         if overrides is None:
             overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
         cfg = resume_config(cfg, overrides)
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    n = world_size(cfg)
+    config = read_train_config(cfg)  # every key checked, before anything is written
+    n = world_size(config.trainer)
     if n > 1 and detect_environment() is None:
-        spawn(_worker, n, (cfg_dict,))
+        spawn(_worker, n, (config,))
     else:
-        _worker(0, cfg_dict)
+        _worker(0, config)
 
 
 main = command("train", train)

@@ -2,16 +2,97 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from salt.data.dataset import BatchLoader, H5BatchDataset, expand_files
-from salt.data.ftag import DataError, LabelsConfig
+from salt.data.ftag import DEFAULT_INPUT_MAP, DataError, LabelsConfig
+from salt.errors import ConfigError
+from salt.utils import typed_config as check
+
+
+class NanPolicy(enum.StrEnum):
+    error = "error"  # a non-finite input is an error naming the file and variable
+    replace = "replace"  # non-finite inputs -> the variable's mean (0 after normalisation)
+
+
+@dataclass
+class SampleConfig:
+    """`data.sample` (set by `data=sample`): the built-in sample, written once into `dir`."""
+
+    num_jets: int = 24000
+    seed: int = 42
+    dir: str = "~/.cache/salt/sample"
+
+    def check(self, where: str) -> None:
+        check.positive(self.num_jets, f"{where}.num_jets")
+
+
+@dataclass
+class DataConfig:
+    """The `data` node (conf/data/*.yaml): files, batches and loader settings."""
+
+    train_file: Any = None  # a path, a glob, or a list of either
+    val_file: Any = None
+    test_file: Any = None
+    norm_dict: str | None = None  # default: norm_dict.yaml beside the train file
+    class_dict: str | None = None  # default: class_dict.yaml beside the train file
+    input_map: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_INPUT_MAP))
+    batch_size: int = 1000
+    num_train: int = -1  # -1: all jets
+    num_val: int = -1
+    num_test: int = -1
+    chunk_batches: int = 10  # batches read per contiguous chunk ("weak shuffling")
+    trim_tracks: bool = True  # cut each batch to its longest jet
+    allow_truth_inputs: list[str] = field(default_factory=list)
+    nan_policy: NanPolicy = NanPolicy.error
+    num_workers: int | str = "auto"  # a count or auto
+    persistent_workers: bool = False
+    prefetch_factor: int | None = None
+    pin_memory: bool | str = "auto"  # auto: on GPU runs
+    move_files_temp: str | None = None  # stage train/val there first (auto: Slurm's TMPDIR)
+    sample: SampleConfig | None = None
+
+    @classmethod
+    def read(cls, node: DataConfig | Mapping[str, Any]) -> DataConfig:
+        return check.read(cls, node, "data")
+
+    def check(self, where: str) -> None:
+        for key in ("train_file", "val_file", "test_file"):
+            value = getattr(self, key)
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                value = list(value)
+                setattr(self, key, value)
+            if value is not None and not isinstance(value, str | list):
+                raise ConfigError(
+                    f"{where}.{key}: expected a path, a glob or a list, got {value!r}"
+                )
+        check.positive(self.batch_size, f"{where}.batch_size")
+        for key in ("num_train", "num_val", "num_test"):
+            value = getattr(self, key)
+            if value == 0 or value < -1:
+                raise ConfigError(
+                    f"{where}.{key}={value}: expected -1 (all jets) or a positive count"
+                )
+        check.positive(self.chunk_batches, f"{where}.chunk_batches")
+        if isinstance(self.num_workers, str) and self.num_workers != "auto":
+            raise ConfigError(f"{where}.num_workers={self.num_workers!r}: expected auto or a count")
+        if isinstance(self.num_workers, int):
+            check.at_least(self.num_workers, f"{where}.num_workers", 0)
+        check.positive(self.prefetch_factor, f"{where}.prefetch_factor", allow_none=True)
+        if isinstance(self.pin_memory, str) and self.pin_memory != "auto":
+            raise ConfigError(
+                f"{where}.pin_memory={self.pin_memory!r}: expected auto, true or false"
+            )
+        if self.sample is not None:
+            self.sample.check(f"{where}.sample")
+
 
 SAMPLE_FILES = ("train.h5", "val.h5", "test.h5", "norm_dict.yaml", "class_dict.yaml")
 
@@ -58,13 +139,17 @@ def _files(value: Any, key: str) -> list[Path] | None:
     return files
 
 
-def resolve_files(data_cfg: Mapping[str, Any]) -> DataFiles:
+def resolve_files(data_cfg: DataConfig | Mapping[str, Any]) -> DataFiles:
     """Paths of the train/val/test files and dicts; the built-in sample when none is set."""
-    if data_cfg.get("train_file") is None:
-        sample = data_cfg.get("sample")
-        if not sample:
+    data = DataConfig.read(data_cfg)
+    paths: dict[str, Any] = {
+        k: getattr(data, k)
+        for k in ("train_file", "val_file", "test_file", "norm_dict", "class_dict")
+    }
+    if data.train_file is None:
+        if data.sample is None:
             raise DataError("data.train_file is not set (and data.sample is not configured).")
-        root = ensure_sample(sample["dir"], int(sample["num_jets"]), int(sample["seed"]))
+        root = ensure_sample(data.sample.dir, data.sample.num_jets, data.sample.seed)
         defaults = {
             "train_file": root / "train.h5",
             "val_file": root / "val.h5",
@@ -72,29 +157,24 @@ def resolve_files(data_cfg: Mapping[str, Any]) -> DataFiles:
             "norm_dict": root / "norm_dict.yaml",
             "class_dict": root / "class_dict.yaml",
         }
-        data_cfg = {**defaults, **{k: v for k, v in data_cfg.items() if v is not None}}
-    train = _files(data_cfg["train_file"], "train_file")
+        paths = {k: defaults[k] if v is None else v for k, v in paths.items()}
+    train = _files(paths["train_file"], "train_file")
     assert train is not None
-    val = _files(data_cfg.get("val_file"), "val_file")
+    val = _files(paths["val_file"], "val_file")
     if val is None:
         raise DataError("data.val_file is not set: validation needs its own file.")
     beside = train[0].parent
-    norm = Path(data_cfg.get("norm_dict") or beside / "norm_dict.yaml")
+    norm = Path(paths["norm_dict"] or beside / "norm_dict.yaml")
     if not norm.exists():
         raise DataError(f"{norm}: norm_dict not found (data.norm_dict).")
-    cdict = data_cfg.get("class_dict")
-    cdict = Path(cdict) if cdict else (beside / "class_dict.yaml")
+    cdict = Path(paths["class_dict"]) if paths["class_dict"] else (beside / "class_dict.yaml")
     return DataFiles(
-        train,
-        val,
-        _files(data_cfg.get("test_file"), "test_file"),
-        norm,
-        cdict if cdict.exists() else None,
+        train, val, _files(paths["test_file"], "test_file"), norm, cdict if cdict.exists() else None
     )
 
 
 def make_loader(
-    data_cfg: Mapping[str, Any],
+    data_cfg: DataConfig | Mapping[str, Any],
     files: Sequence[Path],
     norm_dict: Path | Mapping,
     *,
@@ -113,31 +193,33 @@ def make_loader(
 
     ``num_jets_key`` names the setting ``num_jets`` came from, for messages.
     """
+    data = DataConfig.read(data_cfg)
     dataset = H5BatchDataset(
         files,
         variables=variables,
         norm_dict=norm_dict,
         labels=labels,
-        batch_size=int(data_cfg["batch_size"]),
+        batch_size=data.batch_size,
         num_jets=num_jets,
         num_jets_key=num_jets_key or ("data.num_train" if train else "data.num_val"),
         shuffle=train,
         drop_last=train,
         seed=seed,
-        chunk_batches=int(data_cfg.get("chunk_batches", 10)),
-        trim_tracks=bool(data_cfg.get("trim_tracks", True)),
-        nan_policy=str(data_cfg.get("nan_policy", "error")),
-        input_map=data_cfg.get("input_map"),
+        chunk_batches=data.chunk_batches,
+        trim_tracks=data.trim_tracks,
+        nan_policy=str(data.nan_policy),
+        input_map=dict(data.input_map),
         rank=rank,
         world_size=world_size,
     )
-    workers = int(data_cfg.get("num_workers", 0)) if num_workers is None else num_workers
+    if num_workers is None:
+        num_workers = data.num_workers if isinstance(data.num_workers, int) else 0
     return BatchLoader(
         dataset,
-        num_workers=workers,
+        num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=bool(data_cfg.get("persistent_workers", False)),
-        prefetch_factor=data_cfg.get("prefetch_factor"),
+        persistent_workers=data.persistent_workers,
+        prefetch_factor=data.prefetch_factor,
     )
 
 

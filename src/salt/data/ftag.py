@@ -9,7 +9,6 @@ result is viewed as a plain ``float32`` array without another copy.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,17 +21,13 @@ import yaml
 
 from salt.data.labels import LabelsConfig, LabelSpec
 from salt.errors import DataError
+from salt.utils.names import closest_available
 
 DEFAULT_INPUT_MAP: dict[str, str] = {"jets": "jets", "tracks": "tracks", "global": "jets"}
 # input types the model reads as a sequence per jet; every other one (jets, global) is one row
 # per jet. Their datasets must have the matching shape: (n_jets, n_slots) or (n_jets,).
 PER_SLOT_INPUTS: tuple[str, ...] = ("tracks",)
 VALID = "valid"
-
-
-def _closest(name: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
-    return f" Closest available: {', '.join(close)}." if close else ""
 
 
 def open_h5(path: str | Path) -> h5py.File:
@@ -96,7 +91,7 @@ def norm_arrays(
         if var not in section:
             raise DataError(
                 f"{where}norm_dict['{key}'] has no entry for variable '{var}'."
-                f"{_closest(var, list(section))}"
+                f"{closest_available(var, list(section))}"
             )
         entry = section[var]
         try:
@@ -299,7 +294,8 @@ class FTAGReader:
                 if var not in available:
                     raise DataError(
                         f"{self.path}: dataset '{name}' has no variable '{var}'; expected by "
-                        f"{plan.needed_by.get(var, 'the model')}.{_closest(var, available)}"
+                        f"{plan.needed_by.get(var, 'the model')}."
+                        f"{closest_available(var, available)}"
                     )
             lengths[name] = ds.shape[0]
         if len(set(lengths.values())) > 1:

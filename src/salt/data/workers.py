@@ -25,9 +25,12 @@ import signal
 import sys
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from salt.data.ftag import DataError
+
+if TYPE_CHECKING:
+    from salt.data.build import DataConfig
 
 __all__ = [
     "NumWorkersWarning",
@@ -174,41 +177,18 @@ def resolve_num_workers(value: int | str, *, on_gpu: bool, world_size: int = 1) 
     return requested
 
 
-def _flag(data_cfg: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = data_cfg.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise DataError(f"data.{key}={value!r}: expected true or false.")
-    return value
-
-
-def loader_options(data_cfg: Mapping[str, Any], on_gpu: bool) -> dict[str, Any]:
+def loader_options(data: DataConfig, on_gpu: bool) -> dict[str, Any]:
     """``persistent_workers``, ``prefetch_factor`` and ``pin_memory`` for the DataLoader.
 
     ``pin_memory: auto`` (the default) pins on GPU runs, where it makes host-to-device copies
     faster and asynchronous; pinning is pointless without a GPU, so it is off there. The
     worker options only matter with workers (the loader drops them with 0 workers).
     """
-    prefetch = data_cfg.get("prefetch_factor")
-    if prefetch is not None and (
-        isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1
-    ):
-        raise DataError(
-            f"data.prefetch_factor={prefetch!r}: expected a positive integer (batches loaded "
-            "ahead per worker) or null for the default."
-        )
-    pin = data_cfg.get("pin_memory", "auto")
-    if pin is None or (isinstance(pin, str) and pin.strip().lower() == "auto"):
-        pin_memory = on_gpu
-    elif isinstance(pin, bool):
-        pin_memory = pin and on_gpu
-    else:
-        raise DataError(f"data.pin_memory={pin!r}: expected auto, true or false.")
+    pin = on_gpu if data.pin_memory == "auto" else bool(data.pin_memory) and on_gpu
     return {
-        "persistent_workers": _flag(data_cfg, "persistent_workers", False),
-        "prefetch_factor": prefetch,
-        "pin_memory": pin_memory,
+        "persistent_workers": data.persistent_workers,
+        "prefetch_factor": data.prefetch_factor,
+        "pin_memory": pin,
     }
 
 

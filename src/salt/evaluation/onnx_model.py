@@ -29,6 +29,7 @@ check compares it with the default torch path.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -289,7 +290,7 @@ def parity(
     are both checked. Track outputs are compared on the slots the ONNX model saw.
     """
     sess = session(model_bytes)
-    data = {**run.data_config(), "batch_size": batch_size, "trim_tracks": False}
+    data = dataclasses.replace(run.data_config(), batch_size=batch_size, trim_tracks=False)
     loader = make_loader(
         data,
         [file],

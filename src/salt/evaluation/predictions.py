@@ -24,7 +24,6 @@ so memory stays bounded and an interrupted evaluation leaves no partial file.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from salt.errors import ConfigError
 from salt.evaluation.run import LoadedRun
 from salt.models.tasks import ClassificationTask, RegressionTask, Task, VertexingTask
 from salt.utils.atomic import atomic_path
+from salt.utils.names import closest_available
 
 log = logging.getLogger("salt")
 
@@ -136,18 +136,13 @@ class _Field:
     source: str | None = None  # a variable copied from the test file
 
 
-def _closest(name: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
-    return f" Closest available: {', '.join(close)}." if close else ""
-
-
 def _check_source(ds: h5py.Dataset, names: Sequence[str], key: str, path: Path) -> None:
     available = list(ds.dtype.names or ())
     for name in names:
         if name not in available:
             raise DataError(
                 f"{path}: dataset '{ds.name.lstrip('/')}' has no variable '{name}' ({key})."
-                f"{_closest(name, available)}"
+                f"{closest_available(name, available)}"
             )
 
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from salt import models
-from salt.data.build import resolve_files
+from salt.data.build import DataConfig, resolve_files
 from salt.data.dataset import expand_files
 from salt.data.ftag import DataError, load_yaml_dict
 from salt.errors import ConfigError
@@ -47,7 +47,7 @@ class LoadedRun:
     def variables(self) -> dict[str, list[str]]:
         return models.input_variables(self.model_cfg)
 
-    def data_config(self) -> dict[str, Any]:
+    def data_config(self) -> DataConfig:
         return run_data_config(self.cfg, self.run_dir)
 
 
@@ -95,13 +95,6 @@ def _norm_dict_of(run_dir: Path, cfg: DictConfig) -> dict:
     )
 
 
-def run_dir_of(cfg: DictConfig) -> Path:
-    """The required ``run_dir`` key of an evaluate/export config."""
-    if OmegaConf.is_missing(cfg, "run_dir") or not cfg.get("run_dir"):
-        raise ConfigError("run_dir is required: e.g. run_dir=logs/GN2_20260101-120000")
-    return Path(str(cfg.run_dir))
-
-
 def run_config(run_dir: Path) -> DictConfig:
     """A run directory's saved config, with one clear error for a wrong directory."""
     if not run_dir.is_dir():
@@ -109,12 +102,14 @@ def run_config(run_dir: Path) -> DictConfig:
     return load_run_config(run_dir)
 
 
-def run_data_config(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """The run's ``data`` config as a plain dict."""
-    data = OmegaConf.to_container(cfg.get("data"), resolve=True) if "data" in cfg else None
-    if not isinstance(data, dict):
+def run_data_config(cfg: DictConfig, run_dir: Path) -> DataConfig:
+    """The run's ``data`` config."""
+    if not isinstance(cfg.get("data"), DictConfig):
         raise ConfigError(f"{run_dir / 'config.yaml'}: no 'data' mapping; not a salt run?")
-    return data
+    try:
+        return DataConfig.read(cfg.data)
+    except ConfigError as err:
+        raise ConfigError(f"{run_dir / 'config.yaml'}: {err}") from None
 
 
 def load_run(run_dir: str | Path, ckpt_path: Any = None, device: Any = "cpu") -> LoadedRun:
@@ -158,14 +153,14 @@ def single_file(value: Any, key: str) -> Path:
     return files[0]
 
 
-def resolve_test_file(run_data: dict[str, Any], given: Any) -> Path:
+def resolve_test_file(run_data: DataConfig, given: Any) -> Path:
     """``data.test_file`` if given, else the run's test file (the built-in sample's for a run
     trained on it; the sample is written again if its cache was removed)."""
     if given:
         return single_file(given, "data.test_file")
-    if run_data.get("test_file"):
-        return single_file(run_data["test_file"], "data.test_file (from the run's config)")
-    if run_data.get("train_file") is None and run_data.get("sample"):
+    if run_data.test_file:
+        return single_file(run_data.test_file, "data.test_file (from the run's config)")
+    if run_data.train_file is None and run_data.sample is not None:
         files = resolve_files(run_data)
         if files.test:
             return files.test[0]

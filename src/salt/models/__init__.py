@@ -5,8 +5,8 @@ node; `label_specs` and `input_variables` tell the data loader what to read with
 the model.
 """
 
+from salt.errors import ModelConfigError
 from salt.models.attention import MultiheadAttention, resolve_heads
-from salt.models.config import ModelConfigError
 from salt.models.dense import Dense, count_parameters
 from salt.models.pooling import CrossAttentionPooling, GlobalAttentionPooling
 from salt.models.tagger import Tagger, build_tagger, input_variables, label_specs

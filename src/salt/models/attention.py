@@ -21,19 +21,73 @@ the padded layout with the same result.
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from omegaconf import MISSING
 from torch import Tensor, nn
 
-from salt.models.config import ModelConfigError
+from salt.errors import ModelConfigError
 from salt.models.packing import Packing
+from salt.utils import typed_config as check
 
-ATTENTION_TYPES = ("scaled_dot_product", "gatv2")
-# how the encoder's self-attention is computed, all the same math (see salt.models.tagger)
-ATTENTION_BACKENDS = ("auto", "packed", "varlen", "padded")
+
+class AttentionType(enum.StrEnum):
+    scaled_dot_product = "scaled_dot_product"
+    gatv2 = "gatv2"
+
+
+class Backend(enum.StrEnum):
+    """How the encoder's self-attention is computed, all the same math (salt.models.tagger)."""
+
+    auto = "auto"
+    packed = "packed"
+    varlen = "varlen"
+    padded = "padded"
+
+
+ATTENTION_TYPES = tuple(AttentionType)
+ATTENTION_BACKENDS = tuple(Backend)
+
+
+@dataclass
+class AttentionConfig:
+    """An attention node (`model.attention`, `model.pooling.attention`). Hydra's `attention=`
+    group merges into the model's node, so `negative_slope` may be left over from gatv2 under
+    another type: it is then unused."""
+
+    type: AttentionType = MISSING
+    num_heads: int | None = None  # or head_dim: the other follows from the embedding size
+    head_dim: int | None = None
+    dropout: float = 0.0
+    negative_slope: float = 0.2  # gatv2's LeakyReLU slope
+
+    def check(self, where: str) -> None:
+        for key in ("num_heads", "head_dim"):
+            check.positive(getattr(self, key), f"{where}.{key}", allow_none=True)
+        if self.num_heads is None and self.head_dim is None:
+            raise ModelConfigError(f"{where}: set num_heads or head_dim (the other follows)")
+        check.fraction(self.dropout, f"{where}.dropout")
+        check.at_least(self.negative_slope, f"{where}.negative_slope", 0.0)
+
+
+@dataclass
+class SelfAttentionConfig(AttentionConfig):
+    """The encoder's self-attention (`model.attention`): also how it is computed."""
+
+    backend: Backend = Backend.auto
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        if self.backend == Backend.varlen and self.type != AttentionType.scaled_dot_product:
+            raise ModelConfigError(
+                f"{where}.backend=varlen needs scaled_dot_product attention (the flash "
+                f"kernel computes no {self.type} scores); use auto, packed or padded"
+            )
 
 
 @functools.cache  # asked on every forward: look it up once

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,36 @@ from torch import Tensor, nn
 
 from salt.models.dropout import Dropout
 from salt.models.packing import Packing
+from salt.utils import typed_config as check
+
+NORMS = ("LayerNorm",)
+
+
+@dataclass
+class DenseConfig:
+    """A dense network's settings (`init_net`, each task head, a pooling block's feed-forward)."""
+
+    hidden_layers: list[int] = field(default_factory=list)
+    activation: str = "SiLU"  # a torch.nn activation's class name
+    norm: str | None = "LayerNorm"  # LayerNorm or null
+    dropout: float = 0.0
+
+    def check(self, where: str) -> None:
+        for i, n in enumerate(self.hidden_layers):
+            check.positive(n, f"{where}.hidden_layers[{i}]")
+        check.activation(self.activation, f"{where}.activation")
+        if self.norm is not None:
+            check.one_of(self.norm, f"{where}.norm", [*NORMS, None])
+        check.fraction(self.dropout, f"{where}.dropout")
+
+    def layers(self) -> dict:
+        """The keyword arguments of `Dense` these settings give."""
+        return {
+            "hidden_layers": list(self.hidden_layers),
+            "activation": self.activation,
+            "norm": self.norm,
+            "dropout": self.dropout,
+        }
 
 
 def activation_layer(name: str) -> nn.Module:

@@ -11,14 +11,48 @@ attention messages), never NaN. `forward_packed` takes packed tracks (`salt.mode
 
 from __future__ import annotations
 
+import enum
+from dataclasses import dataclass, field
+
 import torch
+from omegaconf import MISSING
 from torch import Tensor, nn
 
-from salt.models.attention import MultiheadAttention, masked_softmax
-from salt.models.dense import Dense
+from salt.models.attention import AttentionConfig, MultiheadAttention, masked_softmax
+from salt.models.dense import Dense, DenseConfig
 from salt.models.packing import Packing
+from salt.utils import typed_config as check
 
-POOLING_TYPES = ("global_attention", "cross_attention")
+
+class PoolingType(enum.StrEnum):
+    global_attention = "global_attention"
+    cross_attention = "cross_attention"
+
+
+POOLING_TYPES = tuple(PoolingType)
+
+
+@dataclass
+class PoolingConfig:
+    """`model.pooling`. Hydra's `pooling=` group merges into the model's node, so the
+    cross-attention keys may be left over under global_attention: they are then unused."""
+
+    type: PoolingType = MISSING
+    # cross_attention
+    num_layers: int = 2
+    out_dim: int | None = None  # pooled jet vector size; None: the encoder out_dim
+    attention: AttentionConfig | None = None
+    dense: DenseConfig = field(default_factory=DenseConfig)  # each block's feed-forward
+
+    def check(self, where: str) -> None:
+        if self.type != PoolingType.cross_attention:
+            return
+        check.positive(self.num_layers, f"{where}.num_layers")
+        check.positive(self.out_dim, f"{where}.out_dim", allow_none=True)
+        if self.attention is None:
+            raise check.ConfigError(f"{where}.attention: cross_attention pooling needs one")
+        self.attention.check(f"{where}.attention")
+        self.dense.check(f"{where}.dense")
 
 
 class GlobalAttentionPooling(nn.Module):

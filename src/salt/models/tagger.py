@@ -17,22 +17,97 @@ variable lists and the chosen parts:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from torch import Tensor, nn
 
 from salt.data.labels import LabelSpec
-from salt.models import config as schema
-from salt.models.attention import ATTENTION_BACKENDS, resolve_heads, varlen_kernel
-from salt.models.dense import Dense
+from salt.errors import ModelConfigError
+from salt.models.attention import (
+    ATTENTION_BACKENDS,
+    SelfAttentionConfig,
+    resolve_heads,
+    varlen_kernel,
+)
+from salt.models.dense import Dense, DenseConfig
 from salt.models.packing import Packing
-from salt.models.pooling import CrossAttentionPooling, GlobalAttentionPooling
-from salt.models.tasks import ClassificationTask, RegressionTask, Task, VertexingTask
-from salt.models.transformer import TransformerEncoder
+from salt.models.pooling import (
+    CrossAttentionPooling,
+    GlobalAttentionPooling,
+    PoolingConfig,
+    PoolingType,
+)
+from salt.models.tasks import (
+    ClassificationTask,
+    RegressionTask,
+    Task,
+    TaskConfig,
+    TaskType,
+    VertexingTask,
+)
+from salt.models.transformer import EncoderConfig, TransformerEncoder
+from salt.utils import typed_config
 
-ModelConfig = DictConfig | Mapping[str, Any]
+INPUT_TYPES = ("jets", "tracks", "global")
+ModelNode = DictConfig | Mapping[str, Any]  # a `model` node as composed or saved
+
+
+@dataclass
+class ModelConfig:
+    """The `model` node (conf/model/*.yaml): what `build_tagger` builds. No input size is
+    set here: every layer size follows from the variable lists."""
+
+    name: str = MISSING
+    variables: dict[str, list[str] | None] = MISSING  # input type -> variable names
+    embed_dim: int = MISSING  # init net output and transformer width
+    init_net: DenseConfig = field(default_factory=DenseConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    attention: SelfAttentionConfig = MISSING
+    pooling: PoolingConfig = MISSING
+    tasks: dict[str, TaskConfig] = MISSING
+
+    @classmethod
+    def read(cls, node: ModelConfig | ModelNode) -> ModelConfig:
+        """`node` as a checked ModelConfig (one ModelConfigError naming the key if not)."""
+        return typed_config.read(cls, node, "model")
+
+    def check(self, where: str) -> None:
+        typed_config.positive(self.embed_dim, f"{where}.embed_dim")
+        self.init_net.check(f"{where}.init_net")
+        self.encoder.check(f"{where}.encoder")
+        self.attention.check(f"{where}.attention")
+        self.pooling.check(f"{where}.pooling")
+        for input_type, names in self.variables.items():
+            if input_type not in INPUT_TYPES:
+                raise ModelConfigError(
+                    f"{where}.variables: unknown input type {input_type!r}; allowed are "
+                    f"{list(INPUT_TYPES)}"
+                )
+            names = names or []
+            doubled = sorted({n for n in names if names.count(n) > 1})
+            if doubled:
+                raise ModelConfigError(
+                    f"{where}.variables.{input_type}: duplicated variable(s) {doubled}"
+                )
+        self.variables = {k: list(v) for k, v in self.variables.items() if v}  # type: ignore[misc]
+        if "tracks" not in self.variables:
+            raise ModelConfigError(f"{where}.variables.tracks must list at least one variable")
+        if not self.tasks:
+            raise ModelConfigError(f"{where}.tasks must map task names to task settings")
+        for name, task in self.tasks.items():
+            if not name.isidentifier() or name == "loss":
+                raise ModelConfigError(
+                    f"{where}.tasks.{name}: task names must be identifiers and not 'loss' "
+                    "(the total loss key)"
+                )
+            task.check(f"{where}.tasks.{name}")
+
+    def plain(self) -> dict[str, Any]:
+        """As plain dicts and lists (the checkpoint's `config`)."""
+        return typed_config.as_plain(self)
 
 
 class Tagger(nn.Module):
@@ -213,15 +288,16 @@ class Tagger(nn.Module):
 def check_backend(backend: str, attention_type: str) -> str:
     """`backend` if it is one of ATTENTION_BACKENDS and fits the attention type."""
     if backend not in ATTENTION_BACKENDS:
-        raise schema.ModelConfigError(
-            f"model.attention.backend={backend!r}: expected one of {ATTENTION_BACKENDS}"
+        raise ModelConfigError(
+            f"model.attention.backend={backend!r}: expected one of "
+            f"{', '.join(map(str, ATTENTION_BACKENDS))}"
         )
     if backend == "varlen" and attention_type != "scaled_dot_product":
-        raise schema.ModelConfigError(
+        raise ModelConfigError(
             f"model.attention.backend=varlen needs scaled_dot_product attention (the flash "
             f"kernel computes no {attention_type} scores); use auto, packed or padded"
         )
-    return backend
+    return str(backend)
 
 
 def _concat_masked(x: Tensor, extra: Tensor, pad_mask: Tensor) -> Tensor:
@@ -229,12 +305,12 @@ def _concat_masked(x: Tensor, extra: Tensor, pad_mask: Tensor) -> Tensor:
     return torch.cat([x, extra], dim=-1).masked_fill(pad_mask.unsqueeze(-1), 0.0)
 
 
-def input_variables(model_cfg: ModelConfig) -> dict[str, list[str]]:
+def input_variables(model_cfg: ModelConfig | ModelNode) -> dict[str, list[str]]:
     """The input variable lists by input type ("jets", "tracks", "global"), for the loader."""
-    return schema.variables(schema.to_dict(model_cfg))
+    return {k: list(v) for k, v in ModelConfig.read(model_cfg).variables.items()}
 
 
-def label_specs(model_cfg: ModelConfig) -> dict[str, dict[str, LabelSpec]]:
+def label_specs(model_cfg: ModelConfig | ModelNode) -> dict[str, dict[str, LabelSpec]]:
     """`{input_type: {label: LabelSpec}}` of all tasks, for the loader to read the labels.
 
     Classification labels carry their class count (`len(class_names)`), so the loader refuses
@@ -247,20 +323,13 @@ def label_specs(model_cfg: ModelConfig) -> dict[str, dict[str, LabelSpec]]:
     specs: dict[str, dict[str, LabelSpec]] = {}
     owner: dict[tuple[str, str], str] = {}
     reads = []  # (task, input, label, label_map, classes, continuous)
-    for name, task in schema.tasks(schema.to_dict(model_cfg)).items():
-        classes = len(task["class_names"]) if task["type"] == "classification" else None
-        reads.append(
-            (
-                name,
-                task["input"],
-                task["label"],
-                task.get("label_map"),
-                classes,
-                task["type"] == "regression",
-            )
-        )
-        if task["type"] == "vertexing" and task["origin_label"]:  # pair weights, unmapped
-            reads.append((name, "tracks", task["origin_label"], None, None, False))
+    for name, task in ModelConfig.read(model_cfg).tasks.items():
+        kind = task.type
+        classes = len(task.class_names or []) if kind == TaskType.classification else None
+        mapping = dict(task.label_map) if task.label_map is not None else None
+        reads.append((name, task.input, task.label, mapping, classes, kind == TaskType.regression))
+        if kind == TaskType.vertexing and task.origin_label:  # pair weights, unmapped
+            reads.append((name, "tracks", task.origin_label, None, None, False))
     for name, input_type, label, mapping, classes, continuous in reads:
         key = (input_type, label)
         spec = LabelSpec(
@@ -269,7 +338,7 @@ def label_specs(model_cfg: ModelConfig) -> dict[str, dict[str, LabelSpec]]:
         if key in owner:
             seen = specs[key[0]][key[1]]
             if seen.label_map != mapping:
-                raise schema.ModelConfigError(
+                raise ModelConfigError(
                     f"model.tasks.{owner[key]} and model.tasks.{name} read label {key[1]!r} of "
                     f"{key[0]} with different label_map ({seen.label_map} vs {mapping})"
                 )
@@ -280,70 +349,53 @@ def label_specs(model_cfg: ModelConfig) -> dict[str, dict[str, LabelSpec]]:
     return specs
 
 
-def _encoder(top: dict[str, Any], embed_dim: int) -> TransformerEncoder:
-    enc = schema.take(top["encoder"], "model.encoder", schema.ENCODER_KEYS)
-    att = schema.encoder_attention(top["attention"])
-    num_heads, _ = resolve_heads(embed_dim, att["num_heads"], att["head_dim"], "model.attention")
+def _encoder(cfg: ModelConfig) -> TransformerEncoder:
+    enc, att = cfg.encoder, cfg.attention
+    num_heads, _ = resolve_heads(cfg.embed_dim, att.num_heads, att.head_dim, "model.attention")
     return TransformerEncoder(
-        embed_dim=embed_dim,
-        num_layers=schema.positive_int(enc["num_layers"], "model.encoder.num_layers"),
+        embed_dim=cfg.embed_dim,
+        num_layers=enc.num_layers,
         num_heads=num_heads,
-        out_dim=schema.positive_int(enc["out_dim"], "model.encoder.out_dim", allow_none=True),
-        attention=att["type"],
-        attention_dropout=schema.number(att["dropout"], "model.attention.dropout", 0.0, 1.0),
-        negative_slope=schema.number(
-            att.get("negative_slope", 0.2), "model.attention.negative_slope"
-        ),
-        ff_hidden_scale=schema.positive_int(
-            enc["ff_hidden_scale"], "model.encoder.ff_hidden_scale"
-        ),
-        activation=schema.check_activation(enc["activation"], "model.encoder.activation"),
-        dropout=schema.number(enc["dropout"], "model.encoder.dropout", 0.0, 1.0),
-        num_registers=schema.non_negative_int(enc["num_registers"], "model.encoder.num_registers"),
-        norm_affine=schema.boolean(enc["norm_affine"], "model.encoder.norm_affine"),
+        out_dim=enc.out_dim,
+        attention=str(att.type),
+        attention_dropout=att.dropout,
+        negative_slope=att.negative_slope,
+        ff_hidden_scale=enc.ff_hidden_scale,
+        activation=enc.activation,
+        dropout=enc.dropout,
+        num_registers=enc.num_registers,
+        norm_affine=enc.norm_affine,
     )
 
 
-def _pooling(raw: Any, input_size: int, encoder_out: int) -> nn.Module:
-    where = "model.pooling"
-    pool = schema.take_typed(raw, where, {}, schema.POOLING_TYPE_KEYS, ignore_other_types=True)
-    if pool["type"] == "global_attention":
+def _pooling(pool: PoolingConfig, input_size: int, encoder_out: int) -> nn.Module:
+    if pool.type == PoolingType.global_attention:
         return GlobalAttentionPooling(input_size)
-    out_dim = (
-        schema.positive_int(pool["out_dim"], f"{where}.out_dim", allow_none=True) or encoder_out
-    )
-    att = schema.take_typed(
-        pool["attention"],
-        f"{where}.attention",
-        schema.ATTENTION_COMMON_KEYS,
-        schema.ATTENTION_TYPE_KEYS,
-        ignore_other_types=True,
-    )
-    num_heads, _ = resolve_heads(out_dim, att["num_heads"], att["head_dim"], f"{where}.attention")
-    dense = schema.dense_settings(pool["dense"], f"{where}.dense")
+    att = pool.attention
+    assert att is not None  # PoolingConfig.check
+    out_dim = pool.out_dim or encoder_out
+    num_heads, _ = resolve_heads(out_dim, att.num_heads, att.head_dim, "model.pooling.attention")
     return CrossAttentionPooling(
         input_size=input_size,
         output_size=out_dim,
-        num_layers=schema.positive_int(pool["num_layers"], f"{where}.num_layers"),
+        num_layers=pool.num_layers,
         num_heads=num_heads,
-        attention=att["type"],
-        attention_dropout=schema.number(att["dropout"], f"{where}.attention.dropout", 0.0, 1.0),
-        negative_slope=schema.number(
-            att.get("negative_slope", 0.2), f"{where}.attention.negative_slope"
-        ),
-        **dense,
+        attention=str(att.type),
+        attention_dropout=att.dropout,
+        negative_slope=att.negative_slope,
+        **pool.dense.layers(),
     )
 
 
 def _class_weights(
-    name: str, spec: dict[str, Any], class_dict: Mapping[str, Any] | None
+    name: str, spec: TaskConfig, class_dict: Mapping[str, Any] | None
 ) -> list[float] | None:
-    if not spec["use_class_weights"]:
+    if not spec.use_class_weights:
         return None
     where = f"model.tasks.{name}.use_class_weights"
-    input_type, label = spec["input"], spec["label"]
+    input_type, label = spec.input, spec.label
     if class_dict is None:
-        raise schema.ModelConfigError(
+        raise ModelConfigError(
             f"{where} is true but no class_dict was given; set data.class_dict (by default "
             f"class_dict.yaml beside the training file, as FTAG preprocessing writes it), or "
             f"{where}=false"
@@ -351,66 +403,67 @@ def _class_weights(
     try:
         weights = class_dict[input_type][label]
     except (KeyError, TypeError):
-        raise schema.ModelConfigError(
+        raise ModelConfigError(
             f"{where}: the class_dict has no weights for input {input_type!r}, label {label!r}"
         ) from None
-    expected = len(spec["class_names"])
+    expected = len(spec.class_names or [])
     if not isinstance(weights, list | tuple) or len(weights) != expected:
         found = len(weights) if isinstance(weights, list | tuple) else repr(weights)
-        raise schema.ModelConfigError(
+        raise ModelConfigError(
             f"{where}: class_dict[{input_type!r}][{label!r}] must hold {expected} weights "
-            f"(one per class in {spec['class_names']}), found {found}"
+            f"(one per class in {spec.class_names}), found {found}"
         )
     return [float(w) for w in weights]
 
 
 def _task(
     name: str,
-    spec: dict[str, Any],
+    spec: TaskConfig,
     track_size: int,
     pooled_size: int,
     class_dict: Mapping[str, Any] | None,
+    loss_weights: bool,
 ) -> Task:
-    dense = {k: spec[k] for k in ("hidden_layers", "activation", "norm", "dropout")}
-    context_size = pooled_size if spec["context"] else 0
-    if spec["type"] == "classification":
-        on_jets = spec["input"] == "jets"
+    dense = spec.dense().layers()
+    context_size = pooled_size if spec.context else 0
+    if spec.type == TaskType.classification:
+        on_jets = spec.input == "jets"
         return ClassificationTask(
             name=name,
-            input_type=spec["input"],
-            label=spec["label"],
-            class_names=spec["class_names"],
+            input_type=spec.input,
+            label=spec.label,
+            class_names=list(spec.class_names or []),
             input_size=pooled_size if on_jets else track_size,
             context_size=context_size,
-            weight=spec["weight"],
-            label_map=spec["label_map"],
-            class_weights=_class_weights(name, spec, class_dict),
+            weight=spec.weight,
+            label_map=dict(spec.label_map) if spec.label_map is not None else None,
+            class_weights=_class_weights(name, spec, class_dict) if loss_weights else None,
             **dense,
         )
-    if spec["type"] == "vertexing":
+    if spec.type == TaskType.vertexing:
         return VertexingTask(
             name=name,
-            label=spec["label"],
+            label=spec.label,
             input_size=track_size,
             context_size=context_size,
-            weight=spec["weight"],
-            origin_label=spec["origin_label"],
-            reduction=spec["reduction"],
+            weight=spec.weight,
+            origin_label=spec.origin_label,
+            reduction=str(spec.reduction),
             **dense,
         )
     return RegressionTask(
         name=name,
-        label=spec["label"],
+        label=spec.label,
         input_size=pooled_size,
-        loss=spec["loss"],
-        huber_delta=spec["huber_delta"],
-        weight=spec["weight"],
+        loss=str(spec.loss),
+        huber_delta=float(spec.huber_delta or 1.0),
+        weight=spec.weight,
         **dense,
     )
 
 
 def build_tagger(
-    model_cfg: ModelConfig,
+    model_cfg: ModelConfig | ModelNode,
     class_dict: Mapping[str, Any] | None = None,
     backend: str | None = None,
     loss_weights: bool = True,
@@ -422,29 +475,21 @@ def build_tagger(
     weights only enter the training loss), without a class_dict. `backend` overrides
     `model.attention.backend` (see `Tagger`).
     """
-    cfg = schema.to_dict(model_cfg)
-    top = schema.take(cfg, "model", schema.MODEL_KEYS)
-    variables = schema.variables(cfg)
-    specs = schema.tasks(cfg)
+    cfg = ModelConfig.read(model_cfg)
     label_specs(cfg)  # the label_map consistency check
-    embed_dim = schema.positive_int(top["embed_dim"], "model.embed_dim")
-    assert embed_dim is not None
-
-    init = schema.dense_settings(top["init_net"], "model.init_net")
+    variables = {k: list(v) for k, v in cfg.variables.items()}
     init_net = Dense(
         len(variables["tracks"]),
-        embed_dim,
+        cfg.embed_dim,
         context_size=len(variables.get("jets", [])),
-        **init,
+        **cfg.init_net.layers(),
     )
-    encoder = _encoder(top, embed_dim)
+    encoder = _encoder(cfg)
     track_size = encoder.out_dim + len(variables.get("global", []))
-    pooling = _pooling(top["pooling"], track_size, encoder.out_dim)
-    pooled_size = pooling.output_size
-    if not loss_weights:
-        specs = {name: {**spec, "use_class_weights": False} for name, spec in specs.items()}
+    pooling = _pooling(cfg.pooling, track_size, encoder.out_dim)
     tasks = {
-        name: _task(name, spec, track_size, pooled_size, class_dict) for name, spec in specs.items()
+        name: _task(name, spec, track_size, pooling.output_size, class_dict, loss_weights)
+        for name, spec in cfg.tasks.items()
     }
-    backend = backend or schema.attention_backend(top["attention"])
-    return Tagger(str(top["name"]), variables, init_net, encoder, pooling, tasks, backend)
+    backend = backend or str(cfg.attention.backend)
+    return Tagger(cfg.name, variables, init_net, encoder, pooling, tasks, backend)

@@ -21,14 +21,114 @@ the heads run on the real tracks (pairs of real tracks) only.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import MISSING
 from torch import Tensor, nn
 
-from salt.models.dense import Dense
+from salt.errors import ModelConfigError
+from salt.models.dense import Dense, DenseConfig
 from salt.models.packing import Packing
+from salt.utils import typed_config as check
+
+
+class TaskType(enum.StrEnum):
+    classification = "classification"
+    vertexing = "vertexing"
+    regression = "regression"
+
+
+VERTEXING_REDUCTIONS = ("positive_pairs", "pairs")
+REGRESSION_LOSSES = ("mse", "huber")
+# the objects each task type acts on
+TASK_INPUTS: dict[str, tuple[str, ...]] = {
+    "classification": ("jets", "tracks"),
+    "vertexing": ("tracks",),
+    "regression": ("jets",),
+}
+# keys that only one task type takes, with their defaults
+TYPE_KEYS: dict[str, dict[str, Any]] = {
+    "classification": {"class_names": None, "label_map": None, "use_class_weights": False},
+    "vertexing": {"origin_label": None, "reduction": "positive_pairs"},
+    "regression": {"loss": "mse", "huber_delta": 1.0},
+}
+
+
+@dataclass
+class TaskConfig(DenseConfig):
+    """One task node `model.tasks.<name>`: the head's dense settings, what it reads and its
+    loss weight, then the keys of its type (null where the type has none: checked)."""
+
+    type: TaskType = MISSING
+    input: str = MISSING  # the objects it acts on: jets or tracks
+    label: str = MISSING  # the label variable of those objects
+    weight: float = 1.0  # of its loss in the total
+    context: bool = False  # track tasks: append the pooled jet vector to every track
+    # classification
+    class_names: list[str] | None = None
+    label_map: dict[int, int] | None = None  # file label -> class index (-1: ignored)
+    use_class_weights: bool | None = None  # weights from the class_dict
+    # vertexing
+    origin_label: str | None = None  # track origins: heavy-flavour pairs weigh 2, fakes 0
+    reduction: str | None = None  # positive_pairs | pairs
+    # regression
+    loss: str | None = None  # mse | huber
+    huber_delta: float | None = None
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        kind = str(self.type)
+        for other, keys in TYPE_KEYS.items():
+            for key in keys:
+                if other != kind and getattr(self, key) is not None:
+                    raise ModelConfigError(
+                        f"{where}.{key}: a {kind} task has no {key} (a {other} key); "
+                        f"its own: {', '.join(TYPE_KEYS[kind])}"
+                    )
+        for key, default in TYPE_KEYS[kind].items():
+            if getattr(self, key) is None:
+                setattr(self, key, default)
+        if self.input not in TASK_INPUTS[kind]:
+            raise ModelConfigError(
+                f"{where}.input: a {kind} task takes input "
+                f"{' or '.join(TASK_INPUTS[kind])}, got {self.input!r}"
+            )
+        check.at_least(self.weight, f"{where}.weight", 0.0)
+        if self.context and self.input != "tracks":
+            raise ModelConfigError(
+                f"{where}.context: only track tasks take the pooled jet vector as context"
+            )
+        if kind == "classification":
+            if not self.class_names or len(self.class_names) < 2:
+                raise ModelConfigError(f"{where}.class_names must list at least 2 classes")
+            _check_label_map(self.label_map, where, len(self.class_names))
+        if kind == "vertexing":
+            check.one_of(self.reduction, f"{where}.reduction", VERTEXING_REDUCTIONS)
+        if kind == "regression":
+            check.one_of(self.loss, f"{where}.loss", REGRESSION_LOSSES)
+
+    def dense(self) -> DenseConfig:
+        """The head's own network settings."""
+        return DenseConfig(**{f.name: getattr(self, f.name) for f in fields(DenseConfig)})
+
+
+def _check_label_map(mapping: dict[int, int] | None, where: str, num_classes: int) -> None:
+    """A label map covers the class indices 0..num_classes-1 (-1: labels the loss ignores)."""
+    if mapping is None:
+        return
+    if not mapping:
+        raise ModelConfigError(f"{where}.label_map must be a non-empty mapping or null")
+    if sorted(set(mapping.values()) - {-1}) != list(range(num_classes)):
+        raise ModelConfigError(
+            f"{where}.label_map values {sorted(set(mapping.values()))} must be exactly the "
+            f"class indices 0..{num_classes - 1} of class_names ({num_classes} classes), "
+            f"or -1 for labels the loss ignores"
+        )
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -156,7 +256,6 @@ class ClassificationTask(Task):
 # ftagTruthOriginLabel classes: the old tool's vertexing weights single these out
 FAKE_ORIGIN = 1
 HEAVY_FLAVOUR_ORIGINS = (3, 4, 5)  # fromB, fromBC, fromC
-VERTEXING_REDUCTIONS = ("positive_pairs", "pairs")
 
 
 class VertexingTask(Task):

@@ -17,6 +17,8 @@ only (see `salt.models.packing`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -24,6 +26,28 @@ from salt.models.attention import MultiheadAttention
 from salt.models.dense import Dense
 from salt.models.dropout import Dropout
 from salt.models.packing import Packing
+from salt.utils import typed_config as check
+
+
+@dataclass
+class EncoderConfig:
+    """`model.encoder` (the attention settings are `model.attention`)."""
+
+    num_layers: int = 4
+    out_dim: int | None = None  # projection after the last layer (None: keep embed_dim)
+    ff_hidden_scale: int = 2  # feed-forward hidden size = ff_hidden_scale x embed_dim
+    dropout: float = 0.0
+    activation: str = "SiLU"
+    num_registers: int = 1  # learned tokens appended to every jet's tracks (0: none)
+    norm_affine: bool = False  # learned scale and shift in the encoder's LayerNorms
+
+    def check(self, where: str) -> None:
+        check.positive(self.num_layers, f"{where}.num_layers")
+        check.positive(self.out_dim, f"{where}.out_dim", allow_none=True)
+        check.positive(self.ff_hidden_scale, f"{where}.ff_hidden_scale")
+        check.fraction(self.dropout, f"{where}.dropout")
+        check.activation(self.activation, f"{where}.activation")
+        check.at_least(self.num_registers, f"{where}.num_registers", 0)
 
 
 class EncoderLayer(nn.Module):

@@ -6,66 +6,57 @@ comet; ``type: none`` (or no config at all, as in ``fast_dev_run``) records noth
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from salt.errors import LoggerConfigError
 from salt.tracking.base import Logger, MultiLogger, NullLogger
-
-COMMON_KEYS = {"type": str, "log_every_n_steps": int, "plots": bool}
-# Per type: the keys it accepts besides the common ones, with the expected type.
-TYPE_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "none": {},
-    "local": {},
-    "comet": {"project_name": str, "workspace": (str, type(None)), "offline": bool},
-}
+from salt.utils import typed_config
 
 
-def _as_dict(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    raise LoggerConfigError(f"logger: expected a mapping, got {type(cfg).__name__}")
+class LoggerType(enum.StrEnum):
+    none = "none"
+    local = "local"
+    comet = "comet"
 
 
-def _validate(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Check the keys and their types; returns the config with defaults filled in."""
-    valid_types = ", ".join(TYPE_KEYS)
-    kind = cfg.get("type")
-    if kind not in TYPE_KEYS:
-        raise LoggerConfigError(
-            f"logger.type = {kind!r}: expected one of {valid_types} (conf/logger/<type>.yaml)"
-        )
-    schema: dict[str, Any] = {**COMMON_KEYS, **TYPE_KEYS[kind]}
-    for key, value in cfg.items():
-        if key not in schema:
-            raise LoggerConfigError(
-                f"logger.{key}: unknown key for logger.type={kind}; valid keys: "
-                f"{', '.join(sorted(schema))}"
-            )
-        expected = schema[key]
-        # bool is an int subclass: `log_every_n_steps: true` must not pass as 1.
-        wrong_bool = isinstance(value, bool) and expected is int
-        if wrong_bool or not isinstance(value, expected):
-            names = (
-                expected.__name__
-                if isinstance(expected, type)
-                else " or ".join("null" if t is type(None) else t.__name__ for t in expected)
-            )
-            raise LoggerConfigError(f"logger.{key} = {value!r}: expected {names}")
-    every = cfg.setdefault("log_every_n_steps", 50)
-    if every < 1:
-        raise LoggerConfigError(f"logger.log_every_n_steps = {every}: expected an integer >= 1")
-    cfg.setdefault("plots", True)
-    return cfg
+COMET_KEYS = ("project_name", "workspace", "offline")
+
+
+@dataclass
+class LoggerConfig:
+    """The `logger` node (conf/logger/*.yaml). The comet keys are null for the other types."""
+
+    type: LoggerType = LoggerType.local
+    log_every_n_steps: int = 50  # training losses, learning rate and throughput every N steps
+    plots: bool = True  # refresh <run_dir>/plots/*.png every epoch
+    # comet: the API key is read by comet from COMET_API_KEY (or ~/.comet.config), never here
+    project_name: str | None = None  # default: salt
+    workspace: str | None = None
+    offline: bool | None = None  # default: false
+
+    @classmethod
+    def read(cls, node: LoggerConfig | Mapping[str, Any] | DictConfig) -> LoggerConfig:
+        return typed_config.read(cls, node, "logger")
+
+    def check(self, where: str) -> None:
+        typed_config.at_least(self.log_every_n_steps, f"{where}.log_every_n_steps", 1)
+        if self.type != LoggerType.comet:
+            for key in COMET_KEYS:
+                if key != "workspace" and getattr(self, key) is not None:
+                    raise LoggerConfigError(
+                        f"{where}.{key}: a comet setting, but logger.type={self.type} "
+                        "(use logger=comet)"
+                    )
 
 
 def build_logger(
-    cfg: DictConfig | Mapping[str, Any] | None,
+    cfg: LoggerConfig | DictConfig | Mapping[str, Any] | None,
     run_dir: Path,
     *,
     run_name: str,
@@ -79,14 +70,14 @@ def build_logger(
     """
     if cfg is None:
         return NullLogger()
-    conf = _validate(_as_dict(cfg))
-    if conf["type"] == "none":
+    conf = LoggerConfig.read(cfg)
+    if conf.type == LoggerType.none:
         return NullLogger()
     # Imported here so `logger=none` never pays for matplotlib (or comet_ml) imports.
     from salt.tracking.metrics import LocalLogger
 
-    local = LocalLogger(Path(run_dir), plots=conf["plots"], resume_state=resume_state)
-    if conf["type"] == "local":
+    local = LocalLogger(Path(run_dir), plots=conf.plots, resume_state=resume_state)
+    if conf.type == LoggerType.local:
         return local
     from salt.tracking.comet import CometLogger
 
@@ -94,9 +85,9 @@ def build_logger(
         comet = CometLogger(
             Path(run_dir),
             run_name=run_name,
-            project_name=conf.get("project_name", "salt"),
-            workspace=conf.get("workspace"),
-            offline=conf.get("offline", False),
+            project_name=conf.project_name or "salt",
+            workspace=conf.workspace,
+            offline=bool(conf.offline),
             resume_state=resume_state,
         )
     except BaseException:

@@ -16,7 +16,6 @@ import signal
 import socket
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from salt import models
@@ -35,8 +34,10 @@ from salt.data.staging import stage, staging_root
 from salt.data.workers import loader_options, resolve_num_workers
 from salt.errors import ConfigError, Interrupted, StagingError
 from salt.provenance import check_clean, collect_metadata, git_state, push_tag, seed_everything
+from salt.schema import TrainConfig, read_train_config
 from salt.tracking import Logger, NullLogger, build_logger
 from salt.training import checkpoint as ckpt
+from salt.training.config import TrainerConfig
 from salt.training.device_batches import DeviceBatch, DeviceBatches
 from salt.training.distributed import (
     DistInfo,
@@ -47,6 +48,7 @@ from salt.training.distributed import (
     detect_environment,
 )
 from salt.training.loss_window import LossWindow
+from salt.training.optim import Schedule, adamw
 from salt.training.run_dir import (
     create_run_dir,
     remember_job,
@@ -55,6 +57,7 @@ from salt.training.run_dir import (
 )
 from salt.utils.atomic import atomic_path
 from salt.utils.nested import flatten
+from salt.utils.typed_config import as_plain
 
 log = logging.getLogger("salt")
 
@@ -87,12 +90,12 @@ class Counters:
 class Run:
     """Everything the loop needs, built once by :func:`setup`."""
 
-    cfg: DictConfig
+    cfg: TrainConfig
     dist: DistInfo
     model: nn.Module  # the DDP wrapper when distributed
     tagger: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: Schedule
     scaler: torch.amp.GradScaler
     train_loader: BatchLoader
     val_loader: BatchLoader
@@ -112,27 +115,7 @@ class Run:
 
 
 # ---- set-up -------------------------------------------------------------------------------
-def autocast_dtype(precision: Any) -> torch.dtype | None:
-    value = str(precision).lower().replace("-mixed", "").replace("-true", "")
-    choices = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
-    if value not in choices:
-        raise ValueError(f"trainer.precision={precision!r}: expected one of 32, bf16, 16.")
-    return choices[value]
-
-
-def compile_option(value: Any) -> str | None:
-    """`trainer.compile`: false (None), true (inductor) or a torch.compile backend's name."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return "inductor"
-    backends = torch._dynamo.list_backends(exclude_tags=())
-    if not isinstance(value, str) or value not in backends:
-        raise ConfigError(
-            f"trainer.compile={value!r}: expected true, false or a torch.compile backend "
-            f"({', '.join(sorted(backends))})."
-        )
-    return value
+AUTOCAST = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}  # trainer.precision
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -179,87 +162,68 @@ def stage_once_per_node(files: DataFiles, temp_root: str, dist: DistInfo) -> Ite
         barrier()  # every rank is done reading before the node's first rank removes them
 
 
-def build_loaders(cfg: DictConfig, files: DataFiles, dist: DistInfo) -> tuple[BatchLoader, ...]:
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    assert isinstance(data, dict)
+def build_loaders(cfg: TrainConfig, files: DataFiles, dist: DistInfo) -> tuple[BatchLoader, ...]:
+    data = cfg.data
     on_gpu = dist.device.type == "cuda"
     options = loader_options(data, on_gpu)
-    data["persistent_workers"] = options["persistent_workers"]
-    data["prefetch_factor"] = options["prefetch_factor"]
     variables, labels = models.input_variables(cfg.model), models.label_specs(cfg.model)
-    check_no_truth_inputs(variables, labels, data.get("allow_truth_inputs") or ())
+    check_no_truth_inputs(variables, labels, data.allow_truth_inputs)
     common = {
         "variables": variables,
         "labels": labels,
-        "seed": int(cfg.seed),
+        "seed": cfg.seed,
         "rank": dist.rank,
         "world_size": dist.world_size,
         "pin_memory": options["pin_memory"],
         "num_workers": resolve_num_workers(
-            data.get("num_workers", 0), on_gpu=on_gpu, world_size=ranks_sharing_cpus(dist)
+            data.num_workers, on_gpu=on_gpu, world_size=ranks_sharing_cpus(dist)
         ),
     }
     train = make_loader(
-        data, files.train, files.norm_dict, num_jets=int(data["num_train"]), train=True, **common
+        data, files.train, files.norm_dict, num_jets=data.num_train, train=True, **common
     )
     val = make_loader(
-        data, files.val, files.norm_dict, num_jets=int(data["num_val"]), train=False, **common
+        data, files.val, files.norm_dict, num_jets=data.num_val, train=False, **common
     )
     return train, val
 
 
-def build_optimizer(
-    cfg: DictConfig,
-    model: nn.Module,
-    total_steps: int,
-    device: torch.device,
-    optimizer: torch.optim.Optimizer | None = None,
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
-    opt_cfg = cfg.optimizer
-    if optimizer is None:
-        # fused (one kernel for all parameters, CPU and CUDA): it can also skip a step on
-        # the device (`found_inf`), which the non-finite check relies on (optimizer_step)
-        optimizer = torch.optim.AdamW(
-            model.parameters(),
-            lr=float(opt_cfg.max),
-            weight_decay=float(opt_cfg.weight_decay),
-            fused=True,
-        )
-    # one-cycle: initial -> max over pct_start of the steps, then cosine down to end
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=float(opt_cfg.max),
-        total_steps=max(total_steps, 2),
-        div_factor=float(opt_cfg.max) / float(opt_cfg.initial),
-        final_div_factor=float(opt_cfg.initial) / float(opt_cfg.end),
-        pct_start=float(opt_cfg.pct_start),
-    )
-    return optimizer, scheduler
+def planned_steps(trainer: TrainerConfig, batches_per_epoch: int) -> int:
+    """The optimizer steps the run is planned for (the length of the learning-rate cycle)."""
+    if trainer.fast_dev_run:
+        return trainer.fast_dev_run
+    if trainer.max_epochs == -1:
+        return trainer.max_steps
+    steps = trainer.max_epochs * batches_per_epoch
+    return min(steps, trainer.max_steps) if trainer.max_steps > 0 else steps
 
 
-def setup(cfg: DictConfig, dist: DistInfo, resources: contextlib.ExitStack | None = None) -> Run:
+def setup(
+    config: TrainConfig | DictConfig, dist: DistInfo, resources: contextlib.ExitStack | None = None
+) -> Run:
     """Build the run; with ``resources``, data staged to ``data.move_files_temp`` stays until
     it closes (without, the files are read in place)."""
-    fast_dev_run = int(cfg.trainer.fast_dev_run or 0)
+    cfg = read_train_config(config)  # once; everything below reads its typed fields
+    fast_dev_run = cfg.trainer.fast_dev_run
     state = git_state()
     if not fast_dev_run:
-        check_clean(state, bool(cfg.force))
-    seed_everything(int(cfg.seed))
+        check_clean(state, cfg.force)
+    seed_everything(cfg.seed)
 
     if dist.is_main:
-        files = resolve_files(OmegaConf.to_container(cfg.data, resolve=True))
+        files = resolve_files(cfg.data)
     barrier()  # the sample is written once, by rank 0
-    files = source_files = resolve_files(OmegaConf.to_container(cfg.data, resolve=True))
-    temp_root = staging_root(cfg.data.get("move_files_temp"))
+    files = source_files = resolve_files(cfg.data)
+    temp_root = staging_root(cfg.data.move_files_temp)
     if temp_root and resources is not None:
         files = resources.enter_context(stage_once_per_node(files, temp_root, dist))
     train_loader, val_loader = build_loaders(cfg, files, dist)
 
     class_dict = load_yaml_dict(files.class_dict, "class_dict") if files.class_dict else None
     tagger = models.build_tagger(cfg.model, class_dict).to(dist.device)
-    monitor = monitored(cfg, tagger)
-    amp = autocast_dtype(cfg.trainer.precision)
-    compile_backend = compile_option(cfg.trainer.get("compile", False))
+    monitor = monitored(cfg.trainer.monitor, tagger)
+    amp = AUTOCAST[cfg.trainer.precision]
+    compile_backend = cfg.trainer.compile_backend
     if compile_backend is not None:
         with autocast(dist.device, amp):
             tagger.compile_for(tagger.layout(dist.device), compile_backend)
@@ -268,16 +232,13 @@ def setup(cfg: DictConfig, dist: DistInfo, resources: contextlib.ExitStack | Non
         ids = [dist.device.index] if dist.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(tagger, device_ids=ids)
 
-    epochs_steps = int(cfg.trainer.max_epochs) * len(train_loader)
-    max_steps = int(cfg.trainer.max_steps)
-    total_steps = min(epochs_steps, max_steps) if max_steps > 0 else epochs_steps
-    if fast_dev_run:
-        total_steps = fast_dev_run
-    optimizer, scheduler = build_optimizer(cfg, tagger, total_steps, dist.device)
+    total_steps = planned_steps(cfg.trainer, len(train_loader))
+    optimizer = adamw(tagger.parameters(), cfg.optimizer)
+    scheduler = Schedule(optimizer, cfg.optimizer, total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp is torch.float16)
 
     counters = Counters()
-    resume_from = cfg.get("ckpt_path")
+    resume_from = cfg.ckpt_path
     # a job requeued by Slurm (preemption, time limit) continues its own run directory
     requeued = None if fast_dev_run else requeued_run_dir(cfg)
     if requeued is not None:
@@ -298,7 +259,7 @@ def setup(cfg: DictConfig, dist: DistInfo, resources: contextlib.ExitStack | Non
             num_params = models.count_parameters(tagger)
             meta = collect_metadata(
                 state=state,
-                seed=int(cfg.seed),
+                seed=cfg.seed,
                 num_params=num_params,
                 data_files={
                     "train": {
@@ -317,15 +278,15 @@ def setup(cfg: DictConfig, dist: DistInfo, resources: contextlib.ExitStack | Non
             )
             write_run_files(run_dir, cfg, meta, source_files)
             logger = build_logger(
-                cfg.get("logger"),
+                cfg.logger,
                 run_dir,
                 run_name=run_dir.name,
                 resume_state=(loaded or {}).get("logger"),
             )
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            logger.log_hyperparams(as_plain(cfg))
             logger.log_metadata({"git_commit": state.commit, "num_params": num_params})
             if cfg.tag and requeued is None:  # a requeued job tagged on its first start
-                push_tag(state, run_dir.name, str(cfg.tag_remote), force=bool(cfg.force))
+                push_tag(state, run_dir.name, cfg.tag_remote, force=cfg.force)
             log.info("salt: run directory %s (%d parameters)", run_dir, num_params)
 
     run = Run(
@@ -364,7 +325,7 @@ def checkpoint_state(run: Run, rng_per_rank: list[dict[str, Any]] | None = None)
         "rng_per_rank": rng_per_rank,
         "counters": run.counters.state_dict(),
         "logger": run.logger.state_dict(),
-        "config": OmegaConf.to_container(run.cfg.model, resolve=True),
+        "config": run.cfg.model.plain(),
     }
 
 
@@ -393,28 +354,12 @@ def check_model_config(saved: Any, current: Any, path: Path) -> None:
 
 
 def restore(run: Run, state: Mapping[str, Any], path: Path) -> None:
-    check_model_config(
-        state.get("config"), OmegaConf.to_container(run.cfg.model, resolve=True), path
-    )
+    check_model_config(state.get("config"), run.cfg.model.plain(), path)
     run.tagger.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
+    for group in run.optimizer.param_groups:  # as configured now (resume may change it)
+        group["weight_decay"] = run.cfg.optimizer.weight_decay
     run.scheduler.load_state_dict(state["scheduler"])
-    if state["scheduler"].get("total_steps") != run.total_steps:
-        # the run was extended (or shortened): a new one-cycle over the new length, at this step
-        log.warning(
-            "salt: the schedule length changed from %s to %d steps on resume; the "
-            "learning-rate cycle is recomputed for the new length",
-            state["scheduler"].get("total_steps"),
-            run.total_steps,
-        )
-        _, run.scheduler = build_optimizer(
-            run.cfg, run.tagger, run.total_steps, run.dist.device, optimizer=run.optimizer
-        )
-        with warnings.catch_warnings():
-            # fast-forwarding a fresh schedule: no optimizer step is meant to come first
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-            for _ in range(min(int(state["counters"]["step"]), run.total_steps - 1)):
-                run.scheduler.step()
     run.scaler.load_state_dict(state["scaler"])
     run.train_batches.load_state_dict(state["data"])
     run.counters.load_state_dict(state["counters"])
@@ -479,7 +424,7 @@ def resume_hint(run: Run) -> str:
     latest = ckpt.latest_checkpoint(run.run_dir / "ckpts")
     if latest is not None:
         return f"Free space, then continue from {latest} with resume={run.run_dir}"
-    started = run.cfg.get("ckpt_path")
+    started = run.cfg.ckpt_path
     if started:
         source = Path(str(started))
         return (
@@ -522,7 +467,7 @@ def train_step(run: Run, batch: DeviceBatch) -> dict[str, Tensor]:
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(losses["loss"]).backward()
     clip = run.cfg.trainer.gradient_clip_val
-    if clip:
+    if clip is not None:
         run.scaler.unscale_(run.optimizer)
         nn.utils.clip_grad_norm_(run.tagger.parameters(), float(clip), foreach=True)
     optimizer_step(run, losses["loss"])
@@ -551,10 +496,10 @@ def train_epoch(run: Run) -> bool:
     c = run.counters
     run.model.train()
     run.train_batches.set_epoch(c.epoch)
-    fast = int(run.cfg.trainer.fast_dev_run or 0)
-    log_every = int((run.cfg.get("logger") or {}).get("log_every_n_steps", 50))
-    ckpt_every = int(run.cfg.trainer.ckpt_every_n_steps or 0)
-    max_steps = int(run.cfg.trainer.max_steps)
+    fast = run.cfg.trainer.fast_dev_run
+    log_every = run.cfg.logger.log_every_n_steps if run.cfg.logger is not None else 50
+    ckpt_every = run.cfg.trainer.ckpt_every_n_steps
+    max_steps = run.cfg.trainer.max_steps
     total = fast or len(run.train_batches)
     bar = progress(run, total, f"epoch {c.epoch}")
     if bar is not None:
@@ -593,7 +538,7 @@ def train_epoch(run: Run) -> bool:
 @torch.no_grad()
 def validate(run: Run) -> dict[str, float]:
     run.model.eval()
-    fast = int(run.cfg.trainer.fast_dev_run or 0)
+    fast = run.cfg.trainer.fast_dev_run
     jet_task = run.tagger.flavour_task()
     sums: dict[str, Tensor] = {}
     correct = torch.zeros((), device=run.dist.device, dtype=torch.float64)
@@ -666,10 +611,9 @@ def rejections_at(
     }
 
 
-def monitored(cfg: DictConfig, tagger: models.Tagger) -> str:
+def monitored(name: str, tagger: models.Tagger) -> str:
     """The validation metric that names the epoch checkpoints and picks the best one
     (`trainer.monitor`; auto: the jet flavour task's loss, as the old tool, else the total)."""
-    name = str(cfg.trainer.get("monitor", "auto"))
     if name == "auto":
         task = tagger.flavour_task()
         return f"val/{task.name}_loss" if task is not None else "val/loss"
@@ -737,7 +681,7 @@ def stop_requested(run: Run, at_boundary: bool = False) -> bool:
     return flag
 
 
-def fit(cfg: DictConfig, dist: DistInfo) -> Run:
+def fit(cfg: TrainConfig | DictConfig, dist: DistInfo) -> Run:
     """Train as configured on this rank; returns the finished run (``run.run_dir`` is None for
     fast_dev_run)."""
     # the staged copies (a resource) are removed before the signal handlers are restored
@@ -751,9 +695,11 @@ def _fit(run: Run) -> Run:
     cfg, dist, c = run.cfg, run.dist, run.counters
     if c.epoch_complete:
         c.epoch, c.epoch_complete = c.epoch + 1, False
-    fast = int(cfg.trainer.fast_dev_run or 0)
-    max_epochs = 1 if fast else int(cfg.trainer.max_epochs)
-    max_steps = int(cfg.trainer.max_steps)
+    fast = cfg.trainer.fast_dev_run
+    max_epochs = 1 if fast else cfg.trainer.max_epochs
+    if max_epochs == -1:  # no epoch limit: max_steps ends the run (TrainerConfig.check)
+        max_epochs = math.inf
+    max_steps = cfg.trainer.max_steps
     status = "failed"
     started, first_step = time.perf_counter(), c.step
     best: tuple[int, dict[str, float]] | None = None

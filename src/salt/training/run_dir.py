@@ -11,19 +11,21 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from salt.utils.atomic import atomic_path, atomic_write_text, atomic_write_yaml
+from salt.utils.typed_config import as_plain
 
 if TYPE_CHECKING:
     from salt.data.build import DataFiles
+    from salt.schema import TrainConfig
 
 # Keys of the saved config.yaml that make it a complete Hydra primary config on its own:
 # `python -m salt.train --config-dir <run> --config-name config` trains again from it.
 HYDRA_HEADER: dict[str, Any] = {
-    "defaults": [{"override hydra/job_logging": "stdout"}, "_self_"],
+    "defaults": ["train_schema", {"override hydra/job_logging": "stdout"}, "_self_"],
     "hydra": {"output_subdir": None, "run": {"dir": "."}},
 }
 
 
-def create_run_dir(cfg: DictConfig) -> Path:
+def create_run_dir(cfg: TrainConfig) -> Path:
     """``<log_dir>/<name>_<YYYYmmdd-HHMMSS>``, made unique (a suffix) if that name is taken."""
     root = Path(str(cfg.log_dir))
     root.mkdir(parents=True, exist_ok=True)
@@ -40,11 +42,9 @@ def create_run_dir(cfg: DictConfig) -> Path:
     raise RuntimeError(f"{root}: could not create a unique run directory for {base}")
 
 
-def config_to_save(cfg: DictConfig) -> dict[str, Any]:
+def config_to_save(cfg: TrainConfig) -> dict[str, Any]:
     """The full merged config, with run-specific keys reset so that it trains the run again."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(data, dict)
-    data.pop("hydra", None)
+    data = as_plain(cfg)
     data["ckpt_path"] = None
     data["resume"] = None
     return {**HYDRA_HEADER, **data}
@@ -62,7 +62,7 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
     return cfg
 
 
-def write_run_files(run_dir: Path, cfg: DictConfig, metadata: dict, files: DataFiles) -> None:
+def write_run_files(run_dir: Path, cfg: TrainConfig, metadata: dict, files: DataFiles) -> None:
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(config_to_save(cfg)))
     atomic_write_yaml(run_dir / "metadata.yaml", metadata)
     for src in (files.norm_dict, files.class_dict):
@@ -79,19 +79,19 @@ def _job_key() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def _job_marker(cfg: DictConfig) -> Path | None:
+def _job_marker(cfg: TrainConfig) -> Path | None:
     key = _job_key()
     return Path(str(cfg.log_dir)) / ".slurm_jobs" / key if key else None
 
 
-def remember_job(cfg: DictConfig, run_dir: Path) -> None:
+def remember_job(cfg: TrainConfig, run_dir: Path) -> None:
     """Record which run directory this Slurm job writes, for its requeued self."""
     marker = _job_marker(cfg)
     if marker is not None:
         atomic_write_text(marker, str(run_dir.resolve()))
 
 
-def requeued_run_dir(cfg: DictConfig) -> Path | None:
+def requeued_run_dir(cfg: TrainConfig) -> Path | None:
     """The run directory of this job's previous attempt, when Slurm requeued it.
 
     Only a requeued job (``SLURM_RESTART_COUNT`` >= 1) continues in place; a new job, or a

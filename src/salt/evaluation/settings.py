@@ -1,0 +1,90 @@
+"""The `salt.evaluate` and `salt.export` configs (conf/evaluate.yaml, conf/export.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from salt.errors import ConfigError
+from salt.utils import typed_config as check
+
+DEFAULT_JET_VARS = [
+    "pt_btagJes",
+    "eta_btagJes",
+    "HadronConeExclTruthLabelID",
+    "flavour_label",
+    "n_tracks",
+]
+
+
+def _run_dir(run_dir: str | None) -> None:
+    if not run_dir:
+        raise ConfigError("run_dir is required: e.g. run_dir=logs/GN2_20260101-120000")
+
+
+@dataclass
+class EvaluationDataConfig:
+    """`data` of an evaluation: the rest comes from the run's own config."""
+
+    test_file: str | None = None  # default: the run's data.test_file
+    num_test: int = -1  # the first N jets (-1: all)
+    test_suffix: str = ""  # appended to the output name
+    batch_size: int | None = None  # default: the run's data.batch_size
+
+    def check(self, where: str) -> None:
+        if self.num_test == 0 or self.num_test < -1:
+            raise ConfigError(
+                f"{where}.num_test={self.num_test}: use -1 (all jets) or a positive number."
+            )
+        check.positive(self.batch_size, f"{where}.batch_size", allow_none=True)
+
+
+@dataclass
+class EvaluateConfig:
+    run_dir: str | None = None  # the training run directory (logs/<name>_<stamp>)
+    ckpt_path: str | None = None  # default: the checkpoint with the lowest validation loss
+    data: EvaluationDataConfig = field(default_factory=EvaluationDataConfig)
+    write_tracks: bool = False  # add a `tracks` dataset of per-track outputs and truth
+    extra_jet_vars: list[str] = field(default_factory=lambda: list(DEFAULT_JET_VARS))
+    f_c: float = 0.2  # D_b = ln(p_b / (f_c p_c + (1 - f_c) p_u))
+    working_points: list[float] = field(default_factory=lambda: [60.0, 70.0, 77.0, 85.0])
+    overwrite: bool = False  # replace existing outputs
+    device: str = "auto"  # auto | cpu | cuda | cuda:<index>
+    progress_bar: bool = True
+    debug: bool = False
+
+    def check(self, where: str) -> None:
+        from salt.evaluation.performance import check_settings
+
+        check_settings(self.f_c, self.working_points)
+        self.data.check("data")
+        _run_dir(self.run_dir)
+
+
+@dataclass
+class ParityConfig:
+    """onnxruntime against torch on real jets, before anything is written."""
+
+    file: str | None = None  # default: the run's test file (else its validation file)
+    num_jets: int = 1000
+    batch_size: int = 250
+    tolerance: float = 1.0e-4  # largest allowed |onnxruntime - torch| of any output
+
+    def check(self, where: str) -> None:
+        check.positive(self.num_jets, f"{where}.num_jets")
+        check.positive(self.batch_size, f"{where}.batch_size")
+
+
+@dataclass
+class ExportConfig:
+    run_dir: str | None = None
+    ckpt_path: str | None = None
+    output: str | None = None  # default: beside the checkpoint, <checkpoint stem>.onnx
+    opset: int = 17
+    parity: ParityConfig = field(default_factory=ParityConfig)
+    overwrite: bool = False
+    debug: bool = False
+
+    def check(self, where: str) -> None:
+        self.parity.check("parity")
+        check.positive(self.opset, "opset")
+        _run_dir(self.run_dir)

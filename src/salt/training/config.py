@@ -1,0 +1,64 @@
+"""The `trainer` node: how long, in which precision, on which devices, how often to save."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from salt.errors import ConfigError
+from salt.utils import typed_config as check
+
+PRECISIONS = ("32", "bf16", "16")  # full, bf16 autocast, fp16 autocast with a GradScaler
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 20  # -1: no epoch limit (then max_steps ends the run)
+    max_steps: int = -1  # stop after this many optimizer steps (-1: no limit)
+    precision: str = "32"  # 32 | bf16 | 16 (Lightning's "bf16-mixed", "16-mixed" also read)
+    compile: bool | str = False  # torch.compile: true (inductor), false, or a backend's name
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: Any = "auto"  # auto | N | [ids]: several devices run DDP
+    fast_dev_run: int = 0  # N > 0: N train and N val batches, nothing written
+    gradient_clip_val: float | None = None  # max gradient norm (null: no clipping)
+    monitor: str = "auto"  # the validation loss that names checkpoints and picks the best
+    ckpt_every_n_steps: int = 1000  # also refresh last.ckpt mid-epoch (0: only per epoch)
+    progress_bar: bool = True
+
+    def check(self, where: str) -> None:
+        self.precision = self.precision.lower().replace("-mixed", "").replace("-true", "")
+        check.one_of(self.precision, f"{where}.precision", PRECISIONS)
+        check.one_of(self.accelerator, f"{where}.accelerator", ACCELERATORS)
+        if self.max_epochs == -1:
+            if self.max_steps <= 0:
+                raise ConfigError(
+                    f"{where}.max_epochs=-1 (no epoch limit) needs {where}.max_steps > 0, "
+                    "else the run would never end"
+                )
+        else:
+            check.positive(self.max_epochs, f"{where}.max_epochs")
+        if self.max_steps != -1:
+            check.positive(self.max_steps, f"{where}.max_steps")
+        check.at_least(self.fast_dev_run, f"{where}.fast_dev_run", 0)
+        if self.gradient_clip_val is not None and not self.gradient_clip_val > 0:
+            raise ConfigError(
+                f"{where}.gradient_clip_val must be > 0 or null, got {self.gradient_clip_val}"
+            )
+        check.at_least(self.ckpt_every_n_steps, f"{where}.ckpt_every_n_steps", 0)
+        if isinstance(self.compile, str):
+            import torch._dynamo  # the backends torch.compile knows
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile not in backends:
+                raise ConfigError(
+                    f"{where}.compile={self.compile!r}: expected true, false or a torch.compile "
+                    f"backend ({', '.join(sorted(backends))})."
+                )
+
+    @property
+    def compile_backend(self) -> str | None:
+        """The torch.compile backend, None when not compiling."""
+        if self.compile is True:
+            return "inductor"
+        return self.compile or None
