@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -32,6 +31,7 @@ from salt.training.distributed import (
     cleanup,
     detect_environment,
     init_distributed,
+    num_processes,
     spawn,
 )
 from salt.training.run_dir import load_run_config
@@ -84,15 +84,11 @@ def _delete(cfg: DictConfig, key: str, item: str, run_dir: Path) -> None:
 
 
 def world_size(cfg: DictConfig) -> int:
+    """The processes `trainer.devices` asks for on this node: the rule `init_distributed`
+    applies (salt.training.distributed.num_processes), so a bad setting fails before `spawn`."""
     devices = cfg.trainer.devices
     accelerator = str(cfg.trainer.accelerator)
-    if isinstance(devices, int):
-        return devices
-    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
-        return len(devices)
-    if str(devices) in ("auto", "cpu") and accelerator != "cpu" and torch.cuda.is_available():
-        return torch.cuda.device_count() if str(devices) == "auto" else 1
-    return 1
+    return num_processes(devices, accelerator)
 
 
 def _worker(rank: int, cfg_dict: dict[str, Any]) -> None:

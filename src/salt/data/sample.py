@@ -375,12 +375,6 @@ def _generate(rng: np.random.Generator, n_jets: int) -> tuple[np.ndarray, np.nda
     return jets, tracks, real
 
 
-def generate_block(rng: np.random.Generator, n_jets: int) -> tuple[np.ndarray, np.ndarray]:
-    """Generate ``n_jets`` jets and their padded tracks as (jets, tracks) structured arrays."""
-    jets, tracks, _ = _generate(rng, n_jets)
-    return jets, tracks
-
-
 class _RunningMoments:
     """Streaming mean and (population) std per variable, merged block by block in float64."""
 

@@ -18,8 +18,6 @@ from salt.models.attention import MultiheadAttention, masked_softmax
 from salt.models.dense import Dense
 from salt.models.packing import Packing
 
-POOLING_TYPES = ("global_attention", "cross_attention")
-
 
 class GlobalAttentionPooling(nn.Module):
     """Gated sum: `sum_j softmax_j(w . x_j + b) x_j` over the real tracks j."""

@@ -67,7 +67,6 @@ class Counters:
     step: int = 0
     epoch_complete: bool = False
     best_val_loss: float = math.inf
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return {
