@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from salt.data.ftag import DataError
+from salt.data.labels import LabelSpec, class_indices
 from salt.data.sample import write_sample
 from salt.errors import ConfigError
 from salt.evaluate import evaluate
@@ -28,7 +29,6 @@ from salt.evaluation.performance import (
 )
 from salt.evaluation.predictions import (
     JetScores,
-    map_labels,
     predictions_path,
     sample_name,
     vertex_groups,
@@ -36,7 +36,6 @@ from salt.evaluation.predictions import (
 from salt.evaluation.run import load_run
 from salt.models import build_tagger
 from salt.models.tagger import ModelConfig
-from salt.models.tasks import ClassificationTask
 from salt.train import train
 from salt.training import checkpoint as ckpt
 from salt.training.run_dir import config_to_save
@@ -365,9 +364,12 @@ def test_performance_of_a_perfect_and_a_useless_tagger() -> None:
 
 
 def test_map_labels() -> None:
-    task = ClassificationTask(
-        "j", "jets", "HadronConeExclTruthLabelID", ["b", "c", "u"], 4, label_map={5: 0, 4: 1, 0: 2}
-    )
-    assert map_labels(np.array([5, 4, 0, 15]), task).tolist() == [0, 1, 2, -1]
-    task.label_map = None
-    assert map_labels(np.array([0, 2, 3, -1]), task).tolist() == [0, 2, -1, -1]
+    """The evaluation's truth classes: the training's mapping (salt.data.labels), a value the
+    model has no class for in no class (-1)."""
+    spec = LabelSpec({5: 0, 4: 1, 0: 2}, 3)
+    classes, unknown = class_indices(np.array([5, 4, 0, 15]), spec)
+    assert classes.tolist() == [0, 1, 2, -1]
+    assert unknown.tolist() == [False, False, False, True]
+    classes, unknown = class_indices(np.array([0, 2, 3, -1]), LabelSpec(None, 3))
+    assert classes.tolist() == [0, 2, -1, -1]
+    assert unknown.tolist() == [False, False, True, False]

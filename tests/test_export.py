@@ -18,12 +18,17 @@ from omegaconf import DictConfig
 from salt.data.sample import write_sample
 from salt.errors import ConfigError
 from salt.evaluate import evaluate
-from salt.evaluation.onnx_model import ExportError, raw_features, read_metadata, session
+from salt.evaluation.onnx_model import ExportError, raw_features, session
 from salt.export import export
 from tests.test_evaluate import CONF, compose_evaluate, make_run_dir
 
-pytest.importorskip("onnx")
+onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
+
+
+def read_metadata(model_bytes: bytes) -> dict[str, str]:
+    """The metadata_props of a serialised ONNX model."""
+    return {p.key: p.value for p in onnx.load_from_string(model_bytes).metadata_props}
 
 
 def compose_export(run_dir: Path, *overrides: str) -> DictConfig:

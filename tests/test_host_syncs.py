@@ -149,9 +149,10 @@ def test_loss_window_means_keep_and_names() -> None:
     for step, value in enumerate([1.0, 2.0, 3.0]):
         window.add({"jets": torch.tensor(value), "loss": torch.tensor(2 * value)}, step, 0)
     assert window.read(keep=True).means == {"jets": 2.0, "loss": 4.0}  # a check keeps them
+    assert len(window) == 3
     summary = window.read()
-    assert summary.num_steps == 3 and summary.means == {"jets": 2.0, "loss": 4.0}
-    assert len(window) == 0 and window.read().num_steps == 0
+    assert summary.means == {"jets": 2.0, "loss": 4.0}
+    assert len(window) == 0 and window.read().means == {}
     with pytest.raises(ValueError, match="loss names changed"):
         window.add({"jets": torch.tensor(1.0)}, 3, 0)
         window.add({"tracks": torch.tensor(1.0)}, 4, 0)

@@ -49,3 +49,28 @@ def test_temporary_files_are_named_in_one_place() -> None:
         if path.name != "atomic.py" and pattern.search(path.read_text())
     ]
     assert not offenders, offenders
+
+
+def test_the_signals_module_imports_nothing_from_salt() -> None:
+    tree = ast.parse((SRC / "signals.py").read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.split(".")[0] == "salt"], imported
+
+
+def test_signal_handlers_are_installed_in_one_place() -> None:
+    """Only salt.signals installs handlers or raises signals; the rest uses its `Catch`."""
+    calls = {"signal", "raise_signal", "siginterrupt", "set_wakeup_fd", "pthread_sigmask"}
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        if path.name == "signals.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "signal"
+                and node.attr in calls
+            ) or (isinstance(node, ast.ImportFrom) and node.module == "signal"):
+                offenders.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert not offenders, offenders

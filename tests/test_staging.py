@@ -45,7 +45,8 @@ TIMEOUT = 120.0
 
 # A training run, as far as staging is concerned: stage, "train", end in the way asked.
 # handlers: "default" (none: stage() alone must clean up), "flag" (a flag-only handler like the
-# loop's StopSignal), "loop" (the loop's real StopSignal and DataFiles; imports torch, slow).
+# loop's stop request), "loop" (the loop's real stop request, salt.signals.stop_request, and
+# DataFiles; imports torch, slow).
 SCRIPT = r"""
 import dataclasses, json, logging, signal, sys, time
 from pathlib import Path
@@ -57,7 +58,7 @@ spec = json.loads(spec)
 
 if handlers == "loop":
     from salt.data.build import DataFiles
-    from salt.training.loop import StopSignal
+    from salt.signals import stop_request as StopSignal
 else:  # DataFiles' fields, without importing torch (a process start costs seconds)
     @dataclasses.dataclass(frozen=True)
     class DataFiles:
@@ -68,14 +69,14 @@ else:  # DataFiles' fields, without importing torch (a process start costs secon
         class_dict: Path | None
 
     class StopSignal:  # what the loop's does: record the signal, raise on a second Ctrl-C
-        received = None
+        last = None
         def __enter__(self):
             self.previous = {s: signal.signal(s, self.handle) for s in (2, 15)}
             return self
         def handle(self, signum, frame):
-            if self.received is not None and signum == signal.SIGINT:
+            if self.last is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            self.received = signum
+            self.last = signum
         def __exit__(self, *exc):
             for s, h in self.previous.items():
                 signal.signal(s, h)
@@ -106,9 +107,9 @@ if handlers == "default":
 else:  # the loop's handler around the staging, as in fit()
     try:
         with StopSignal() as stop, stage(files, root) as staged:
-            train(staged, lambda: stop.received is not None)
-            if stop.received is not None:
-                sys.exit(128 + stop.received)  # the loop saves, raises Interrupted -> exit
+            train(staged, lambda: stop.last is not None)
+            if stop.last is not None:
+                sys.exit(128 + stop.last)  # the loop saves, raises Interrupted -> exit
     except StagingInterrupted as err:
         print(f"salt: {err}", file=sys.stderr, flush=True)
         sys.exit(128 + err.signum)
@@ -476,7 +477,7 @@ def test_signal_handlers_are_restored(tmp_path: Path) -> None:
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-        def mine(signum: int, frame: object) -> None:  # like the loop's StopSignal
+        def mine(signum: int, frame: object) -> None:  # like the loop's stop request
             pass
 
         signal.signal(signal.SIGUSR1, mine)

@@ -49,7 +49,6 @@ from salt.utils.atomic import atomic_write_bytes
 class ExportResult:
     path: Path
     max_difference: float
-    differences: dict[str, float]
     parity_file: Path
     parity_jets: int
 
@@ -111,7 +110,7 @@ def export(config: ExportConfig | DictConfig) -> ExportResult:
         )
     atomic_write_bytes(out, model_bytes)
     print(f"salt: largest difference {worst:.3g}; ONNX model written to {out}", flush=True)
-    return ExportResult(out, worst, diffs, check_file, num_jets)
+    return ExportResult(out, worst, check_file, num_jets)
 
 
 main = command("export", export, (ExportError,))

@@ -17,7 +17,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -34,6 +33,7 @@ from salt.training.distributed import (
     cleanup,
     detect_environment,
     init_distributed,
+    num_processes,
     spawn,
 )
 from salt.training.run_dir import load_run_config
@@ -98,14 +98,9 @@ def _delete(cfg: DictConfig, key: str, item: str, run_dir: Path) -> None:
 
 
 def world_size(trainer: TrainerConfig) -> int:
-    devices, accelerator = trainer.devices, trainer.accelerator
-    if isinstance(devices, int):
-        return devices
-    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
-        return len(devices)
-    if str(devices) in ("auto", "cpu") and accelerator != "cpu" and torch.cuda.is_available():
-        return torch.cuda.device_count() if str(devices) == "auto" else 1
-    return 1
+    """The processes `trainer.devices` asks for on this node: the rule `init_distributed`
+    applies (salt.training.distributed.num_processes), so a bad setting fails before `spawn`."""
+    return num_processes(trainer.devices, trainer.accelerator)
 
 
 def _worker(rank: int, cfg: TrainConfig) -> None:

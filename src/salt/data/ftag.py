@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import yaml
 
-from salt.data.labels import LabelsConfig, LabelSpec
+from salt.data.labels import LabelsConfig, LabelSpec, class_indices
 from salt.errors import DataError
 from salt.utils.names import closest_available
 
@@ -125,16 +125,6 @@ class _LabelPlan:
     name: str
     column: int
     spec: LabelSpec
-    lut: np.ndarray | None = None  # value - lut_offset -> class index; -2 marks "not in map"
-    lut_offset: int = 0
-
-    def __post_init__(self) -> None:
-        if self.spec.label_map:
-            keys = np.array(sorted(self.spec.label_map), dtype=np.int64)
-            self.lut_offset = int(keys.min())
-            self.lut = np.full(int(keys.max()) - self.lut_offset + 1, -2, dtype=np.int64)
-            for k, v in self.spec.label_map.items():
-                self.lut[int(k) - self.lut_offset] = int(v)
 
 
 @dataclass
@@ -430,7 +420,7 @@ class FTAGReader:
             out = values.astype(np.float32)  # a copy: the chunk is read again for other rows
             out[~real] = np.nan
             return out
-        if lp.lut is not None or lp.spec.num_classes is not None:
+        if lp.spec.label_map or lp.spec.num_classes is not None:
             # class labels: a NaN would become a huge negative integer below
             nonfinite = real & ~np.isfinite(values)
             if nonfinite.any():
@@ -440,39 +430,31 @@ class FTAGReader:
                     "labels."
                 )
         ints = values.astype(np.int64)
-        if lp.lut is not None:
-            idx = ints - lp.lut_offset
-            inside = (idx >= 0) & (idx < len(lp.lut))
-            mapped = np.full(ints.shape, -1, dtype=np.int64)
-            mapped[inside] = lp.lut[idx[inside]]
-            bad = real & ((~inside) | (mapped == -2))
-            if bad.any():
-                found = np.unique(ints[bad])
+        mapped, unknown = class_indices(ints, lp.spec)
+        bad = real & unknown
+        if bad.any():
+            found = np.unique(ints[bad]).tolist()
+            first = int(index[np.argwhere(bad)[0][0]])
+            if lp.spec.label_map:
                 key = f"model.tasks.{lp.spec.task}.label_map" if lp.spec.task else "the map"
                 raise DataError(
-                    f"{self.path}: '{dataset}' label '{lp.name}' has values {found.tolist()} not "
-                    f"in its label_map {dict(lp.spec.label_map or {})} (first at jet "
-                    f"{int(index[np.argwhere(bad)[0][0]])}); expected only the map's keys. Add "
-                    f"them to {key} (-1 to ignore them in the loss)."
+                    f"{self.path}: '{dataset}' label '{lp.name}' has values {found} not "
+                    f"in its label_map {dict(lp.spec.label_map)} (first at jet {first}); "
+                    f"expected only the map's keys. Add them to {key} (-1 to ignore them in the "
+                    "loss)."
                 )
-            mapped[~real] = -1
-            return mapped
-        if lp.spec.num_classes is not None:
             n = lp.spec.num_classes
-            bad = real & ((ints < -1) | (ints >= n))  # -1: ignored by the loss
-            if bad.any():
-                task = f"task {lp.spec.task}" if lp.spec.task else "the task"
-                fix = f"model.tasks.{lp.spec.task}.label_map" if lp.spec.task else "a label_map"
-                raise DataError(
-                    f"{self.path}: '{dataset}' label '{lp.name}' has values "
-                    f"{np.unique(ints[bad]).tolist()} outside [0, {n}) (first at jet "
-                    f"{int(index[np.argwhere(bad)[0][0]])}); expected one of the {n} classes of "
-                    f"{task}, or -1 to ignore a {'track' if mask is not None else 'jet'}. "
-                    f"Fix the file, or map its values to classes with {fix}."
-                )
+            task = f"task {lp.spec.task}" if lp.spec.task else "the task"
+            fix = f"model.tasks.{lp.spec.task}.label_map" if lp.spec.task else "a label_map"
+            raise DataError(
+                f"{self.path}: '{dataset}' label '{lp.name}' has values {found} outside "
+                f"[0, {n}) (first at jet {first}); expected one of the {n} classes of {task}, or "
+                f"-1 to ignore a {'track' if mask is not None else 'jet'}. Fix the file, or map "
+                f"its values to classes with {fix}."
+            )
         if mask is not None:
-            ints[~real] = -1
-        return ints
+            mapped[~real] = -1
+        return mapped
 
 
 def _as_slice(columns: list[int]) -> slice | np.ndarray:

@@ -1,4 +1,5 @@
-"""How the loader reads a label: the spec the model config gives the data layer.
+"""How a label becomes class indices: the spec the model config gives the data layer, and the
+one mapping (`class_indices`) that training (`salt.data.ftag`) and evaluation both apply.
 
 Kept apart from the HDF5 reader (`salt.data.ftag`), so the model layer, which says what it
 needs, does not import h5py.
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,45 @@ class LabelSpec:
     num_classes: int | None = None
     task: str | None = field(default=None, compare=False)
     continuous: bool = False
+
+    @cached_property
+    def _lookup(self) -> tuple[np.ndarray, int] | None:
+        """The label_map as a table: ``table[value - offset]`` is the class, -2 "not a key"."""
+        if not self.label_map:
+            return None
+        keys = np.array(sorted(self.label_map), dtype=np.int64)
+        offset = int(keys.min())
+        table = np.full(int(keys.max()) - offset + 1, -2, dtype=np.int64)
+        for k, v in self.label_map.items():
+            table[int(k) - offset] = int(v)
+        return table, offset
+
+
+def class_indices(values: np.ndarray, spec: LabelSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Class indices (int64) of integer label values, and a mask of the values with no class.
+
+    With a label_map: the map's targets (-1: ignored by the loss); a value that is not a key has
+    no class. Without one: the values themselves; with ``num_classes`` a value outside
+    ``[-1, num_classes)`` has no class. Without either every value is passed on. A value with
+    no class becomes -1: the training reader refuses it (naming the file, variable and
+    values), the evaluation counts the jet in no class (a test file may hold flavours the
+    model has no class for).
+    """
+    ints = np.asarray(values).astype(np.int64, copy=False)
+    lookup = spec._lookup
+    if lookup is not None:
+        table, offset = lookup
+        idx = ints - offset
+        inside = (idx >= 0) & (idx < len(table))
+        mapped = np.full(ints.shape, -1, dtype=np.int64)
+        mapped[inside] = table[idx[inside]]
+        unknown = ~inside | (mapped == -2)
+        mapped[unknown] = -1
+        return mapped, unknown
+    if spec.num_classes is None:
+        return ints, np.zeros(ints.shape, dtype=bool)
+    unknown = (ints < -1) | (ints >= spec.num_classes)
+    return np.where(unknown, -1, ints), unknown
 
 
 LabelsConfig = Mapping[str, Mapping[str, LabelSpec | Mapping[int, int] | None]]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ import numpy as np
 import yaml
 
 from salt.errors import SampleInterrupted
+from salt.signals import Catch
 from salt.utils.atomic import temp_name
 
 JET_VARIABLES = ["pt_btagJes", "eta_btagJes"]
@@ -375,12 +375,6 @@ def _generate(rng: np.random.Generator, n_jets: int) -> tuple[np.ndarray, np.nda
     return jets, tracks, real
 
 
-def generate_block(rng: np.random.Generator, n_jets: int) -> tuple[np.ndarray, np.ndarray]:
-    """Generate ``n_jets`` jets and their padded tracks as (jets, tracks) structured arrays."""
-    jets, tracks, _ = _generate(rng, n_jets)
-    return jets, tracks
-
-
 class _RunningMoments:
     """Streaming mean and (population) std per variable, merged block by block in float64."""
 
@@ -440,15 +434,15 @@ class _SplitSummary:
     origins: np.ndarray = field(default_factory=lambda: np.zeros(_N_ORIGINS, np.int64))
 
 
-# Signals received by the command line's handler. It only records them: a KeyboardInterrupt
-# thrown into the middle of the thread pool or an HDF5 call can hang the exit; the writer
-# checks between blocks instead (one block takes well under a second).
-_RECEIVED: list[int] = []
+# SIGINT and SIGTERM while the command line runs (Ctrl-C, Slurm's cancel). They are only
+# recorded: a KeyboardInterrupt thrown into the middle of the thread pool or an HDF5 call can
+# hang the exit; the writer checks between blocks instead (one block takes well under a second).
+_SIGNALS = Catch(("SIGINT", "SIGTERM"))
 
 
 def _stop_if_signalled() -> None:
-    if _RECEIVED:
-        raise SampleInterrupted(_RECEIVED[0])
+    if _SIGNALS.first is not None:
+        raise SampleInterrupted(_SIGNALS.first)
 
 
 def _write_split(path: Path, n_jets: int, seed: int, split: int) -> _SplitSummary:
@@ -590,20 +584,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda received, frame: _RECEIVED.append(received))
-    try:
-        paths = write_sample(args.out_dir, args.jets, args.seed)
-    except ValueError as err:
-        parser.error(str(err))
-    except SampleInterrupted as err:
-        print(f"salt.data.sample: {err}; no file was left behind", file=sys.stderr)
-        return 128 + err.signum
-    elapsed = time.perf_counter() - start
-    print(f"wrote the sample (seed {args.seed}) in {elapsed:.1f} s:")
-    for key, path in paths.items():
-        print(f"  {key:<10} {path}")
-    return 0
+    with _SIGNALS:
+        try:
+            paths = write_sample(args.out_dir, args.jets, args.seed)
+        except ValueError as err:
+            parser.error(str(err))
+        except SampleInterrupted as err:
+            print(f"salt.data.sample: {err}; no file was left behind", file=sys.stderr)
+            return 128 + err.signum
+        elapsed = time.perf_counter() - start
+        print(f"wrote the sample (seed {args.seed}) in {elapsed:.1f} s:")
+        for key, path in paths.items():
+            print(f"  {key:<10} {path}")
+        return 0
 
 
 if __name__ == "__main__":

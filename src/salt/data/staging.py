@@ -10,7 +10,7 @@
   installed, unless the signal is ignored (Slurm sends SIGKILL soon after SIGTERM, so a long
   copy must not run on); the directory is removed, then the signal goes to the handler that
   was there before (the default action terminates the process; a flag-setting handler such
-  as the training loop's ``StopSignal`` records it and `StagingInterrupted` is raised);
+  as the training loop's stop request records it and `StagingInterrupted` is raised);
 * with a signal while the block runs, when nobody handles that signal (its default action
   would kill the process without cleanup): the same, so `stage` is safe on its own too. The
   training loop's own handlers are left alone.
@@ -34,14 +34,12 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import stat
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +48,7 @@ import h5py
 from tqdm import tqdm
 
 from salt.errors import StagingError, StagingInterrupted
+from salt.signals import IF_DEFAULT, UNLESS_IGNORED, Catch
 from salt.utils.atomic import atomic_write_text, temp_name
 
 if TYPE_CHECKING:
@@ -74,11 +73,17 @@ DEFAULT_MARGIN = 256 * 2**20  # free space left after the copies, bytes
 UNOWNED_AGE_S = 3600.0  # a directory without a readable owner file older than this is stale
 CHUNK = 16 * 2**20
 
-# Abort the copy on these, whatever handler is installed (Slurm: SIGTERM, then SIGKILL).
-_ABORT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
-# Guarded only where nobody handles them (default action: terminate without cleanup); the
-# loop uses SIGUSR1/2 for "save and requeue", which must reach its handler.
-_DEFAULT_ONLY_SIGNALS = ("SIGUSR1", "SIGUSR2")
+# Signals that turn into `StagingInterrupted` while staged copies exist. The copy is aborted
+# on SIGTERM, SIGINT and SIGHUP whatever handler is installed (Slurm: SIGTERM, then SIGKILL);
+# SIGUSR1/2 are taken only where nobody handles them (default action: terminate without
+# cleanup): the loop uses them for "save and requeue", which must reach its handler.
+_SIGNALS = {
+    "SIGTERM": UNLESS_IGNORED,
+    "SIGINT": UNLESS_IGNORED,
+    "SIGHUP": UNLESS_IGNORED,
+    "SIGUSR1": IF_DEFAULT,
+    "SIGUSR2": IF_DEFAULT,
+}
 
 
 # ---- who owns a staging directory ----------------------------------------------------------
@@ -235,95 +240,6 @@ def remove_stale(temp_root: str | Path) -> list[Path]:
         _discard(path)
         removed.append(path)
     return removed
-
-
-# ---- signals -------------------------------------------------------------------------------
-class _SignalGuard:
-    """Turns termination signals into `StagingInterrupted` while staged copies exist.
-
-    Inside `critical` (creating or removing the directory) signals are only recorded, so a
-    second Ctrl-C cannot leave half a directory behind; the first is acted on at its end.
-    On exit the handlers are restored and a received signal is passed to the handler that
-    was there before, so the process ends as it would have without staging.
-    """
-
-    def __init__(self) -> None:
-        self._pid = os.getpid()
-        self._previous: dict[int, Any] = {}
-        self._critical = 0
-        self.received: int | None = None
-        self._raised = False
-
-    def __enter__(self) -> _SignalGuard:
-        if threading.current_thread() is not threading.main_thread():
-            return self  # signal handlers can only be set from the main thread
-        for name in (*_ABORT_SIGNALS, *_DEFAULT_ONLY_SIGNALS):
-            num = getattr(signal, name, None)
-            if num is None:
-                continue
-            current = signal.getsignal(num)
-            if current in (signal.SIG_IGN, None):
-                continue  # ignored on purpose (nohup), or set outside Python: leave alone
-            if name in _DEFAULT_ONLY_SIGNALS and current != signal.SIG_DFL:
-                continue
-            self._previous[num] = current
-            signal.signal(num, self._handle)
-        return self
-
-    def relax(self) -> None:
-        """After the copy: hand back the signals that somebody else handles."""
-        for num, previous in list(self._previous.items()):
-            if previous != signal.SIG_DFL:
-                self._restore(num)
-
-    def _restore(self, num: int) -> None:
-        previous = self._previous.pop(num)
-        if signal.getsignal(num) == self._handle:  # unless the block installed its own
-            signal.signal(num, previous)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self._pid:  # a forked child: behave as it would have without us
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-            return
-        if self.received is None:
-            self.received = signum
-        if self._critical == 0 and not self._raised:
-            self._raised = True
-            raise StagingInterrupted(signum)
-
-    @contextlib.contextmanager
-    def critical(self) -> Iterator[None]:
-        self._critical += 1
-        try:
-            yield
-        finally:
-            self._critical -= 1
-        if self.received is not None and not self._raised and self._critical == 0:
-            self._raised = True
-            raise StagingInterrupted(self.received)
-
-    def __exit__(self, *exc: object) -> None:
-        previous = dict(self._previous)
-        for num in list(self._previous):
-            self._restore(num)
-        if self.received is None:
-            return
-        handler = previous.get(self.received, signal.getsignal(self.received))
-        if handler == signal.SIG_DFL:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            signal.raise_signal(self.received)  # the default action: terminate
-        elif callable(handler):
-            _call_handler(handler, self.received)
-        # a handler that returned (it only records the signal): StagingInterrupted goes on
-
-
-def _call_handler(handler: Callable[[int, Any], Any], signum: int) -> None:
-    try:
-        handler(signum, None)
-    except BaseException as err:
-        raise err from None  # e.g. KeyboardInterrupt: no "during handling" noise
 
 
 # ---- copying -------------------------------------------------------------------------------
@@ -519,29 +435,41 @@ def stage(
     remove_stale(root)
     copies, where = _plan(files)
     _check_space(root, sum(c.size for c in copies), margin)
-    guard = _SignalGuard()
-    with guard:
-        directory: Path | None = None
-        try:
-            with guard.critical():
-                directory = _create_dir(root)
-            _copy_all(copies, directory, progress)
-            staged = dataclasses.replace(
-                files,
-                train=[_moved(p, where, directory) for p in files.train],
-                val=[_moved(p, where, directory) for p in files.val],
-                norm_dict=_moved(files.norm_dict, where, directory),
-                class_dict=_moved(files.class_dict, where, directory)
-                if files.class_dict is not None
-                else None,
-            )
-            guard.relax()
-            yield staged
-        finally:
-            if directory is not None:
-                with guard.critical():
-                    _discard(directory)
-                    log.info("salt: removed the staged data %s", directory)
+    # Signals abort the copy at once, but never while the directory is created or removed
+    # (`held`); after the copy, the signals somebody else handles are theirs again. On exit a
+    # caught signal goes to the handler it replaced, so the process ends as it would have
+    # without staging (a handler that only records it: `StagingInterrupted` goes on).
+    signals = Catch(_SIGNALS, act=_interrupt)
+    try:
+        with signals:
+            directory: Path | None = None
+            try:
+                with signals.held():
+                    directory = _create_dir(root)
+                _copy_all(copies, directory, progress)
+                staged = dataclasses.replace(
+                    files,
+                    train=[_moved(p, where, directory) for p in files.train],
+                    val=[_moved(p, where, directory) for p in files.val],
+                    norm_dict=_moved(files.norm_dict, where, directory),
+                    class_dict=_moved(files.class_dict, where, directory)
+                    if files.class_dict is not None
+                    else None,
+                )
+                signals.release_handled()
+                yield staged
+            finally:
+                if directory is not None:
+                    with signals.held():
+                        _discard(directory)
+                        log.info("salt: removed the staged data %s", directory)
+    finally:
+        if signals.first is not None:
+            signals.pass_on(signals.first, default_action=True)
+
+
+def _interrupt(signum: int) -> None:
+    raise StagingInterrupted(signum)
 
 
 def _moved(path: Path, where: dict[Path, Path], directory: Path) -> Path:

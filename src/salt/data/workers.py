@@ -99,9 +99,10 @@ def cpu_limits() -> dict[str, int]:
     return limits
 
 
-def available_cpus() -> int:
-    """The number of CPUs this process may use (at least 1)."""
-    return max(1, min(cpu_limits().values()))
+def available_cpus(limits: Mapping[str, int] | None = None) -> int:
+    """The number of CPUs this process may use (at least 1): the fewest of `cpu_limits`
+    (``limits``: those already read)."""
+    return max(1, min((cpu_limits() if limits is None else limits).values()))
 
 
 def _describe(limits: Mapping[str, int], world_size: int) -> str:
@@ -141,7 +142,7 @@ def resolve_num_workers(value: int | str, *, on_gpu: bool, world_size: int = 1) 
     """
     requested = _parse(value)
     limits = cpu_limits()
-    cpus = max(1, min(limits.values()))
+    cpus = available_cpus(limits)
     per_rank = max(1, cpus // max(1, world_size))
     where = _describe(limits, world_size)
     if requested is None:

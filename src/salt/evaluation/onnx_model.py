@@ -244,12 +244,6 @@ def export_bytes(wrapper: ONNXTagger, checkpoint: Path, opset: int = OPSET) -> b
     return model.SerializeToString()
 
 
-def read_metadata(model_bytes: bytes) -> dict[str, str]:
-    """The metadata_props of a serialised ONNX model."""
-    onnx, _ = require_onnx()
-    return {p.key: p.value for p in onnx.load_from_string(model_bytes).metadata_props}
-
-
 def session(model_bytes: bytes) -> Any:
     _, ort = require_onnx()
     options = ort.SessionOptions()

@@ -37,6 +37,7 @@ from torch import Tensor
 
 import salt
 from salt.data.ftag import DEFAULT_INPUT_MAP, VALID, DataError, open_h5
+from salt.data.labels import LabelSpec, class_indices
 from salt.errors import ConfigError
 from salt.evaluation.run import LoadedRun
 from salt.models.tasks import ClassificationTask, RegressionTask, Task, VertexingTask
@@ -112,19 +113,6 @@ class JetScores:
     labels: np.ndarray  # [N] class index (the task's label_map applied); -1: no class
 
 
-def map_labels(raw: np.ndarray, task: ClassificationTask) -> np.ndarray:
-    """Class indices of raw label values: the task's label_map, or the values themselves;
-    values without a class (not in the map, mapped to -1, out of range) become -1."""
-    values = np.asarray(raw).astype(np.int64)
-    num_classes = len(task.class_names or [])
-    if task.label_map is None:
-        return np.where((values >= 0) & (values < num_classes), values, -1)
-    out = np.full(values.shape, -1, dtype=np.int64)
-    for key, target in task.label_map.items():
-        out[values == int(key)] = int(target)
-    return out
-
-
 @dataclass
 class _Field:
     """One output column: where its values come from."""
@@ -198,6 +186,13 @@ class PredictionWriter:
         imap = {**DEFAULT_INPUT_MAP, **dict(input_map or {})}
         tasks = list(run.tagger.tasks.values())
         self.jet_task = run.tagger.flavour_task()
+        # the truth classes for the performance: the training's label mapping; a value the
+        # model has no class for (e.g. taus for a b/c/light tagger) counts in no class (-1)
+        self.jet_labels = (
+            LabelSpec(self.jet_task.label_map, len(self.jet_task.class_names or []))
+            if self.jet_task is not None
+            else None
+        )
         jet_tasks = [t for t in tasks if t.input_type == "jets"]
         truth = [t.label for t in jet_tasks if not isinstance(t, RegressionTask)]
         self.jets_src = self._dataset(imap["jets"])
@@ -272,8 +267,9 @@ class PredictionWriter:
             )
         if self.jet_task is not None:
             self._probs.append(probs[self.jet_task.name].cpu().numpy().astype(np.float32))
+            assert self.jet_labels is not None
             raw = self.jets_src.fields(self.jet_task.label)[rows]
-            self._truth.append(map_labels(raw, self.jet_task))
+            self._truth.append(class_indices(raw, self.jet_labels)[0])
         self.offset += n
 
     def _rows(

@@ -29,9 +29,6 @@ class PoolingType(enum.StrEnum):
     cross_attention = "cross_attention"
 
 
-POOLING_TYPES = tuple(PoolingType)
-
-
 @dataclass
 class PoolingConfig:
     """`model.pooling`. Hydra's `pooling=` group merges into the model's node, so the

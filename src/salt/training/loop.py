@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import socket
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from salt.data.workers import loader_options, resolve_num_workers
 from salt.errors import ConfigError, Interrupted, StagingError
 from salt.provenance import check_clean, collect_metadata, git_state, push_tag, seed_everything
 from salt.schema import TrainConfig, read_train_config
+from salt.signals import Catch, stop_request
 from salt.tracking import Logger, NullLogger, build_logger
 from salt.training import checkpoint as ckpt
 from salt.training.config import TrainerConfig
@@ -70,7 +70,6 @@ class Counters:
     step: int = 0
     epoch_complete: bool = False
     best_val_loss: float = math.inf
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -105,7 +104,7 @@ class Run:
     total_steps: int
     autocast_dtype: torch.dtype | None
     monitor: str = "val/loss"  # names the epoch checkpoints, picks the best (trainer.monitor)
-    stop: StopSignal | None = None
+    stop: Catch | None = None  # the stop request (salt.signals.stop_request)
     losses: LossWindow = field(default_factory=LossWindow)  # read every log_every_n_steps
 
     def __post_init__(self) -> None:
@@ -623,45 +622,6 @@ def monitored(name: str, tagger: models.Tagger) -> str:
     return name
 
 
-class StopSignal:
-    """SIGTERM/SIGUSR1/SIGINT (Slurm's cancel, pre-timeout signal, Ctrl-C) -> stop cleanly.
-
-    The handler only sets a flag; the loop saves at the next step boundary, so the checkpoint
-    is consistent and nothing is lost but the step in flight.
-    """
-
-    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                num = getattr(signal, name)
-                self._previous[num] = signal.signal(num, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.received = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for num, handler in self._previous.items():
-            signal.signal(num, handler)
-
-    def chain(self) -> None:
-        """After our state is saved: let the handler we replaced act on the signal too.
-
-        Under submitit that handler requeues the job (pre-timeout signal) and exits.
-        """
-        previous = self._previous.get(self.received) if self.received is not None else None
-        if callable(previous):
-            previous(self.received, None)
-
-
 # under DDP the ranks agree on a stop every this many steps (each time: one host sync)
 STOP_CHECK_EVERY_N_STEPS = 10
 
@@ -672,7 +632,7 @@ def stop_requested(run: Run, at_boundary: bool = False) -> bool:
     Under DDP, asked every `STOP_CHECK_EVERY_N_STEPS` steps (and at `at_boundary`, an epoch's
     end); alone, every step, for free.
     """
-    flag = run.stop is not None and run.stop.received is not None
+    flag = run.stop is not None and run.stop.last is not None
     if run.dist.world_size > 1:
         if not at_boundary and run.counters.step % STOP_CHECK_EVERY_N_STEPS:
             return False
@@ -685,7 +645,7 @@ def fit(cfg: TrainConfig | DictConfig, dist: DistInfo) -> Run:
     """Train as configured on this rank; returns the finished run (``run.run_dir`` is None for
     fast_dev_run)."""
     # the staged copies (a resource) are removed before the signal handlers are restored
-    with StopSignal() as stop, contextlib.ExitStack() as resources:
+    with stop_request() as stop, contextlib.ExitStack() as resources:
         run = setup(cfg, dist, resources)
         run.stop = stop
         return _fit(run)
@@ -712,9 +672,9 @@ def _fit(run: Run) -> Run:
                 barrier()  # no rank leaves (and gets the job killed) before rank 0 has saved
                 status = "interrupted"
                 run.logger.finalize(status)
-                if run.stop is not None:
-                    run.stop.chain()
-                raise Interrupted(run.stop.received or signal.SIGTERM, c.step, run.run_dir)
+                if run.stop is not None and run.stop.last is not None:
+                    run.stop.pass_on(run.stop.last)  # under submitit: requeue the job
+                raise Interrupted(run.stop.last or signal.SIGTERM, c.step, run.run_dir)
             metrics = validate(run)
             c.epoch_complete = complete
             if metrics[run.monitor] <= c.best_val_loss:

@@ -26,7 +26,6 @@ class WindowSummary:
     """The mean of every loss over the window's steps."""
 
     means: dict[str, float]
-    num_steps: int
 
 
 class LossWindow:
@@ -55,7 +54,7 @@ class LossWindow:
         Raises `TrainingError` naming the first step with a non-finite loss and its task(s).
         """
         if not self._rows:
-            return WindowSummary({}, 0)
+            return WindowSummary({})
         table = torch.stack(self._rows).cpu()  # [steps, losses]: the window's one sync
         names, steps = self._names, self._steps
         if not keep:
@@ -73,4 +72,4 @@ class LossWindow:
                 "Check the inputs (data.nan_policy) and the learning rate."
             )
         means = dict(zip(names, table.double().mean(dim=0).tolist(), strict=True))
-        return WindowSummary(means, len(steps))
+        return WindowSummary(means)
