@@ -74,3 +74,22 @@ def test_signal_handlers_are_installed_in_one_place() -> None:
             ) or (isinstance(node, ast.ImportFrom) and node.module == "signal"):
                 offenders.append(f"{path.relative_to(SRC)}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_configs_are_read_once_into_their_dataclasses() -> None:
+    """Below the entry points nothing indexes a config with strings: the commands read it once
+    into the schema's dataclasses (salt.schema) and use their attributes. Only the command
+    wrappers look at the raw config (the debug flag, a resumed run's overrides, the check of a
+    command line before Hydra runs)."""
+    import re
+
+    raw = re.compile(r"\b\w*cfg\w*(\.\w+)*(\.get\(|\[\")")
+    allowed = {"errors.py", "config_check.py", "train.py"}
+    found = [
+        f"{path.relative_to(SRC)}:{i}: {line.strip()}"
+        for path in sorted(SRC.rglob("*.py"))
+        if path.name not in allowed
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if raw.search(line)
+    ]
+    assert not found, "\n".join(found)

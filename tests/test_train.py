@@ -24,8 +24,9 @@ from salt.errors import ConfigError, TrainingError
 from salt.train import train
 from salt.training import checkpoint as ckpt
 from salt.training.distributed import DistInfo, barrier, cleanup, init_distributed, spawn
-from salt.training.loop import build_loaders, fit, forward, setup
+from salt.training.loop import fit, forward, setup
 from salt.training.optim import Schedule, adamw
+from salt.training.setup import build_loaders
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TASKS = ("jet_classification", "track_origin", "track_vertexing")

@@ -36,7 +36,6 @@ from salt.evaluation.run import (
     load_run,
     resolve_test_file,
     run_config,
-    run_data_config,
 )
 from salt.evaluation.settings import EvaluateConfig
 from salt.utils import typed_config
@@ -88,7 +87,7 @@ def evaluate(config: EvaluateConfig | DictConfig) -> EvaluationResult:
     f_c, working_points, num_test = cfg.f_c, cfg.working_points, cfg.data.num_test
     run_dir = Path(str(cfg.run_dir))
     # outputs are named and checked before the model is loaded: a refusal comes at once
-    run_data = run_data_config(run_config(run_dir), run_dir)
+    run_data = run_config(run_dir).data
     ckpt_path = choose_checkpoint(run_dir, cfg.ckpt_path)
     test_file = resolve_test_file(run_data, cfg.data.test_file)
     paths = output_paths(predictions_path(ckpt_path, test_file, cfg.data.test_suffix))
@@ -105,7 +104,7 @@ def evaluate(config: EvaluateConfig | DictConfig) -> EvaluationResult:
         num_jets=num_test,
         num_jets_key="data.num_test",
         train=False,
-        seed=int(run.cfg.get("seed", 42)),  # the run's own config, as saved
+        seed=run.cfg.seed,
         num_workers=0,
         pin_memory=run.device.type == "cuda",
     )

@@ -37,7 +37,6 @@ from salt.evaluation.run import (
     load_run,
     resolve_test_file,
     run_config,
-    run_data_config,
     single_file,
 )
 from salt.evaluation.settings import ExportConfig
@@ -79,7 +78,7 @@ def export(config: ExportConfig | DictConfig) -> ExportResult:
     """Export ``cfg.run_dir``'s checkpoint to ONNX after a parity check against torch."""
     cfg = typed_config.read(ExportConfig, config, "")
     run_dir = Path(str(cfg.run_dir))
-    run_data = run_data_config(run_config(run_dir), run_dir)
+    run_data = run_config(run_dir).data
     ckpt_path = choose_checkpoint(run_dir, cfg.ckpt_path)
     out = Path(cfg.output) if cfg.output else ckpt_path.with_suffix(".onnx")
     if out.exists() and not cfg.overwrite:

@@ -7,19 +7,21 @@ evaluated after the training files have moved.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import ListConfig
 
 from salt import models
 from salt.data.build import DataConfig, resolve_files
 from salt.data.dataset import expand_files
 from salt.data.ftag import DataError, load_yaml_dict
 from salt.errors import ConfigError
+from salt.schema import TrainConfig, read_train_config
 from salt.training import checkpoint as ckpt
 from salt.training.run_dir import load_run_config
 
@@ -31,7 +33,7 @@ class LoadedRun:
     """A run directory with its tagger in eval mode on ``device``."""
 
     run_dir: Path
-    cfg: DictConfig  # the run's saved config.yaml, without the Hydra header
+    cfg: TrainConfig  # the run's saved config.yaml
     ckpt_path: Path
     model_cfg: dict[str, Any]  # the model config the weights were trained with
     tagger: models.Tagger
@@ -48,7 +50,8 @@ class LoadedRun:
         return models.input_variables(self.model_cfg)
 
     def data_config(self) -> DataConfig:
-        return run_data_config(self.cfg, self.run_dir)
+        """A copy of the run's data config, to change for an evaluation."""
+        return copy.deepcopy(self.cfg.data)
 
 
 def resolve_device(value: Any) -> torch.device:
@@ -81,33 +84,27 @@ def choose_checkpoint(run_dir: Path, ckpt_path: Any) -> Path:
     return best
 
 
-def _norm_dict_of(run_dir: Path, cfg: DictConfig) -> dict:
+def _norm_dict_of(run_dir: Path, cfg: TrainConfig) -> dict:
     """The run's ``norm_dict``: the run directory's copy, else the run's configured file."""
     copy = run_dir / "norm_dict.yaml"
     if copy.exists():
         return load_yaml_dict(copy, "norm_dict")
-    configured = cfg.get("data", {}).get("norm_dict")
-    if configured and Path(str(configured)).exists():
-        return load_yaml_dict(Path(str(configured)), "norm_dict")
+    configured = cfg.data.norm_dict
+    if configured and Path(configured).exists():
+        return load_yaml_dict(Path(configured), "norm_dict")
     raise DataError(
         f"{copy}: norm_dict not found (training copies it into the run directory), and the "
         f"run's data.norm_dict ({configured}) does not exist either."
     )
 
 
-def run_config(run_dir: Path) -> DictConfig:
-    """A run directory's saved config, with one clear error for a wrong directory."""
+def run_config(run_dir: Path) -> TrainConfig:
+    """A run directory's saved config, read as a training config is; one clear error for a
+    wrong directory or a config.yaml this version cannot read."""
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run_dir={run_dir}: no such directory.")
-    return load_run_config(run_dir)
-
-
-def run_data_config(cfg: DictConfig, run_dir: Path) -> DataConfig:
-    """The run's ``data`` config."""
-    if not isinstance(cfg.get("data"), DictConfig):
-        raise ConfigError(f"{run_dir / 'config.yaml'}: no 'data' mapping; not a salt run?")
     try:
-        return DataConfig.read(cfg.data)
+        return read_train_config(load_run_config(run_dir))
     except ConfigError as err:
         raise ConfigError(f"{run_dir / 'config.yaml'}: {err}") from None
 
@@ -121,7 +118,7 @@ def load_run(run_dir: str | Path, ckpt_path: Any = None, device: Any = "cpu") ->
     state = ckpt.load_checkpoint(path, map_location="cpu")
     # The checkpoint's own model config matches its weights, even when ckpt_path points to
     # another run; the run's config.yaml is the fallback.
-    model_cfg = state.get("config") or OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg = state.get("config") or cfg.model.plain()
     if not isinstance(model_cfg, dict):
         raise ckpt.CheckpointError(f"{path}: the stored model config is not a mapping.")
     norm_dict = _norm_dict_of(run_dir, cfg)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from salt.errors import ConfigError
 from salt.utils import typed_config as check
 
-PRECISIONS = ("32", "bf16", "16")  # full, bf16 autocast, fp16 autocast with a GradScaler
+# full, bf16 autocast, fp16 autocast (with a GradScaler): the autocast dtype of each
+AUTOCAST = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+PRECISIONS = tuple(AUTOCAST)
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
 
@@ -47,8 +52,6 @@ class TrainerConfig:
             )
         check.at_least(self.ckpt_every_n_steps, f"{where}.ckpt_every_n_steps", 0)
         if isinstance(self.compile, str):
-            import torch._dynamo  # the backends torch.compile knows
-
             backends = torch._dynamo.list_backends(exclude_tags=())
             if self.compile not in backends:
                 raise ConfigError(
@@ -62,3 +65,15 @@ class TrainerConfig:
         if self.compile is True:
             return "inductor"
         return self.compile or None
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of `precision` (None: full precision)."""
+        return AUTOCAST[self.precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device` (None: full precision)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -1,0 +1,104 @@
+"""What a run reports: the rejections at 70% b-jet efficiency on the validation jets, the line
+printed for each epoch, the summary at its end, and the validation loss it monitors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from salt import models
+from salt.errors import ConfigError
+from salt.training.distributed import all_gather_object
+
+if TYPE_CHECKING:
+    from salt.training.state import Run
+
+
+REJECTION_WP = 70  # % b-jet efficiency of the rejections logged per epoch
+
+
+def rejections_at(
+    class_names: list[str], scores: list[Tensor], classes: list[Tensor]
+) -> dict[str, float]:
+    """`val/<flavour>_rej_70`: background rejections at 70% b-jet efficiency (D_b with
+    f_c = 0.2, as salt.evaluate) on every rank's validation jets; none without b, c, u."""
+    from salt.evaluation.performance import REQUIRED_CLASSES, b_tagging_performance
+    from salt.evaluation.predictions import JetScores
+
+    if any(c not in class_names for c in REQUIRED_CLASSES):
+        return {}
+    local = (
+        (torch.cat(scores).cpu().numpy(), torch.cat(classes).cpu().numpy())
+        if scores
+        else (np.zeros((0, len(class_names)), np.float32), np.zeros(0, np.int64))
+    )
+    parts = all_gather_object(local)  # every rank calls it, with or without jets
+    probs = np.concatenate([p for p, _ in parts])
+    labels = np.concatenate([c for _, c in parts])
+    try:
+        perf = b_tagging_performance(JetScores(list(class_names), probs, labels), 0.2, [70])
+    except ValueError:  # no b-jet among the validation jets
+        return {}
+    row = perf.working_points[REJECTION_WP]
+    return {
+        f"val/{k.removesuffix('_rejection')}_rej_{REJECTION_WP}": float(v)
+        for k, v in row.items()
+        if k.endswith("_rejection") and v is not None and math.isfinite(v)
+    }
+
+
+def monitored(name: str, tagger: models.Tagger) -> str:
+    """The validation metric that names the epoch checkpoints and picks the best one
+    (`trainer.monitor`; auto: the jet flavour task's loss, as the old tool, else the total)."""
+    if name == "auto":
+        task = tagger.flavour_task()
+        return f"val/{task.name}_loss" if task is not None else "val/loss"
+    losses = ["val/loss", *(f"val/{t}_loss" for t in tagger.tasks)]
+    if name not in losses:
+        raise ConfigError(f"trainer.monitor={name!r}: expected auto or one of {losses}.")
+    return name
+
+
+# under DDP the ranks agree on a stop every this many steps (each time: one host sync)
+def epoch_line(metrics: Mapping[str, float]) -> str:
+    """The validation figures of one epoch, as printed."""
+    parts = [f"val loss {metrics['val/loss']:.4f}"]
+    if "val/jet_accuracy" in metrics:
+        parts.append(f"jet accuracy {metrics['val/jet_accuracy']:.3f}")
+    parts += [
+        f"{name} rejection {metrics[key]:.1f}"
+        for name in ("light", "c")
+        if (key := f"val/{name}_rej_{REJECTION_WP}") in metrics
+    ]
+    wp = f" (at {REJECTION_WP}% b-jet efficiency)" if len(parts) > 2 else ""
+    return ", ".join(parts) + wp
+
+
+def summary(
+    run: Run,
+    seconds: float,
+    steps: int,
+    best: tuple[int, Mapping[str, float]] | None,
+    last: tuple[int, Mapping[str, float]] | None,
+) -> str:
+    """What a physicist reads first at the end of a run: time, the rejections of the best
+    epoch on the validation jets, and the next commands."""
+    minutes, secs = divmod(round(seconds), 60)
+    lines = [f"salt: trained {steps} steps in {minutes}m{secs:02d}s; run directory {run.run_dir}"]
+    shown = best or last
+    if shown is not None:
+        epoch, metrics = shown
+        which = "the best checkpoint" if best is not None else "the last epoch"
+        lines.append(f"  validation jets, epoch {epoch} ({which}): {epoch_line(metrics)}")
+    lines += [
+        "  next:",
+        f"    python -m salt.evaluate run_dir={run.run_dir}   # test jets: predictions file, "
+        "rejections, ROC",
+        f"    python -m salt.export run_dir={run.run_dir}     # ONNX model for ATLAS inference",
+    ]
+    return "\n".join(lines)
