@@ -119,7 +119,9 @@ def test_sweeps() -> None:
 
 
 def test_new_keys_hydra_settings_and_quoted_values_pass() -> None:
-    ok("train", "+new.key=1", "++trainer.max_epochs=3", "++other=2", "~tag_remote")
+    ok("train", "+data.input_map.flows=flows", "++trainer.max_epochs=3", "~tag_remote")
+    # a key the schema does not have is refused, added with + or not: nothing would read it
+    assert error("train", "+new.key=1").startswith("new: unknown key")
     ok(
         "train",
         "launcher=slurm",

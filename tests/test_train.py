@@ -390,6 +390,16 @@ def test_checkpoint_from_other_model_config_is_refused(tmp_path: Path, sample_ca
         ckpt.CheckpointError, match=r"model.encoder.num_layers: checkpoint 1, config 2"
     ):
         fit(cfg, cpu())
+    assert run_dirs(tmp_path) == [first]  # refused before a run directory was made
+
+    # a checkpoint whose model config was stored as written (keys with defaults left out, as
+    # before the typed configs) fits the same model: compared as the schema reads both
+    state = ckpt.load_checkpoint(first / "ckpts/last.ckpt")
+    sparse = state["config"]
+    del sparse["encoder"]["norm_affine"], sparse["pooling"]["num_layers"]
+    ckpt.save_checkpoint(state, tmp_path / "sparse.ckpt")
+    cfg = make_cfg(tmp_path, sample_cache, f"ckpt_path={tmp_path / 'sparse.ckpt'}")
+    assert fit(cfg, cpu()).counters.step > state["counters"]["step"]  # it went on
 
 
 def _ddp_rank(rank: int, cfg_dict: dict, out: str) -> None:

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from salt.data.dataset import BatchLoader
+from salt.errors import ConfigError
+from salt.models.tagger import ModelConfig
 from salt.schema import TrainConfig
 from salt.signals import Catch
 from salt.tracking import Logger
@@ -137,12 +139,15 @@ class Run:
             ckpt.set_rng_state(state["rng"])
 
 
+# model keys that change how the tagger is computed, not what: free to differ on resume
 SAME_FUNCTION_KEYS = frozenset({"attention.backend"})
 
 
 def check_model_config(saved: Any, current: Any, path: Path) -> None:
-    """A checkpoint only fits the model config it was trained with: name what differs."""
-    a, b = (flatten(c) if isinstance(c, Mapping) else {} for c in (saved, current))
+    """A checkpoint only fits the model config it was trained with: name what differs. Both
+    are compared as the schema reads them, so a checkpoint saved before a key had a default
+    written out (or before the typed configs) still fits."""
+    a, b = (flatten(_as_read(c)) if isinstance(c, Mapping) else {} for c in (saved, current))
     differing = sorted(
         k
         for k in a.keys() | b.keys()
@@ -158,6 +163,13 @@ def check_model_config(saved: Any, current: Any, path: Path) -> None:
             f"{path}: checkpoint was trained with a different model config: {shown}{more}. "
             "Resume with that run's config.yaml (resume=<run dir> does so)."
         )
+
+
+def _as_read(model_cfg: Mapping[str, Any]) -> Mapping[str, Any]:
+    try:
+        return ModelConfig.read(model_cfg).plain()
+    except ConfigError:
+        return model_cfg  # compared as stored: the difference is named below
 
 
 def save(run: Run, name: str, also_last: bool = True) -> None:

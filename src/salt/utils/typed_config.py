@@ -41,6 +41,10 @@ def read(cls: type[T], node: Any, where: str) -> T:
             raise ConfigError(f"{where}: missing (expected a {cls.__name__} mapping)")
         if not isinstance(node, Mapping | DictConfig):
             raise ConfigError(f"{where} must be a mapping, got {node!r}")
+        if isinstance(node, DictConfig):
+            # as plain values (interpolations kept): keys added with Hydra's `+` are refused
+            # like any other unknown key, not carried along unread
+            node = OmegaConf.to_container(node)
         try:
             typed = OmegaConf.merge(OmegaConf.structured(cls), node)
             obj = OmegaConf.to_object(typed)  # type: ignore[assignment]
