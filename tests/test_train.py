@@ -51,11 +51,6 @@ TINY = [
 NO_DROPOUT = ["model.encoder.dropout=0", *[f"model.tasks.{t}.dropout=0" for t in TASKS]]
 
 
-@pytest.fixture(scope="session")
-def sample_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("sample_cache")
-
-
 def make_cfg(tmp_path: Path, cache: Path, *overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return compose(
