@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -322,3 +323,25 @@ def trained_run(
     before = _snapshot(logs)
     yield TrainedRun(run_dir, sample_cache, sample)
     assert _snapshot(logs) == before, "a test changed the shared trained run: copy_run it"
+
+
+@dataclass(frozen=True)
+class EvaluatedRun:
+    run_dir: Path  # a copy of the trained run: evaluations write their outputs into it
+    result: Any  # salt.evaluate's result for it: predictions file (with tracks), performance
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(
+    trained_run: TrainedRun, tmp_path_factory: pytest.TempPathFactory
+) -> EvaluatedRun:
+    """The default evaluation of (a copy of) the trained run, with track outputs: for the
+    evaluation tests and the ONNX parity with the predictions file."""
+    from salt.evaluate import evaluate
+
+    run_dir = copy_run(trained_run.run_dir, tmp_path_factory.mktemp("evaluated"))
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(
+            "evaluate", overrides=[f"run_dir={run_dir}", "progress_bar=false", "write_tracks=true"]
+        )
+    return EvaluatedRun(run_dir, evaluate(cfg))
