@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -251,7 +252,24 @@ TRAINED_RUN = [
     "model.attention.num_heads=2",
     *[f"model.tasks.{t}.hidden_layers=[32]" for t in TASKS],
 ]
-TRAINED_RUN_STEPS = 60
+TRAINED_RUN_STEPS = 60  # 30 per epoch
+
+
+def logged_step(run_dir: Path) -> int:
+    """The last training step whose metrics row reached the run's metrics file (the local
+    logger flushes every row)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [0]
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a row being written
+        if "train/loss" in row:
+            steps.append(int(row["step"]))
+    return max(steps)
 
 
 @dataclass(frozen=True)
@@ -272,6 +290,11 @@ class TrainedRun:
     def test_file(self) -> Path:
         return self.sample / "test.h5"
 
+    def compose(self, log_dir: Path, *extra: str):
+        """Its config, as composed for `train`, writing under ``log_dir``."""
+        with initialize_config_dir(config_dir=str(CONF), version_base=None):
+            return compose("train", overrides=[*self.overrides, f"log_dir={log_dir}", *extra])
+
 
 def copy_run(run_dir: Path, dest: Path) -> Path:
     """A copy of ``run_dir`` under ``dest`` (same name)."""
@@ -285,7 +308,8 @@ def sample_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("sample_cache")
 
 
-def _snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
+def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
+    """Size and modification time of every file under ``roots``: what a shared run must keep."""
     return {
         str(p): (p.stat().st_size, p.stat().st_mtime_ns)
         for root in roots
@@ -300,9 +324,9 @@ def sample(sample_cache: Path) -> Iterator[Path]:
     from salt.data.build import ensure_sample
 
     path = ensure_sample(sample_cache, SAMPLE_JETS, 42)
-    before = _snapshot(path)
+    before = snapshot(path)
     yield path
-    assert _snapshot(path) == before, "a test changed the session's sample"
+    assert snapshot(path) == before, "a test changed the session's sample"
 
 
 @pytest.fixture(scope="session")
@@ -320,9 +344,9 @@ def trained_run(
         )
     train(cfg)
     (run_dir,) = logs.iterdir()
-    before = _snapshot(logs)
+    before = snapshot(logs)
     yield TrainedRun(run_dir, sample_cache, sample)
-    assert _snapshot(logs) == before, "a test changed the shared trained run: copy_run it"
+    assert snapshot(logs) == before, "a test changed the shared trained run: copy_run it"
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ its final weights are what each crashed-and-resumed run must end with."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -19,17 +18,16 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
 from salt.errors import run_entry_point
 from salt.train import train
 from salt.training import checkpoint as ckpt
 from salt.utils.atomic import is_temp_name
 from tests.conftest import (
-    CONF,
     TRAINED_RUN_STEPS,
     TrainedRun,
     copy_run,
+    logged_step,
     small_tmpfs,
 )
 from tests.test_train import assert_bitwise_equal, env, run_dirs, weights
@@ -53,11 +51,6 @@ def reference(trained_run: TrainedRun) -> tuple[TrainedRun, dict]:
     return trained_run, weights(trained_run.run_dir / "ckpts" / "last.ckpt")
 
 
-def compose_train(tmp_path: Path, run: TrainedRun, *extra: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose("train", overrides=[*run.overrides, f"log_dir={tmp_path / 'logs'}", *extra])
-
-
 def start(tmp_path: Path, run: TrainedRun, *extra: str) -> subprocess.Popen:
     overrides = [*run.overrides, f"log_dir={tmp_path / 'logs'}"]
     return subprocess.Popen(
@@ -68,22 +61,6 @@ def start(tmp_path: Path, run: TrainedRun, *extra: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def logged_step(run_dir: Path) -> int:
-    """The last training step whose metrics row reached the file (rows are flushed)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    steps = [0]
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a row being written
-        if "train/loss" in row:
-            steps.append(int(row["step"]))
-    return max(steps)
 
 
 def kill_when(proc: subprocess.Popen, logs: Path, ready: Callable[[Path], bool]) -> Path:
@@ -108,7 +85,7 @@ def temp_files(ckpt_dir: Path) -> list[str]:
 
 def resume_and_compare(tmp_path: Path, run: TrainedRun, killed: Path, expected: dict) -> None:
     before = set(run_dirs(tmp_path))
-    train(compose_train(tmp_path, run, f"resume={killed}"))
+    train(run.compose(tmp_path / "logs", f"resume={killed}"))
     (resumed,) = set(run_dirs(tmp_path)) - before
     state = ckpt.load_checkpoint(resumed / "ckpts" / "last.ckpt")
     assert state["counters"]["step"] == TOTAL_STEPS
@@ -207,7 +184,7 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(
     assert weights(first / "ckpts" / ckpt.LAST).keys() == expected.keys()
     # space freed: the run continues from its last complete checkpoint, nothing else lost
     filler.unlink()
-    train(compose_train(tmp_path, run, f"resume={failed}"), overrides=[])
+    train(run.compose(tmp_path / "logs", f"resume={failed}"), overrides=[])
     (resumed,) = set(run_dirs_under(logs)) - {first, failed}
     assert_bitwise_equal(expected, weights(resumed / "ckpts" / ckpt.LAST))
 
