@@ -287,6 +287,8 @@ def test_entry_point_reports_user_errors_in_one_line(
     one-line format itself: test_bad_inputs.test_cli_error_is_one_line_without_traceback)."""
     run_dir, _ = trained
     cfg = compose_evaluate(run_dir, "extra_jet_vars=[nope]", "data.test_suffix=cli")
+    with pytest.raises(DataError, match=r"no variable 'nope' \(extra_jet_vars\)"):
+        evaluate(cfg)
     with pytest.raises(SystemExit) as stop:
         run_entry_point(evaluate, cfg)
     assert stop.value.code == 1
