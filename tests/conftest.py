@@ -1,21 +1,34 @@
-"""Shared fixtures: real FTAG-layout HDF5 files written by the tests, small real disks."""
+"""Shared fixtures: real FTAG-layout HDF5 files written by the tests, small real disks, the
+model x attention x pooling matrix, and one trained run per session."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
+import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import pytest
+import torch
 import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import salt.schema  # noqa: F401  (the config schemas, for tests that compose with Hydra)
+from salt.models import Tagger, build_tagger
 
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
 TRACK_VARS = ["d0", "z0SinTheta", "numberOfPixelHits"]
 JET_VARS = ["pt_btagJes", "eta_btagJes"]
+TASKS = ("jet_classification", "track_origin", "track_vertexing")
 
 
 def write_ftag_file(
@@ -135,3 +148,225 @@ def small_tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+# ---- the model x attention x pooling matrix ---------------------------------------------------
+def _options(group: str) -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in (CONF / group).glob("*.yaml")))
+
+
+MODELS = _options("model")  # GN1, GN2, GN2Cat
+ATTENTIONS = _options("attention")  # gatv2, scaled_dot_product
+POOLINGS = _options("pooling")  # cross_attention, global_attention
+# What a command line can choose: a model, and an attention and a pooling group or none (null:
+# the model's own). test_models_configs checks that every choice composes as `model_cfg` merges
+# it, and that leaving a group out is the model's own choice, i.e. one of MATRIX.
+CHOICES = list(itertools.product(MODELS, (None, *ATTENTIONS), (None, *POOLINGS)))
+# The distinct models those choices build: each is built and trained once (test_models_configs).
+MATRIX = list(itertools.product(MODELS, ATTENTIONS, POOLINGS))
+# Encoder attention x pooling, for the properties tested on GN2Cat (GN2 plus the global inputs
+# concatenated after the encoder): padding and permutation symmetry, every attention backend.
+ENCODER_POOLING = list(itertools.product(ATTENTIONS, POOLINGS))
+
+
+def combo_id(combo: tuple) -> str:
+    return "-".join(str(c) for c in combo)
+
+
+def group_overrides(model: str, attention: str | None, pooling: str | None) -> list[str]:
+    """The command line's group choices for a combination (None: the group left out)."""
+    out = [f"model={model}"]
+    if attention:
+        out.append(f"attention={attention}")
+    if pooling:
+        out.append(f"pooling={pooling}")
+    return out
+
+
+def model_cfg(
+    name: str = "GN2",
+    attention: str | None = None,
+    pooling: str | None = None,
+    class_weights: bool = False,
+):
+    """The model node as Hydra composes it: the model file (with its defaults), then the
+    attention and pooling group files merged into its attention and pooling nodes.
+
+    Without `class_weights`, tasks use no class weights, so the tagger builds without a
+    class_dict (class weights are tested on their own, test_class_weights_*)."""
+
+    def load(group: str, option: str):
+        node = OmegaConf.load(CONF / group / f"{option}.yaml")
+        defaults = node.pop("defaults", None) or ["_self_"]
+        merged = OmegaConf.create()
+        for entry in defaults:
+            merged = OmegaConf.merge(merged, node if entry == "_self_" else load(group, entry))
+        return merged
+
+    cfg = load("model", name)
+    if attention:
+        cfg.attention = OmegaConf.merge(cfg.attention, load("attention", attention))
+    if pooling:
+        cfg.pooling = OmegaConf.merge(cfg.pooling, load("pooling", pooling))
+    for task in cfg.tasks.values():
+        if "use_class_weights" in task and not class_weights:
+            task.use_class_weights = False
+    return cfg
+
+
+def uniform_class_dict(cfg) -> dict:
+    """A class_dict with weight 1 for every class of every task that uses class weights."""
+    out: dict = {}
+    for task in cfg.tasks.values():
+        if task.get("use_class_weights"):
+            out.setdefault(task.input, {})[task.label] = [1.0] * len(task.class_names)
+    return out
+
+
+@pytest.fixture(scope="session", params=ENCODER_POOLING, ids=combo_id)
+def gn2cat_tagger(request: pytest.FixtureRequest) -> Tagger:
+    """GN2Cat with each encoder attention and pooling, seeded, in eval mode; built once per
+    session for test_models_tagger and test_models_fast_path. Shared: copy it to change it."""
+    torch.manual_seed(0)
+    return build_tagger(model_cfg("GN2Cat", *request.param)).eval()
+
+
+# ---- one trained run per session --------------------------------------------------------------
+SAMPLE_JETS = 3000  # training jets of the built-in sample (seed 42); val and test: 750 each
+# GN2 shrunk, 2 epochs of 30 steps; a metrics row every step and a checkpoint every 10 steps
+# (the crash tests kill it at a logged step and resume it to the same weights)
+TRAINED_RUN = [
+    "force=true",
+    "trainer.progress_bar=false",
+    f"data.sample.num_jets={SAMPLE_JETS}",
+    "data.batch_size=100",
+    "data.num_workers=0",
+    "trainer.max_epochs=2",
+    "trainer.ckpt_every_n_steps=10",
+    "logger=local",
+    "logger.log_every_n_steps=1",
+    "logger.plots=false",
+    "model.embed_dim=32",
+    "model.init_net.hidden_layers=[32]",
+    "model.encoder.num_layers=1",
+    "model.encoder.out_dim=32",
+    "model.attention.num_heads=2",
+    *[f"model.tasks.{t}.hidden_layers=[32]" for t in TASKS],
+]
+TRAINED_RUN_STEPS = 60  # 30 per epoch
+
+
+def logged_step(run_dir: Path) -> int:
+    """The last training step whose metrics row reached the run's metrics file (the local
+    logger flushes every row)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [0]
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a row being written
+        if "train/loss" in row:
+            steps.append(int(row["step"]))
+    return max(steps)
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """The session's trained run. Read it, never change it: `copy_run` for a test that writes
+    into a run directory (its teardown fails the session if a file of it changed)."""
+
+    run_dir: Path
+    cache: Path  # data.sample.dir
+    sample: Path  # the `sample` fixture's directory, under cache
+
+    @property
+    def overrides(self) -> list[str]:
+        """The run's command line, without log_dir."""
+        return [*TRAINED_RUN, f"data.sample.dir={self.cache}"]
+
+    @property
+    def test_file(self) -> Path:
+        return self.sample / "test.h5"
+
+    def compose(self, log_dir: Path, *extra: str):
+        """Its config, as composed for `train`, writing under ``log_dir``."""
+        with initialize_config_dir(config_dir=str(CONF), version_base=None):
+            return compose("train", overrides=[*self.overrides, f"log_dir={log_dir}", *extra])
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    """A copy of ``run_dir`` under ``dest`` (same name)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copytree(run_dir, dest / run_dir.name))
+
+
+@pytest.fixture(scope="session")
+def sample_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data.sample.dir for the session's runs: each sample size is written there once."""
+    return tmp_path_factory.mktemp("sample_cache")
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
+    """Size and modification time of every file under ``roots``: what a shared run must keep."""
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+        for root in roots
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.fixture(scope="session")
+def sample(sample_cache: Path) -> Iterator[Path]:
+    """The built-in sample of the trained run (SAMPLE_JETS training jets, seed 42), read only:
+    train.h5, val.h5, test.h5, norm_dict.yaml, class_dict.yaml."""
+    from salt.data.build import ensure_sample
+
+    path = ensure_sample(sample_cache, SAMPLE_JETS, 42)
+    before = snapshot(path)
+    yield path
+    assert snapshot(path) == before, "a test changed the session's sample"
+
+
+@pytest.fixture(scope="session")
+def trained_run(
+    tmp_path_factory: pytest.TempPathFactory, sample_cache: Path, sample: Path
+) -> Iterator[TrainedRun]:
+    """GN2 (shrunk) trained 2 epochs on the session's sample, once for the tests that need a
+    trained run: evaluation, export, crash and resume tests."""
+    from salt.train import train
+
+    logs = tmp_path_factory.mktemp("trained_run") / "logs"
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(
+            "train", overrides=[*TRAINED_RUN, f"data.sample.dir={sample_cache}", f"log_dir={logs}"]
+        )
+    train(cfg)
+    (run_dir,) = logs.iterdir()
+    before = snapshot(logs)
+    yield TrainedRun(run_dir, sample_cache, sample)
+    assert snapshot(logs) == before, "a test changed the shared trained run: copy_run it"
+
+
+@dataclass(frozen=True)
+class EvaluatedRun:
+    run_dir: Path  # a copy of the trained run: evaluations write their outputs into it
+    result: Any  # salt.evaluate's result for it: predictions file (with tracks), performance
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(
+    trained_run: TrainedRun, tmp_path_factory: pytest.TempPathFactory
+) -> EvaluatedRun:
+    """The default evaluation of (a copy of) the trained run, with track outputs: for the
+    evaluation tests and the ONNX parity with the predictions file."""
+    from salt.evaluate import evaluate
+
+    run_dir = copy_run(trained_run.run_dir, tmp_path_factory.mktemp("evaluated"))
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(
+            "evaluate", overrides=[f"run_dir={run_dir}", "progress_bar=false", "write_tracks=true"]
+        )
+    return EvaluatedRun(run_dir, evaluate(cfg))

@@ -430,7 +430,10 @@ def test_worker_error_is_the_same_one_line(
     assert "In a DataLoader worker" in notes and "_check_finite" in notes
 
 
-def test_cli_worker_error_has_no_traceback(tmp_path: Path, files: Files) -> None:
+def test_cli_error_is_one_line_without_traceback(tmp_path: Path, files: Files) -> None:
+    """The one test of the command line's error format (`python -m salt.train` in its own
+    process, DataLoader workers included): every other error is checked in-process, through
+    the entry point's `run_entry_point` (`train_error`, `error_line`)."""
     expected = deep_nan(files)
     out = cli(
         tmp_path,
@@ -449,48 +452,24 @@ def test_cli_worker_error_has_no_traceback(tmp_path: Path, files: Files) -> None
     assert no_checkpoint(tmp_path)
 
 
-def test_cli_set_up_error_has_no_traceback_and_no_run_dir(tmp_path: Path, files: Files) -> None:
-    spoil(files.train, flat_tracks)
-    out = cli(
-        tmp_path,
-        [
-            f"data.train_file={files.train}",
-            f"data.val_file={files.val}",
-            f"data.norm_dict={files.norm}",
-        ],
-    )
-    assert out.returncode == 1, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert lines[-1] == (
-        f"salt: error: {files.train}: dataset 'tracks' has shape ({N_JETS},); the model reads "
-        "tracks as a sequence per jet: expected (n_jets, n_tracks) with a 'valid' field."
-    )
-    assert sum(line.startswith("salt: error") for line in lines) == 1
-    assert "Traceback" not in out.stderr
-    assert no_run_dir(tmp_path)
-
-
-def test_cli_ddp_rank_error_is_reported_once(tmp_path: Path, files: Files) -> None:
+def test_ddp_rank_error_is_reported_once(
+    tmp_path: Path, files: Files, capfd: pytest.CaptureFixture[str]
+) -> None:
     """Two ranks started by salt itself (trainer.devices=2): the failing rank's line, and
-    nothing from the parent process or from torch about stopping the other rank."""
+    nothing from the parent process or from torch about stopping the other rank (the ranks'
+    own processes write to the captured file descriptors)."""
     spoil(files.train, flat_tracks)
-    out = cli(
-        tmp_path,
-        [
-            f"data.train_file={files.train}",
-            f"data.val_file={files.val}",
-            f"data.norm_dict={files.norm}",
-            "trainer.devices=2",
-            "trainer.accelerator=cpu",
-        ],
-    )
-    assert out.returncode == 1, out.stderr
-    errors = [line for line in out.stderr.splitlines() if line.startswith("salt: error")]
-    assert errors, out.stderr
+    cfg = make_cfg(tmp_path, files, "trainer.devices=2", "trainer.accelerator=cpu")
+    with pytest.raises(SystemExit) as stop:
+        run_entry_point(train, cfg)
+    assert stop.value.code == 1
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("salt: error")]
+    assert errors, err
     for line in errors:  # each rank that got there first says the same, naming itself
         assert line.startswith("salt: error on rank ") and "has shape (200,)" in line
-    assert "ended with" not in out.stderr and "Terminating process" not in out.stderr
-    assert "Traceback" not in out.stderr
+    assert "ended with" not in err and "Terminating process" not in err
+    assert "Traceback" not in err
     assert no_run_dir(tmp_path)
 
 

@@ -13,8 +13,8 @@ import torch._dynamo
 from salt.errors import ConfigError
 from salt.models import build_tagger
 from salt.training.loop import fit, setup
+from tests.conftest import model_cfg
 from tests.test_models_fast_path import make_batch
-from tests.test_models_tagger import model_cfg
 from tests.test_train import cpu, make_cfg
 
 SHAPES = [(7, 9), (12, 9), (5, 13), (20, 16), (9, 11)]  # (track slots, jets) per batch
@@ -79,8 +79,3 @@ def test_trainer_compile_trains_and_rejects_unknown_backends(
     bad = make_cfg(tmp_path, sample_cache, "trainer.compile=inductorr")
     with pytest.raises(ConfigError, match=r"trainer.compile='inductorr': expected true, false"):
         setup(bad, cpu())
-
-
-@pytest.fixture(scope="module")
-def sample_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("sample_cache")

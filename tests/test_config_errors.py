@@ -3,8 +3,6 @@ the closest valid names, before Hydra runs; valid command lines pass unchanged."
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,16 +10,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import salt.train
 from salt.config_check import check_command_line, check_overrides
 from salt.errors import ConfigError
 from salt.training.run_dir import config_to_save
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def env() -> dict[str, str]:
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 def error(config_name: str, *overrides: str, **kwargs: object) -> str:
@@ -53,19 +47,23 @@ def ok(config_name: str, *overrides: str, **kwargs: object) -> None:
         ),
     ],
 )
-def test_train_command_gives_one_error_line(tmp_path: Path, override: str, expected: str) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "salt.train", override],
-        cwd=tmp_path,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 1, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert lines == [expected], out.stderr
-    assert "Traceback" not in out.stderr
+def test_train_command_gives_one_error_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    override: str,
+    expected: str,
+) -> None:
+    """`salt.train.main` (what `python -m salt.train` and `salt-train` run) with this command
+    line, in-process (the command line's own process: test_bad_inputs)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["salt-train", override])
+    with pytest.raises(SystemExit) as stop:
+        salt.train.main()
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [expected], err
+    assert "Traceback" not in err
     assert sorted(tmp_path.iterdir()) == []  # nothing ran
 
 

@@ -21,8 +21,8 @@ from salt.models.attention import varlen_kernel, varlen_kernel_runs
 from salt.training import checkpoint as ckpt
 from salt.training.distributed import DistInfo
 from salt.training.loop import fit, limited, setup, train_step
+from tests.conftest import model_cfg
 from tests.test_models_fast_path import assert_same, make_batch, run_path
-from tests.test_models_tagger import model_cfg
 from tests.test_train import cpu, make_cfg
 
 pytestmark = [
@@ -33,11 +33,6 @@ pytestmark = [
 
 def gpu() -> DistInfo:
     return DistInfo(0, 0, 1, torch.device("cuda", 0), True, "nccl")
-
-
-@pytest.fixture(scope="module")
-def sample_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("sample_cache")
 
 
 def to_cuda(batch: dict) -> dict:

@@ -1,11 +1,9 @@
 """Evaluation: the predictions file (layout, row order, tracks), the b-tagging performance, the
-entry point's choices and errors. One tiny GN2 is trained once on the built-in sample."""
+entry point's choices and errors. On the session's trained run (a tiny GN2 trained once on the
+built-in sample, tests/conftest.py), copied: evaluations write into their run directory."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -19,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from salt.data.ftag import DataError
 from salt.data.labels import LabelSpec, class_indices
 from salt.data.sample import write_sample
-from salt.errors import ConfigError
+from salt.errors import ConfigError, run_entry_point
 from salt.evaluate import evaluate
 from salt.evaluation.onnx_model import INPUT_NAMES, MASK_NAME, ONNXTagger, raw_features
 from salt.evaluation.performance import (
@@ -36,9 +34,9 @@ from salt.evaluation.predictions import (
 from salt.evaluation.run import load_run
 from salt.models import build_tagger
 from salt.models.tagger import ModelConfig
-from salt.train import train
 from salt.training import checkpoint as ckpt
 from salt.training.run_dir import config_to_save
+from tests.conftest import EvaluatedRun, TrainedRun
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -98,25 +96,16 @@ def make_run_dir(tmp: Path, sample: Path, *overrides: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(run dir, test file) of GN2 trained 2 epochs on 3000 jets of the built-in sample."""
-    tmp = tmp_path_factory.mktemp("trained")
-    cfg = compose_train(
-        f"log_dir={tmp / 'logs'}",
-        f"data.sample.dir={tmp / 'cache'}",
-        "data.sample.num_jets=3000",
-        "trainer.max_epochs=2",
-    )
-    train(cfg)
-    (run_dir,) = (tmp / "logs").iterdir()
-    return run_dir, tmp / "cache" / "3000jets_seed42" / "test.h5"
+def trained(evaluated_run: EvaluatedRun, trained_run: TrainedRun) -> tuple[Path, Path]:
+    """(run dir, test file): a copy of the session's trained run (GN2 shrunk, 2 epochs on 3000
+    jets of the built-in sample), which the evaluations write into."""
+    return evaluated_run.run_dir, trained_run.test_file
 
 
 @pytest.fixture(scope="session")
-def evaluated(trained: tuple[Path, Path]):
+def evaluated(evaluated_run: EvaluatedRun):
     """The default evaluation of the trained run, with track outputs."""
-    run_dir, _ = trained
-    return evaluate(compose_evaluate(run_dir, "write_tracks=true"))
+    return evaluated_run.result
 
 
 def test_predictions_file_layout_and_row_order(trained, evaluated) -> None:
@@ -190,6 +179,7 @@ def test_track_outputs_align_with_the_input_slots(trained, evaluated) -> None:
         assert firsts == list(range(len(firsts)))
 
 
+@pytest.mark.slow  # a physics floor of a trained tagger
 def test_light_rejection_well_above_a_random_taggers(evaluated) -> None:
     perf = evaluated.performance
     assert perf is not None
@@ -290,29 +280,21 @@ def test_user_errors(trained, tmp_path: Path) -> None:
     assert not list((run_dir / "ckpts").glob("*__test_test_x*"))
 
 
-def test_cli_reports_user_errors_in_one_line(trained) -> None:
+def test_entry_point_reports_user_errors_in_one_line(
+    trained, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m salt.evaluate` runs `evaluate` through `run_entry_point` (the command line's
+    one-line format itself: test_bad_inputs.test_cli_error_is_one_line_without_traceback)."""
     run_dir, _ = trained
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "salt.evaluate",
-            f"run_dir={run_dir}",
-            "extra_jet_vars=[nope]",
-            "data.test_suffix=cli",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=run_dir,
-        timeout=120,
-    )
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [
-        f"salt: error: {proc.stderr.strip().removeprefix('salt: error: ')}"
-    ]
-    assert "'nope'" in proc.stderr and "Traceback" not in proc.stderr
+    cfg = compose_evaluate(run_dir, "extra_jet_vars=[nope]", "data.test_suffix=cli")
+    with pytest.raises(DataError, match=r"no variable 'nope' \(extra_jet_vars\)"):
+        evaluate(cfg)
+    with pytest.raises(SystemExit) as stop:
+        run_entry_point(evaluate, cfg)
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"salt: error: {err.strip().removeprefix('salt: error: ')}"]
+    assert "'nope'" in err and "Traceback" not in err
 
 
 # ---- the pieces ---------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """ONNX export: named inputs and outputs, metadata, parity with torch and with the evaluation's
-predictions file, and the errors. Run directories are built without training (seeded weights):
-parity does not need a good model."""
+predictions file, and the errors. GN2: a copy of the session's trained run (tests/conftest.py);
+the other architectures: run directories built without training (seeded weights), parity does
+not need a good model."""
 
 from __future__ import annotations
 
@@ -15,12 +16,20 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from salt.data.sample import write_sample
 from salt.errors import ConfigError
-from salt.evaluate import evaluate
 from salt.evaluation.onnx_model import ExportError, raw_features, session
 from salt.export import export
-from tests.test_evaluate import CONF, compose_evaluate, make_run_dir
+from salt.training import checkpoint as ckpt
+from tests.conftest import (
+    CONF,
+    MATRIX,
+    EvaluatedRun,
+    TrainedRun,
+    combo_id,
+    copy_run,
+    group_overrides,
+)
+from tests.test_evaluate import make_run_dir
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -37,15 +46,9 @@ def compose_export(run_dir: Path, *overrides: str) -> DictConfig:
 
 
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("sample") / "500jets"
-    write_sample(path, 500, seed=7)
-    return path
-
-
-@pytest.fixture(scope="module")
-def gn2(sample: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_run_dir(tmp_path_factory.mktemp("gn2"), sample)
+def gn2(trained_run: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the trained run (exports write into its ckpts directory)."""
+    return copy_run(trained_run.run_dir, tmp_path_factory.mktemp("gn2"))
 
 
 def run_onnx(model: Path, test_file: Path, rows: slice) -> dict[str, np.ndarray]:
@@ -67,9 +70,10 @@ def run_onnx(model: Path, test_file: Path, rows: slice) -> dict[str, np.ndarray]
 
 def test_export_inputs_outputs_metadata_and_parity(gn2: Path, sample: Path) -> None:
     result = export(compose_export(gn2))
-    assert result.path == gn2 / "ckpts" / "epoch=000-val_loss=1.00000.onnx"
+    best = ckpt.best_checkpoint(gn2 / "ckpts")
+    assert best is not None and result.path == best.with_suffix(".onnx")
     assert 0.0 < result.max_difference <= 1e-4
-    assert result.parity_file == sample / "test.h5" and result.parity_jets == 125
+    assert result.parity_file == sample / "test.h5" and result.parity_jets == 750
     sess = session(result.path.read_bytes())
     inputs = {i.name: i for i in sess.get_inputs()}
     assert list(inputs) == ["jet_features", "track_features", "track_mask"]
@@ -97,11 +101,15 @@ def test_export_inputs_outputs_metadata_and_parity(gn2: Path, sample: Path) -> N
             assert saved[input_type][var] == norm[input_type][var]
 
 
-def test_onnx_matches_the_predictions_file(gn2: Path, sample: Path) -> None:
-    """The ONNX model on raw inputs gives the evaluation's probabilities, row for row, also for
-    a batch cut to few track slots (the dynamic axis)."""
+def test_onnx_matches_the_predictions_file(
+    gn2: Path, sample: Path, evaluated_run: EvaluatedRun
+) -> None:
+    """The ONNX model on raw inputs gives the evaluation's probabilities (the session's
+    evaluation of the same checkpoint), row for row, also for a batch cut to few track slots
+    (the dynamic axis)."""
     model = export(compose_export(gn2, "output=" + str(gn2 / "model.onnx"))).path
-    predictions = evaluate(compose_evaluate(gn2, "data.test_suffix=onnx")).predictions
+    predictions = evaluated_run.result.predictions
+    assert predictions.name.startswith(ckpt.best_checkpoint(gn2 / "ckpts").stem + "__")
     with h5py.File(predictions) as f:
         jets = f["jets"][:]
     out = run_onnx(model, sample / "test.h5", slice(0, len(jets)))
@@ -124,16 +132,21 @@ def test_onnx_matches_the_predictions_file(gn2: Path, sample: Path) -> None:
     np.testing.assert_allclose(got, jets["GN2_pb"][few], atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ("model=GN1", "attention=gatv2"),
-        ("pooling=cross_attention", "model.pooling.dense.hidden_layers=[16]"),
-        ("model=GN2Cat",),
-    ],
-    ids=["GN1-gatv2", "cross_attention", "GN2Cat"],
-)
-def test_other_architectures_export_with_parity(sample: Path, tmp_path: Path, overrides) -> None:
+# combinations of the matrix (tests/conftest.py) besides the trained run's GN2: GATv2, the
+# cross-attention pooling, the global inputs concatenated after the encoder
+ARCHITECTURES = [
+    ("GN1", "gatv2", "global_attention"),
+    ("GN2", "scaled_dot_product", "cross_attention"),
+    ("GN2Cat", "scaled_dot_product", "global_attention"),
+]
+assert all(combo in MATRIX for combo in ARCHITECTURES)
+
+
+@pytest.mark.parametrize("combo", ARCHITECTURES, ids=combo_id)
+def test_other_architectures_export_with_parity(sample: Path, tmp_path: Path, combo) -> None:
+    overrides = group_overrides(*combo)
+    if combo[2] == "cross_attention":
+        overrides.append("model.pooling.dense.hidden_layers=[16]")
     run_dir = make_run_dir(tmp_path, sample, *overrides)
     result = export(compose_export(run_dir, "parity.num_jets=60", "parity.batch_size=25"))
     assert result.max_difference <= 1e-4

@@ -73,11 +73,6 @@ class HostSyncs(TorchDispatchMode):
                 setattr(torch.Tensor, m, fn)
 
 
-@pytest.fixture(scope="module")
-def sample_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("sample_cache")
-
-
 def count(fn, *args) -> list[str]:
     syncs = HostSyncs()
     with syncs.counting():

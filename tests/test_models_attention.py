@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +10,7 @@ import torch.nn.functional as F
 
 from salt.models import ModelConfigError, MultiheadAttention, build_tagger, resolve_heads
 from salt.models.attention import masked_softmax
-from tests.test_models_tagger import model_cfg
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from tests.conftest import ATTENTIONS, model_cfg
 
 
 def test_heads_and_head_dim_are_derived_from_each_other() -> None:
@@ -84,7 +81,7 @@ def test_gatv2_scores_equal_the_formula() -> None:
     torch.testing.assert_close(attn(x, kv_mask=pad), out_ref)
 
 
-@pytest.mark.parametrize("score", ["scaled_dot_product", "gatv2"])
+@pytest.mark.parametrize("score", ATTENTIONS)
 @torch.no_grad()
 def test_padded_keys_never_influence_queries(score: str) -> None:
     torch.manual_seed(1)
@@ -111,7 +108,7 @@ def test_scaled_dot_product_equals_the_formula() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
-@pytest.mark.parametrize("score", ["scaled_dot_product", "gatv2"])
+@pytest.mark.parametrize("score", ATTENTIONS)
 def test_rows_without_real_keys_are_finite_zero_with_finite_gradients(score: str) -> None:
     torch.manual_seed(3)
     attn = MultiheadAttention(8, 2, score=score, dropout=0.1).train()
@@ -126,7 +123,7 @@ def test_rows_without_real_keys_are_finite_zero_with_finite_gradients(score: str
     assert all(torch.isfinite(p.grad).all() for p in attn.parameters())
 
 
-@pytest.mark.parametrize("score", ["scaled_dot_product", "gatv2"])
+@pytest.mark.parametrize("score", ATTENTIONS)
 @torch.no_grad()
 def test_cross_attention_from_a_token_to_tracks(score: str) -> None:
     torch.manual_seed(4)

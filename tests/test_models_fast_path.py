@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from salt.models import ModelConfigError, Tagger, build_tagger
 from salt.models.dropout import Dropout, dropout
 from salt.models.packing import Packing, jets_per_multiplicity
-from tests.test_models_tagger import COMBOS, batch_with_padding, model_cfg
+from tests.conftest import model_cfg
+from tests.test_models_tagger import batch_with_padding
 
 # (dtype, rtol, atol) for outputs, losses and gradients
 PRECISIONS = {"fp64": (torch.float64, 1e-10, 1e-12), "fp32": (torch.float32, 1e-5, 1e-6)}
@@ -71,11 +72,11 @@ def assert_same(fast: dict, plain: dict, rtol: float, atol: float, what: str) ->
         )
 
 
-@pytest.fixture(scope="module", params=COMBOS, ids=lambda c: f"{c[0]}-{c[1]}")
-def tagger(request) -> Tagger:
-    torch.manual_seed(0)
-    # GN2Cat: GN2 plus the global inputs concatenated after the encoder
-    return build_tagger(model_cfg("GN2Cat", *request.param)).eval()
+@pytest.fixture
+def tagger(gn2cat_tagger: Tagger) -> Tagger:
+    """GN2Cat (GN2 plus the global inputs concatenated after the encoder) with each attention
+    and pooling: the session's, shared with test_models_tagger (copied before any change)."""
+    return gn2cat_tagger
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

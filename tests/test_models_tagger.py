@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,48 +17,7 @@ from salt.models import (
     input_variables,
     label_specs,
 )
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def model_cfg(
-    name: str = "GN2",
-    attention: str | None = None,
-    pooling: str | None = None,
-    class_weights: bool = False,
-):
-    """The model node as Hydra composes it: the model file (with its defaults), then the
-    attention and pooling group files merged into its attention and pooling nodes.
-
-    Without `class_weights`, tasks use no class weights, so the tagger builds without a
-    class_dict (class weights are tested on their own, test_class_weights_*)."""
-
-    def load(group: str, option: str):
-        node = OmegaConf.load(CONF / group / f"{option}.yaml")
-        defaults = node.pop("defaults", None) or ["_self_"]
-        merged = OmegaConf.create()
-        for entry in defaults:
-            merged = OmegaConf.merge(merged, node if entry == "_self_" else load(group, entry))
-        return merged
-
-    cfg = load("model", name)
-    if attention:
-        cfg.attention = OmegaConf.merge(cfg.attention, load("attention", attention))
-    if pooling:
-        cfg.pooling = OmegaConf.merge(cfg.pooling, load("pooling", pooling))
-    for task in cfg.tasks.values():
-        if "use_class_weights" in task and not class_weights:
-            task.use_class_weights = False
-    return cfg
-
-
-def uniform_class_dict(cfg) -> dict:
-    """A class_dict with weight 1 for every class of every task that uses class weights."""
-    out: dict = {}
-    for task in cfg.tasks.values():
-        if task.get("use_class_weights"):
-            out.setdefault(task.input, {})[task.label] = [1.0] * len(task.class_names)
-    return out
+from tests.conftest import ENCODER_POOLING, combo_id, model_cfg
 
 
 def make_batch(tagger: Tagger, batch_size: int = 6, num_tracks: int = 9, seed: int = 0) -> dict:
@@ -137,19 +95,11 @@ def pad_more(batch: dict, extra: int) -> dict:
     }
 
 
-COMBOS = [
-    ("scaled_dot_product", "global_attention"),
-    ("gatv2", "global_attention"),
-    ("scaled_dot_product", "cross_attention"),
-    ("gatv2", "cross_attention"),
-]
-
-
-@pytest.fixture(scope="module", params=COMBOS, ids=lambda c: f"{c[0]}-{c[1]}")
-def tagger(request) -> Tagger:
-    torch.manual_seed(0)
-    # GN2Cat: also covers the global concatenation after the encoder
-    return build_tagger(model_cfg("GN2Cat", *request.param)).eval()
+@pytest.fixture
+def tagger(gn2cat_tagger: Tagger) -> Tagger:
+    """GN2Cat (also the global concatenation after the encoder) with each attention and
+    pooling: the session's, shared with test_models_fast_path (the tests here do not change it)."""
+    return gn2cat_tagger
 
 
 # Padding must not change outputs: 1e-6 absolute in fp32 (with torch's fp32 relative
@@ -244,7 +194,7 @@ def test_track_permutation_permutes_track_outputs_only(tagger: Tagger, precision
 
 
 @pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
-@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.parametrize("combo", ENCODER_POOLING, ids=combo_id)
 def test_zero_track_jets_give_finite_outputs_losses_and_gradients(combo) -> None:
     cfg = model_cfg("GN2Cat", *combo)
     cfg.encoder.num_layers = 1  # anomaly mode is slow per operation: keep the graph small
@@ -450,16 +400,3 @@ def test_regression_task_builds_and_trains() -> None:
     assert outputs["pt_regression"].shape == (6,)
     assert torch.isfinite(losses["pt_regression"])
     losses["loss"].backward()
-
-
-@pytest.mark.parametrize("model", ["GN1", "GN2", "GN2Cat"])
-@pytest.mark.parametrize("attention", [None, "scaled_dot_product", "gatv2"])
-@pytest.mark.parametrize("pooling", [None, "global_attention", "cross_attention"])
-def test_every_combination_trains(model: str, attention: str | None, pooling: str | None) -> None:
-    """Forward and backward for every model x attention x pooling choice (the Hydra
-    composition of the same choices is checked against `model_cfg` in test_models_configs)."""
-    tagger = build_tagger(model_cfg(model, attention, pooling)).train()
-    _, losses = run(tagger, make_batch(tagger, batch_size=3, num_tracks=4))
-    losses["loss"].backward()
-    grads = [p.grad for p in tagger.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)

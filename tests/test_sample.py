@@ -340,7 +340,7 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path: Path, signum: int) -> N
         while not (out.is_dir() and any(out.iterdir())):  # wait for a temporary file
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no temporary file appeared"
-            time.sleep(0.05)
+            time.sleep(0.01)
         assert all(p.name.startswith(".") for p in out.iterdir())
         proc.send_signal(signum)
         proc.wait(timeout=30)

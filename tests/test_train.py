@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,13 +22,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from salt.data.build import resolve_files
-from salt.errors import ConfigError, TrainingError
+from salt.errors import ConfigError, DataError, TrainingError, run_entry_point
 from salt.train import train
 from salt.training import checkpoint as ckpt
 from salt.training.distributed import DistInfo, barrier, cleanup, init_distributed, spawn
 from salt.training.loop import fit, forward, setup
 from salt.training.optim import Schedule, adamw
 from salt.training.setup import build_loaders
+from tests.conftest import TRAINED_RUN_STEPS, TrainedRun, logged_step, snapshot
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TASKS = ("jet_classification", "track_origin", "track_vertexing")
@@ -53,11 +56,6 @@ TINY = [
 NO_DROPOUT = ["model.encoder.dropout=0", *[f"model.tasks.{t}.dropout=0" for t in TASKS]]
 
 
-@pytest.fixture(scope="session")
-def sample_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("sample_cache")
-
-
 def make_cfg(tmp_path: Path, cache: Path, *overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return compose(
@@ -69,6 +67,34 @@ def make_cfg(tmp_path: Path, cache: Path, *overrides: str) -> DictConfig:
                 *overrides,
             ],
         )
+
+
+# the shared two-epoch run: named tiny, a metrics row every step
+TWO_EPOCHS = ["logger=local", "logger.log_every_n_steps=1", "model.name=tiny"]
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory: pytest.TempPathFactory, sample_cache: Path) -> Iterator[Path]:
+    """A finished one-epoch run (12 steps) for the tests that resume it, retrain it from its
+    config or load its checkpoint. Read only: their new runs go to their own log_dir."""
+    tmp = tmp_path_factory.mktemp("one_epoch")
+    train(make_cfg(tmp, sample_cache, "trainer.max_epochs=1"))
+    (run,) = run_dirs(tmp)
+    before = snapshot(tmp)
+    yield run
+    assert snapshot(tmp) == before, "a test changed the shared one-epoch run"
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory: pytest.TempPathFactory, sample_cache: Path) -> Iterator[Path]:
+    """A finished run (2 epochs of 12 steps) named tiny, with a metrics row every step: its
+    directory's contents and its loss curve are tested. Read only."""
+    tmp = tmp_path_factory.mktemp("two_epochs")
+    train(make_cfg(tmp, sample_cache, *TWO_EPOCHS))
+    (run,) = run_dirs(tmp)
+    before = snapshot(tmp)
+    yield run
+    assert snapshot(tmp) == before, "a test changed the shared two-epoch run"
 
 
 def cpu() -> DistInfo:
@@ -138,10 +164,8 @@ def test_help_lists_groups(tmp_path: Path) -> None:
         assert text in out.stdout
 
 
-def test_run_directory_contents(tmp_path: Path, sample_cache: Path) -> None:
-    cfg = make_cfg(tmp_path, sample_cache, "logger=local", "model.name=tiny")
-    train(cfg)
-    (run,) = run_dirs(tmp_path)
+def test_run_directory_contents(two_epochs: Path) -> None:
+    run = two_epochs
     assert run.name.startswith("tiny_")
     files = {p.name for p in run.iterdir()}
     assert {
@@ -203,13 +227,13 @@ def from_run_config(run_dir: Path, *overrides: str) -> list[str]:
     ]
 
 
-def test_config_yaml_trains_the_run_again(tmp_path: Path, sample_cache: Path) -> None:
-    train(make_cfg(tmp_path, sample_cache, "trainer.max_epochs=1"))
-    (first,) = run_dirs(tmp_path)
-    cmd = from_run_config(first)
+def test_config_yaml_trains_the_run_again(tmp_path: Path, one_epoch: Path) -> None:
+    first = one_epoch
+    # the new run in this test's log_dir, not beside the shared run
+    cmd = from_run_config(first, f"log_dir={tmp_path / 'logs'}")
     out = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    second = next(p for p in run_dirs(tmp_path) if p != first)
+    (second,) = run_dirs(tmp_path)
     assert_bitwise_equal(weights(first / "ckpts/last.ckpt"), weights(second / "ckpts/last.ckpt"))
 
 
@@ -233,13 +257,16 @@ def test_resume_at_epoch_boundary_is_bitwise_identical(tmp_path: Path, sample_ca
     assert_bitwise_equal(final, weights(from_epoch0 / "ckpts/last.ckpt"))
 
 
-def test_resume_with_more_epochs_extends_the_run(tmp_path: Path, sample_cache: Path) -> None:
-    first = fit(make_cfg(tmp_path, sample_cache, "trainer.max_epochs=1"), cpu()).run_dir
+def test_resume_with_more_epochs_extends_the_run(
+    tmp_path: Path, sample_cache: Path, one_epoch: Path
+) -> None:
+    first = one_epoch
     train(
         make_cfg(tmp_path, sample_cache, f"resume={first}"),
-        overrides=[f"resume={first}", "trainer.max_epochs=2"],
+        # the new run beside this test's, not the shared run's
+        overrides=[f"resume={first}", "trainer.max_epochs=2", f"log_dir={tmp_path / 'logs'}"],
     )
-    second = next(p for p in run_dirs(tmp_path) if p != first)
+    (second,) = run_dirs(tmp_path)
     names = sorted(p.name for p in (second / "ckpts").iterdir())
     assert names[0].startswith("epoch=001-") and names[-1] == "last.ckpt"
     state = ckpt.load_checkpoint(second / "ckpts/last.ckpt")
@@ -248,15 +275,15 @@ def test_resume_with_more_epochs_extends_the_run(tmp_path: Path, sample_cache: P
         train(make_cfg(tmp_path, sample_cache, f"resume={first}"), overrides=["model=GN1"])
 
 
-def test_resume_overrides_follow_hydras_grammar(tmp_path: Path, sample_cache: Path) -> None:
+def test_resume_overrides_follow_hydras_grammar(
+    tmp_path: Path, sample_cache: Path, one_epoch: Path
+) -> None:
     """`resume=<run> key=value` parses values as Hydra does (1e-3 a float, null None, lists),
     typed by the schema; `~key` deletes the key (it takes the schema's default), `+`/`++` add;
     unknown keys, sweeps and groups are refused."""
     from salt.train import resume_config
 
-    first = fit(
-        make_cfg(tmp_path, sample_cache, "trainer.max_epochs=1", "trainer.monitor=val/loss"), cpu()
-    ).run_dir
+    first = one_epoch
     cfg = make_cfg(tmp_path, sample_cache, f"resume={first}")
     resumed = resume_config(
         cfg,
@@ -264,14 +291,14 @@ def test_resume_overrides_follow_hydras_grammar(tmp_path: Path, sample_cache: Pa
             f"resume={first}",
             "optimizer.max=1e-3",
             "trainer.gradient_clip_val=null",
-            "~trainer.monitor",
+            "~data.batch_size",
             "data.allow_truth_inputs=[d0,z0]",
             "++seed=7",
         ],
     )
     assert resumed.optimizer.max == 1e-3 and isinstance(resumed.optimizer.max, float)
     assert resumed.trainer.gradient_clip_val is None
-    assert resumed.trainer.monitor == "auto"  # deleted: the default, not the run's val/loss
+    assert resumed.data.batch_size == 1000  # deleted: the default, not the run's 100
     assert list(resumed.data.allow_truth_inputs) == ["d0", "z0"] and resumed.seed == 7
     assert resumed.ckpt_path.endswith(".ckpt") and resumed.resume is None
     with pytest.raises(ValueError, match=r"has no key 'trainer\.nothing' to delete"):
@@ -284,60 +311,54 @@ def test_resume_overrides_follow_hydras_grammar(tmp_path: Path, sample_cache: Pa
         resume_config(cfg, ["optimizer.max=fast"])
 
 
+STOP_AT = 35  # a step in the middle of the trained run's second epoch (30 steps per epoch)
+
+
 def test_resume_mid_epoch_after_sigterm_is_bitwise_identical(
-    tmp_path: Path, sample_cache: Path
+    tmp_path: Path, trained_run: TrainedRun
 ) -> None:
-    small = [
-        "data.batch_size=10",
-        "data.num_train=600",
-        "trainer.ckpt_every_n_steps=0",
-    ]  # 60 steps/epoch
-    straight = fit(make_cfg(tmp_path / "a", sample_cache, *small), cpu()).run_dir
-    # a real process, stopped by a real signal somewhere during training
-    overrides = [
-        *TINY,
-        f"log_dir={tmp_path / 'b' / 'logs'}",
-        f"data.sample.dir={sample_cache}",
-        *small,
-    ]
+    """The session's trained run again, in a real process stopped by a real signal in the middle
+    of its second epoch, then resumed: the weights of the uninterrupted run."""
+    logs = tmp_path / "logs"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "salt.train", *overrides],
+        [sys.executable, "-m", "salt.train", *trained_run.overrides, f"log_dir={logs}"],
         cwd=tmp_path,
         env=env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "b" / "logs").glob("*/metadata.yaml")):
-        time.sleep(0.1)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 120
+    while not any(logged_step(run) >= STOP_AT for run in logs.glob("*")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run did not reach the stop point in time"
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by signal" in err
-    (first,) = run_dirs(tmp_path / "b")
+    (first,) = run_dirs(tmp_path)
     state = ckpt.load_checkpoint(first / "ckpts" / "last.ckpt")
     step, epoch = state["counters"]["step"], state["counters"]["epoch"]
-    assert 0 < step < 120 and not state["counters"]["epoch_complete"]  # stopped mid-epoch
-    assert state["data"] == {"epoch": epoch, "consumed": step - 60 * epoch}
-    train(make_cfg(tmp_path / "b", sample_cache, f"resume={first}", *small))
-    resumed = next(p for p in run_dirs(tmp_path / "b") if p != first)
+    # saved at the step it stopped at (the last one logged), not at a periodic checkpoint
+    assert step == logged_step(first) and STOP_AT <= step < TRAINED_RUN_STEPS
+    per_epoch = TRAINED_RUN_STEPS // 2
+    assert epoch == 1 and not state["counters"]["epoch_complete"]  # stopped mid-epoch
+    assert state["data"] == {"epoch": epoch, "consumed": step - per_epoch * epoch}
+    train(trained_run.compose(logs, f"resume={first}"))
+    resumed = next(p for p in run_dirs(tmp_path) if p != first)
     assert_bitwise_equal(
-        weights(straight / "ckpts/last.ckpt"), weights(resumed / "ckpts/last.ckpt")
+        weights(trained_run.run_dir / "ckpts/last.ckpt"), weights(resumed / "ckpts/last.ckpt")
     )
 
 
-def test_same_seed_same_loss_curve(tmp_path: Path, sample_cache: Path) -> None:
+def test_same_seed_same_loss_curve(tmp_path: Path, sample_cache: Path, two_epochs: Path) -> None:
+    """The shared two-epoch run (seed 42) trained again with seed 42, then with seed 7."""
+    runs = [two_epochs]
+    for name, seed in (("b", "seed=42"), ("c", "seed=7")):
+        runs.append(fit(make_cfg(tmp_path / name, sample_cache, *TWO_EPOCHS, seed), cpu()).run_dir)
     curves = []
-    for name in ("a", "b", "c"):
-        seed = "seed=7" if name == "c" else "seed=42"
-        run = fit(
-            make_cfg(
-                tmp_path / name, sample_cache, "logger=local", "logger.log_every_n_steps=1", seed
-            ),
-            cpu(),
-        ).run_dir
+    for run in runs:
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         curves.append([r["train/loss"] for r in rows if "train/loss" in r])
     assert len(curves[0]) == 24
@@ -357,9 +378,9 @@ def test_bf16_autocast_on_cpu(tmp_path: Path, sample_cache: Path) -> None:
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
-    tmp_path: Path, sample_cache: Path
+    tmp_path: Path, sample_cache: Path, one_epoch: Path
 ) -> None:
-    first = fit(make_cfg(tmp_path, sample_cache, "trainer.max_epochs=1"), cpu()).run_dir
+    first = one_epoch
     good = ckpt.load_checkpoint(first / "ckpts" / "last.ckpt")
     # a training state that has blown up
     bad = dict(good)
@@ -373,13 +394,15 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
     )
     with pytest.raises(TrainingError, match=r"non-finite loss at step 12 \(epoch 1\) in task"):
         fit(cfg, cpu())
-    second = next(p for p in run_dirs(tmp_path) if p != first)
+    (second,) = run_dirs(tmp_path)
     assert not list((second / "ckpts").iterdir())  # nothing written after the bad state
     assert (first / "ckpts" / "last.ckpt").exists()
 
 
-def test_checkpoint_from_other_model_config_is_refused(tmp_path: Path, sample_cache: Path) -> None:
-    first = fit(make_cfg(tmp_path, sample_cache, "trainer.max_epochs=1"), cpu()).run_dir
+def test_checkpoint_from_other_model_config_is_refused(
+    tmp_path: Path, sample_cache: Path, one_epoch: Path
+) -> None:
+    first = one_epoch
     cfg = make_cfg(
         tmp_path,
         sample_cache,
@@ -561,21 +584,32 @@ def test_dirty_checkout_refused_then_tag_pushed(tmp_path: Path, sample_cache: Pa
     assert meta["git"]["dirty"] is False
 
 
-def test_bad_input_gives_one_clear_error(tmp_path: Path, sample_cache: Path) -> None:
+def test_bad_input_gives_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In-process: the error, and its one line through the entry point's `run_entry_point`
+    (the command line's format: test_bad_inputs.test_cli_error_is_one_line_without_traceback)."""
     missing = tmp_path / "missing.h5"
-    cmd = [
-        sys.executable,
-        "-m",
-        "salt.train",
-        *[o for o in TINY if not o.startswith("data.sample")],
-        "data=ftag",
-        f"data.train_file={missing}",
-        f"data.val_file={missing}",
-    ]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1
-    assert f"salt: error: {missing}: file not found (data.train_file)." in out.stderr
-    assert "Traceback" not in out.stderr
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(
+            "train",
+            overrides=[
+                *[o for o in TINY if not o.startswith("data.sample")],
+                "data=ftag",
+                f"data.train_file={missing}",
+                f"data.val_file={missing}",
+                f"log_dir={tmp_path / 'logs'}",
+            ],
+        )
+    message = f"{missing}: file not found (data.train_file)."
+    with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        train(cfg)
+    with pytest.raises(SystemExit) as stop:
+        run_entry_point(train, cfg)
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert f"salt: error: {message}" in err
+    assert "Traceback" not in err
 
 
 def test_comet_offline_run_keeps_no_secret_and_resume_continues_experiment(
