@@ -58,13 +58,18 @@ class Schedule:
 
     def _one_cycle(self) -> torch.optim.lr_scheduler.OneCycleLR:
         cfg = self.cfg
+        pct_start = cfg.pct_start
+        if pct_start * self.total_steps == 1.0:
+            # torch divides by pct_start * total_steps - 1: a warm-up of exactly one step (100
+            # steps at the default 0.01) would be a ZeroDivisionError; a hair longer is the same
+            pct_start *= 1.0 + 1e-9
         return torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer,
             max_lr=cfg.max,
             total_steps=self.total_steps,
             div_factor=cfg.max / cfg.initial,
             final_div_factor=cfg.initial / cfg.end,
-            pct_start=cfg.pct_start,
+            pct_start=pct_start,
         )
 
     def step(self) -> None:
