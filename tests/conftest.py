@@ -370,3 +370,16 @@ def evaluated_run(
             "evaluate", overrides=[f"run_dir={run_dir}", "progress_bar=false", "write_tracks=true"]
         )
     return EvaluatedRun(run_dir, evaluate(cfg))
+
+
+def entry_point_error(fn, cfg, capsys: pytest.CaptureFixture[str]) -> str:
+    """What a command prints when ``fn(cfg)`` fails as a command runs it (`run_entry_point`):
+    exit status 1 and no traceback; returns the captured stderr."""
+    from salt.errors import run_entry_point
+
+    with pytest.raises(SystemExit) as stop:
+        run_entry_point(fn, cfg)
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err

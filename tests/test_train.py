@@ -22,14 +22,20 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from salt.data.build import resolve_files
-from salt.errors import ConfigError, DataError, TrainingError, run_entry_point
+from salt.errors import ConfigError, DataError, TrainingError
 from salt.train import train
 from salt.training import checkpoint as ckpt
 from salt.training.distributed import DistInfo, barrier, cleanup, init_distributed, spawn
 from salt.training.loop import fit, forward, setup
 from salt.training.optim import Schedule, adamw
 from salt.training.setup import build_loaders
-from tests.conftest import TRAINED_RUN_STEPS, TrainedRun, logged_step, snapshot
+from tests.conftest import (
+    TRAINED_RUN_STEPS,
+    TrainedRun,
+    entry_point_error,
+    logged_step,
+    snapshot,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TASKS = ("jet_classification", "track_origin", "track_vertexing")
@@ -605,12 +611,7 @@ def test_bad_input_gives_one_clear_error(
     message = f"{missing}: file not found (data.train_file)."
     with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
         train(cfg)
-    with pytest.raises(SystemExit) as stop:
-        run_entry_point(train, cfg)
-    assert stop.value.code == 1
-    err = capsys.readouterr().err
-    assert f"salt: error: {message}" in err
-    assert "Traceback" not in err
+    assert f"salt: error: {message}" in entry_point_error(train, cfg, capsys)
 
 
 def test_comet_offline_run_keeps_no_secret_and_resume_continues_experiment(
