@@ -47,7 +47,8 @@ class LoadedRun:
 
     @property
     def variables(self) -> dict[str, list[str]]:
-        return models.input_variables(self.model_cfg)
+        """The input variable lists the tagger was built with (not read from the config again)."""
+        return {k: list(v) for k, v in self.tagger.variables.items()}
 
     def data_config(self) -> DataConfig:
         """A copy of the run's data config, to change for an evaluation."""
