@@ -137,7 +137,9 @@ print("salt from", salt.__file__)
 EOF
 
 # ---- 2. tests ---------------------------------------------------------------------------
-step "tests marked cuda" 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
+# in one process (they share the GPU), without pyproject's -n: that machine has no pytest-xdist
+step "tests marked cuda" 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider -p no:xdist \
+    -o addopts=-ra tests
 
 # ---- 3. the sample, then training throughput per backend ---------------------------------
 SAMPLE_ROOT="$WORK/sample"
