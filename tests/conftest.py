@@ -391,3 +391,11 @@ def entry_point_error(fn, cfg, capsys: pytest.CaptureFixture[str]) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return err
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The local Slurm cluster is one node with this machine's cores: jobs of two slurm tests at
+    # once would wait for each other past their time limits. One xdist worker runs them in turn.
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
