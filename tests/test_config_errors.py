@@ -3,8 +3,11 @@ the closest valid names, before Hydra runs; valid command lines pass unchanged."
 
 from __future__ import annotations
 
+import copy
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -13,7 +16,10 @@ from omegaconf import OmegaConf
 import salt.train
 from salt.config_check import check_command_line, check_overrides
 from salt.errors import ConfigError
+from salt.evaluation.settings import EvaluateConfig, ExportConfig
+from salt.schema import read_train_config
 from salt.training.run_dir import config_to_save
+from salt.utils import typed_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -192,3 +198,103 @@ def test_command_line_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     with pytest.raises(SystemExit):
         check_command_line("train", ["-cd", str(tmp_path), "-cn", "myeval", "f_cc=0.1"])
     assert "did you mean f_c?" in capsys.readouterr().err
+
+
+# ---- every key of every config group, with a value of the wrong type --------------------------
+GROUP_OPTIONS = {
+    group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    for group in ("model", "attention", "pooling", "logger", "data")
+}
+COMMAND_SCHEMAS = {"evaluate": EvaluateConfig, "export": ExportConfig}
+
+
+def _leaves(node: Any, keys: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """Every key path of a plain config (label maps have int keys), with its value (mappings
+    too, before their keys)."""
+    for key, value in node.items():
+        yield (*keys, key), value
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, (*keys, key))
+
+
+def _wrong_type(value: Any) -> Any:
+    """A value of another type than ``value``'s, as a user could write it on a command line."""
+    if isinstance(value, bool):
+        return "maybe"
+    if isinstance(value, int | float):
+        return "many"
+    if isinstance(value, str):
+        return {"a": 1}  # a mapping where text is expected
+    if isinstance(value, list):
+        return "d0"  # text where a list is expected
+    if value is None:  # an optional value or sub-config
+        return [1, 2]
+    return "none_of_these"  # text where a mapping is expected
+
+
+def _configs_to_walk() -> Iterator[tuple[str, dict[str, Any]]]:
+    """The train config with each option of each group (the defaults for the others), and the
+    evaluate and export configs, as plain dicts."""
+    with initialize_config_dir(str(CONF), version_base=None):
+        for group, options in GROUP_OPTIONS.items():
+            for option in options:
+                cfg = compose("train", overrides=[f"{group}={option}"])
+                plain = OmegaConf.to_container(cfg, resolve=False)
+                yield "train", {k: v for k, v in plain.items() if k != "hydra"}
+        for name in COMMAND_SCHEMAS:
+            cfg = compose(name, overrides=["run_dir=logs/some_run"])
+            plain = OmegaConf.to_container(cfg, resolve=False)
+            yield name, {k: v for k, v in plain.items() if k != "hydra"}
+
+
+def _read(command: str, plain: dict[str, Any]) -> None:
+    if command == "train":
+        read_train_config(plain)
+    else:
+        typed_config.read(COMMAND_SCHEMAS[command], plain, "")
+
+
+def test_every_key_refuses_a_value_of_the_wrong_type_in_one_line() -> None:
+    """Each key of each config (every group option) given a value of another type is one
+    ConfigError line naming that key, when the config is read: before anything is written."""
+    seen: set[tuple[str, str]] = set()
+    missed: list[str] = []
+    for command, plain in _configs_to_walk():
+        for keys, value in list(_leaves(plain)):
+            path, name = ".".join(map(str, keys)), str(keys[-1])
+            if (command, path) in seen or "${" in str(value):
+                continue  # interpolations follow the key they point to
+            seen.add((command, path))
+            broken = copy.deepcopy(plain)
+            *parents, last = keys
+            node = broken
+            for part in parents:
+                node = node[part]
+            node[last] = _wrong_type(value)
+            try:
+                _read(command, broken)
+            except ConfigError as err:
+                message = str(err)
+                assert "\n" not in message, message
+                assert path in message or name in message, (path, message)
+                continue
+            missed.append(f"{command}: {path}={node[last]!r}")
+    assert len(seen) > 150  # the walk reached the model, data, logger and command keys
+    assert not missed, "accepted a value of the wrong type: " + "; ".join(missed)
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("trainer.max_steps=many", "trainer.max_steps"),
+        ("trainer.progress_bar=maybe", "trainer.progress_bar"),
+        ("optimizer.weight_decay=abc", "optimizer.weight_decay"),
+        ("model.attention.type=flash", "model.attention.type"),
+        ("model.tasks.jet_classification.hidden_layers=d0", "hidden_layers"),
+        ("data.input_map=none_of_these", "data.input_map"),
+        ("trainer.devices={a:1}", "trainer.devices"),
+        ("name=[1,2]", "name"),
+    ],
+)
+def test_a_wrong_type_on_the_command_line_is_one_line(override: str, named: str) -> None:
+    assert named in error("train", override)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from salt.errors import ConfigError
 from salt.training import distributed as d
 from salt.training.distributed import (
     RankFailedError,
@@ -158,7 +159,7 @@ def test_devices_on_a_cpu_machine() -> None:
     assert num_processes(3) == 3  # no GPU: CPU processes
     with pytest.raises(ValueError, match="names GPUs"):
         num_processes([0, 1])
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
+    with pytest.raises(ConfigError, match="CUDA is not available"):
         num_processes(1, "gpu")
 
 

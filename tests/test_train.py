@@ -34,6 +34,7 @@ from tests.conftest import (
     TrainedRun,
     entry_point_error,
     logged_step,
+    small_tmpfs,
     snapshot,
 )
 
@@ -612,6 +613,37 @@ def test_bad_input_gives_one_clear_error(
     with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
         train(cfg)
     assert f"salt: error: {message}" in entry_point_error(train, cfg, capsys)
+
+
+@pytest.mark.parametrize("where", ["a file", "below a file", "read-only", "no GPU"])
+def test_unusable_log_dir_or_device_is_one_line_before_anything_is_written(
+    where: str, tmp_path: Path, sample_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    with contextlib.ExitStack() as stack:
+        if where == "read-only":
+            mount = stack.enter_context(small_tmpfs(tmp_path / "ro", "64k"))
+            subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        setting = {
+            "a file": f"log_dir={afile}",
+            "below a file": f"log_dir={afile}/logs",
+            "read-only": f"log_dir={tmp_path}/ro/logs",
+            "no GPU": "trainer.accelerator=gpu",
+        }[where]
+        expected = {
+            "a file": f"{afile} is not a directory",
+            "below a file": f"{afile} is not a directory",
+            "read-only": f"{tmp_path}/ro is on a read-only file system",
+            "no GPU": "trainer.accelerator='gpu' but CUDA is not available on this machine",
+        }[where]
+        if where == "no GPU" and torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        cfg = make_cfg(tmp_path, sample_cache, setting)
+        before = {p for d in (tmp_path, sample_cache) for p in d.rglob("*")}
+        err = entry_point_error(train, cfg, capsys)
+        assert err.count("\n") == 1 and err.startswith("salt: error: ") and expected in err, err
+        assert {p for d in (tmp_path, sample_cache) for p in d.rglob("*")} == before
 
 
 def test_comet_offline_run_keeps_no_secret_and_resume_continues_experiment(

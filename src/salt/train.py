@@ -92,7 +92,7 @@ def _delete(cfg: DictConfig, key: str, item: str, run_dir: Path) -> None:
     parent_key, _, name = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
     if not isinstance(parent, DictConfig) or name not in parent:
-        raise ValueError(f"'{item}': {run_dir}/config.yaml has no key {key!r} to delete.")
+        raise ConfigError(f"'{item}': {run_dir}/config.yaml has no key {key!r} to delete.")
     with open_dict(parent):
         del parent[name]
 

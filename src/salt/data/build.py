@@ -69,9 +69,10 @@ class DataConfig:
             if isinstance(value, Sequence) and not isinstance(value, str):
                 value = list(value)
                 setattr(self, key, value)
-            if value is not None and not isinstance(value, str | list):
+            paths = value if isinstance(value, list) else [value]
+            if value is not None and not (paths and all(isinstance(p, str) for p in paths)):
                 raise ConfigError(
-                    f"{where}.{key}: expected a path, a glob or a list, got {value!r}"
+                    f"{where}.{key}: expected a path, a glob or a list of them, got {value!r}"
                 )
         check.positive(self.batch_size, f"{where}.batch_size")
         for key in ("num_train", "num_val", "num_test"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,30 @@ from salt.utils import typed_config as check
 AUTOCAST = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 PRECISIONS = tuple(AUTOCAST)
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+
+
+def devices_setting(devices: Any, where: str = "trainer.devices") -> str | int | list[int]:
+    """``trainer.devices`` checked for its form alone ('auto', 'cpu', a process count >= 1 or a
+    list of distinct GPU ids): what the GPUs of the machine allow is checked where it runs,
+    since a sweep is often composed on a login node without any."""
+    if devices in ("auto", "cpu"):
+        return devices
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        if devices < 1:
+            raise ConfigError(f"{where} must be >= 1, got {devices}")
+        return devices
+    if isinstance(devices, Sequence) and not isinstance(devices, str):
+        ids = list(devices)
+        if (
+            not ids
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids)
+            or len(set(ids)) != len(ids)
+        ):
+            raise ConfigError(f"{where} list must hold distinct GPU ids >= 0, got {ids}")
+        return ids
+    raise ConfigError(
+        f"{where} must be 'cpu', 'auto', a process count or a list of GPU ids, got {devices!r}"
+    )
 
 
 @dataclass
@@ -35,6 +60,7 @@ class TrainerConfig:
         self.precision = self.precision.lower().replace("-mixed", "").replace("-true", "")
         check.one_of(self.precision, f"{where}.precision", PRECISIONS)
         check.one_of(self.accelerator, f"{where}.accelerator", ACCELERATORS)
+        devices_setting(self.devices, f"{where}.devices")
         if self.max_epochs == -1:
             if self.max_steps <= 0:
                 raise ConfigError(

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from salt.errors import RankFailedError
+from salt.errors import ConfigError, RankFailedError
+from salt.training.config import ACCELERATORS, devices_setting
 
 __all__ = [
     "REPORTED_EXIT_CODE",
@@ -55,7 +56,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 # Ports derived from a job id fall in [15000, 30000): below Linux's ephemeral range.
 _PORT_BASE, _PORT_SPAN = 15000, 15000
 
@@ -202,46 +202,36 @@ def detect_environment() -> dict[str, Any] | None:
 
 def _resolve_devices(devices: Any, accelerator: str) -> tuple[str, int, list[int] | None]:
     """``(device type, process count, explicit GPU ids or None)`` for a devices setting."""
-    if accelerator not in _ACCELERATORS:
-        raise ValueError(f"trainer.accelerator must be one of {_ACCELERATORS}, got {accelerator!r}")
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
+    devices = devices_setting(devices)
     want_gpu = accelerator in ("gpu", "cuda")
     have_gpu = torch.cuda.is_available()
     if want_gpu and not have_gpu:
-        raise RuntimeError(f"trainer.accelerator={accelerator!r} but CUDA is not available")
+        raise ConfigError(
+            f"trainer.accelerator={accelerator!r} but CUDA is not available on this machine; "
+            "expected a visible GPU (set trainer.accelerator=cpu or auto)"
+        )
     use_gpu = want_gpu or (accelerator == "auto" and have_gpu)
     gpu_count = torch.cuda.device_count() if have_gpu else 0
 
     if devices == "cpu":
         if want_gpu:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.devices='cpu' contradicts trainer.accelerator={accelerator!r}"
             )
         return "cpu", 1, None
     if devices == "auto":
         return ("cuda", gpu_count, None) if use_gpu else ("cpu", 1, None)
-    if isinstance(devices, int) and not isinstance(devices, bool):
-        if devices < 1:
-            raise ValueError(f"trainer.devices must be >= 1, got {devices}")
+    if isinstance(devices, int):
         if use_gpu and devices > gpu_count:
-            raise ValueError(f"trainer.devices={devices} but only {gpu_count} GPUs are visible")
+            raise ConfigError(f"trainer.devices={devices} but only {gpu_count} GPUs are visible")
         return ("cuda" if use_gpu else "cpu"), devices, None
-    if isinstance(devices, Sequence) and not isinstance(devices, str):
-        ids = list(devices)
-        if (
-            not ids
-            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids)
-            or len(set(ids)) != len(ids)
-        ):
-            raise ValueError(f"trainer.devices list must hold distinct GPU ids >= 0, got {ids}")
-        if accelerator == "cpu" or not have_gpu:
-            raise ValueError(f"trainer.devices={ids} names GPUs but CUDA is not in use")
-        if max(ids) >= gpu_count:
-            raise ValueError(f"trainer.devices={ids} but only {gpu_count} GPUs are visible")
-        return "cuda", len(ids), ids
-    raise ValueError(
-        f"trainer.devices must be 'cpu', 'auto', a process count or a list of GPU ids, "
-        f"got {devices!r}"
-    )
+    if accelerator == "cpu" or not have_gpu:
+        raise ConfigError(f"trainer.devices={devices} names GPUs but CUDA is not in use")
+    if max(devices) >= gpu_count:
+        raise ConfigError(f"trainer.devices={devices} but only {gpu_count} GPUs are visible")
+    return "cuda", len(devices), devices
 
 
 def num_processes(devices: Any, accelerator: str = "auto") -> int:

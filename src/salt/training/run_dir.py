@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from salt.errors import ConfigError
 from salt.utils.atomic import atomic_path, atomic_write_text, atomic_write_yaml
 from salt.utils.typed_config import as_plain
 
@@ -25,21 +26,52 @@ HYDRA_HEADER: dict[str, Any] = {
 }
 
 
+def check_log_dir(log_dir: str) -> None:
+    """Refuse a ``log_dir`` that cannot hold a run directory, before anything is written: the
+    first part of the path that exists must be a writable directory on a writable file system.
+    (Root passes permission checks, not a read-only mount: both are looked at.)"""
+    path = Path(log_dir).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"log_dir={log_dir}: {existing} is not a directory; expected a directory (or a path "
+            "that can be created) to hold the run directories."
+        )
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        why = "is on a read-only file system"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = "is not writable by this user"
+    else:
+        return
+    raise ConfigError(
+        f"log_dir={log_dir}: {existing} {why}; expected a writable directory for the run "
+        "directories (set log_dir=<a writable path>)."
+    )
+
+
 def create_run_dir(cfg: TrainConfig) -> Path:
     """``<log_dir>/<name>_<YYYYmmdd-HHMMSS>``, made unique (a suffix) if that name is taken."""
-    root = Path(str(cfg.log_dir))
-    root.mkdir(parents=True, exist_ok=True)
+    root = Path(str(cfg.log_dir)).expanduser()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = f"{cfg.name}_{stamp}"
-    for i in range(1000):
-        path = root / (base if i == 0 else f"{base}_{i}")
-        try:
-            path.mkdir()  # atomic: two runs starting in the same second get different dirs
-        except FileExistsError:
-            continue
-        (path / "ckpts").mkdir()
-        return path
-    raise RuntimeError(f"{root}: could not create a unique run directory for {base}")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for i in range(1000):
+            path = root / (base if i == 0 else f"{base}_{i}")
+            try:
+                path.mkdir()  # atomic: two runs starting in the same second get different dirs
+            except FileExistsError:
+                continue
+            (path / "ckpts").mkdir()
+            return path
+    except OSError as err:  # checked up front; this is what changed since (quota, a mount)
+        raise ConfigError(
+            f"log_dir={cfg.log_dir}: could not create a run directory in {root}: "
+            f"{err.strerror or err}; expected a writable directory."
+        ) from err
+    raise ConfigError(f"log_dir={cfg.log_dir}: could not create a unique run directory for {base}")
 
 
 def config_to_save(cfg: TrainConfig) -> dict[str, Any]:

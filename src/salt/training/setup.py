@@ -35,7 +35,13 @@ from salt.training.distributed import (
 )
 from salt.training.optim import Schedule, adamw
 from salt.training.report import monitored
-from salt.training.run_dir import create_run_dir, remember_job, requeued_run_dir, write_run_files
+from salt.training.run_dir import (
+    check_log_dir,
+    create_run_dir,
+    remember_job,
+    requeued_run_dir,
+    write_run_files,
+)
 from salt.training.state import Counters, Run, check_model_config
 from salt.utils.typed_config import as_plain
 
@@ -125,6 +131,7 @@ def setup(
     state = git_state()
     if not fast_dev_run:
         check_clean(state, cfg.force)
+        check_log_dir(cfg.log_dir)  # before the sample, staging or a checkpoint is touched
     seed_everything(cfg.seed)
 
     if dist.is_main:

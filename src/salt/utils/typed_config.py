@@ -9,6 +9,8 @@ dataclass checks in its `check(where)`, with `where` the key path for the messag
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -49,16 +51,70 @@ def read(cls: type[T], node: Any, where: str) -> T:
             typed = OmegaConf.merge(OmegaConf.structured(cls), node)
             obj = OmegaConf.to_object(typed)  # type: ignore[assignment]
         except OmegaConfBaseException as err:
+            found = None if _names_a_value(err, node) else _locate(cls, node, where)
+            if found is not None:  # the one value that failed, named by its key path
+                raise ConfigError(omegaconf_message(found[1], found[0], own_key=False)) from None
             raise ConfigError(omegaconf_message(err, where)) from None
     obj.check(where)
     return obj
 
 
-def omegaconf_message(err: OmegaConfBaseException, where: str = "") -> str:
-    """OmegaConf's error on one line, led by the full key path (``where.key``); an unknown
-    key gets the closest valid names, a missing one says so."""
-    key = str(getattr(err, "full_key", "") or "")
+def _names_a_value(err: OmegaConfBaseException, node: Mapping) -> bool:
+    """Whether OmegaConf's error names a key of `node` that holds a value (not a mapping):
+    then its key is the one to report."""
+    value: Any = node
+    for part in str(getattr(err, "full_key", "") or "").split("."):
+        if not part or not isinstance(value, Mapping):
+            return False
+        key = next((k for k in value if str(k) == part), None)
+        if key is None:
+            return False
+        value = value[key]
+    return not isinstance(value, Mapping)
+
+
+def _locate(cls: type, node: Mapping, where: str) -> tuple[str, OmegaConfBaseException] | None:
+    """The key path under `where` of the value that does not fit `cls`, and OmegaConf's error
+    for that value alone: found by merging one key at a time, down through the sub-configs
+    (OmegaConf names no key, or its parent's, when a whole sub-config has the wrong type)."""
+    hints = typing.get_type_hints(cls)
+    base = OmegaConf.structured(cls)  # merged into copies below
+    for key, value in node.items():
+        try:
+            OmegaConf.merge(base, {key: value})
+            continue
+        except OmegaConfBaseException as err:
+            path = ".".join(p for p in (where, str(key)) if p)
+            found: tuple[str, OmegaConfBaseException] | None = None
+            hint = hints.get(str(key))
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            options = [*typing.get_args(hint)] if union else [hint]  # X, or X | None
+            sub = next((t for t in options if dataclasses.is_dataclass(t)), None)
+            mapping = next((t for t in options if typing.get_origin(t) is dict), None)
+            if isinstance(value, Mapping) and isinstance(sub, type):
+                found = _locate(sub, value, path)
+            elif isinstance(value, Mapping) and mapping is not None:
+                # dict[K, X], e.g. model.tasks, a label_map, data.input_map: the failing entry
+                item = typing.get_args(mapping)[1]
+                for k, v in value.items():
+                    try:
+                        OmegaConf.merge(base, {key: {k: v}})
+                    except OmegaConfBaseException as entry_err:
+                        at = f"{path}.{k}"
+                        if dataclasses.is_dataclass(item) and isinstance(v, Mapping):
+                            found = _locate(item, v, at)  # type: ignore[arg-type]
+                        found = found or (at, entry_err)
+                        break
+            return found or (path, err)
+    return None
+
+
+def omegaconf_message(err: OmegaConfBaseException, where: str = "", own_key: bool = True) -> str:
+    """OmegaConf's error on one line, led by the full key path (``where.key``; ``where`` alone
+    without ``own_key``); an unknown key gets the closest valid names, a missing one says so."""
+    key = str(getattr(err, "full_key", "") or "") if own_key else ""
     path = ".".join(p for p in (where, key) if p)
+    key = key or where  # the key path the closest names are looked for with
     schema = getattr(err, "object_type", None)
     if isinstance(err, ConfigKeyError | ConfigAttributeError) and dataclasses.is_dataclass(schema):
         valid = [f.name for f in dataclasses.fields(schema)]
