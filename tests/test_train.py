@@ -25,6 +25,7 @@ from salt.data.build import resolve_files
 from salt.errors import ConfigError, DataError, TrainingError
 from salt.train import train
 from salt.training import checkpoint as ckpt
+from salt.training.config import cpu_autocast_warning
 from salt.training.distributed import DistInfo, barrier, cleanup, init_distributed, spawn
 from salt.training.loop import fit, forward, setup
 from salt.training.optim import Schedule, adamw
@@ -382,6 +383,24 @@ def test_bf16_autocast_on_cpu(tmp_path: Path, sample_cache: Path) -> None:
     assert torch.isfinite(losses["loss"])
     assert not run.scaler.is_enabled()  # a GradScaler only for fp16
     fit(cfg, cpu())
+
+
+def test_autocast_on_a_cpu_without_native_support_is_warned_of(
+    tmp_path: Path, sample_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert cpu_autocast_warning(None, {"bfloat16": False}) == ""
+    assert cpu_autocast_warning(torch.bfloat16, {"bfloat16": True}) == ""
+    slow = cpu_autocast_warning(torch.bfloat16, {"bfloat16": False})
+    assert "trainer.precision=bf16" in slow and "trainer.precision=32" in slow
+    assert "trainer.precision=16 " in cpu_autocast_warning(torch.float16, {"float16": False})
+    # a run warns exactly when this CPU lacks the support
+    cfg = make_cfg(tmp_path, sample_cache, "trainer.precision=bf16", "trainer.fast_dev_run=1")
+    with caplog.at_level("WARNING", logger="salt"):
+        setup(cfg, cpu())
+    warned = [r.getMessage() for r in caplog.records if "without native" in r.getMessage()]
+    assert warned == (
+        [cpu_autocast_warning(torch.bfloat16)] if cpu_autocast_warning(torch.bfloat16) else []
+    )
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(

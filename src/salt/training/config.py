@@ -98,6 +98,32 @@ class TrainerConfig:
         return AUTOCAST[self.precision]
 
 
+def cpu_autocast_warning(dtype: torch.dtype | None, native: dict[str, bool] | None = None) -> str:
+    """A notice for autocast on a CPU that lacks native support for ``dtype`` (then PyTorch
+    emulates it, and a step is several times slower than in fp32); empty when there is none.
+    ``native``: the CPU's support per dtype name (default: asked of torch)."""
+    if dtype is None:
+        return ""
+    if native is None:
+        cpu = torch.cpu
+        ask = {
+            "bfloat16": ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+            "float16": ("_is_amx_fp16_supported",),
+        }
+        # private torch helpers: where a torch lacks them, nothing is claimed
+        native = {
+            name: any(getattr(cpu, f, lambda: True)() for f in funcs) for name, funcs in ask.items()
+        }
+    name = str(dtype).removeprefix("torch.")
+    if native.get(name, True):
+        return ""
+    precision = next(k for k, v in AUTOCAST.items() if v is dtype)
+    return (
+        f"salt: warning: trainer.precision={precision} on a CPU without native {name} support: "
+        "PyTorch emulates it and training is typically 2-3x slower than trainer.precision=32"
+    )
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Autocast to `dtype` on `device` (None: full precision)."""
     if dtype is None:

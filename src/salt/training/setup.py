@@ -25,7 +25,7 @@ from salt.provenance import check_clean, collect_metadata, git_state, push_tag, 
 from salt.schema import TrainConfig, read_train_config
 from salt.tracking import Logger, NullLogger, build_logger
 from salt.training import checkpoint as ckpt
-from salt.training.config import TrainerConfig, autocast
+from salt.training.config import TrainerConfig, autocast, cpu_autocast_warning
 from salt.training.distributed import (
     DistInfo,
     all_gather_object,
@@ -147,6 +147,8 @@ def setup(
     tagger = models.build_tagger(cfg.model, class_dict).to(dist.device)
     monitor = monitored(cfg.trainer.monitor, tagger)
     amp = cfg.trainer.autocast_dtype
+    if dist.device.type == "cpu" and dist.is_main and (slow := cpu_autocast_warning(amp)):
+        log.warning(slow)
     compile_backend = cfg.trainer.compile_backend
     if compile_backend is not None:
         with autocast(dist.device, amp):
