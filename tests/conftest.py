@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,53 @@ def class_dict_for(path: Path) -> dict:
         "jets": {"flavour_label": balanced(flavours, 4)},
         "tracks": {"ftagTruthOriginLabel": balanced(origins, 8)},
     }
+
+
+@contextlib.contextmanager
+def held_open_for_writing(path: Path) -> Iterator[None]:
+    """Another process holds ``path`` open in HDF5 write mode (with its file lock) until the
+    block ends: what a preprocessing job still writing the file looks like."""
+    code = (
+        "import sys, h5py; f = h5py.File(sys.argv[1], 'a'); print('open', flush=True); "
+        "sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "open"
+        yield
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()  # the writer closes the file and ends
+        proc.wait(timeout=30)
+
+
+NOBODY = 65534
+
+
+def run_as_nobody(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -c code args`` as the unprivileged user nobody (root reads any file whatever
+    its mode, so a permission error needs another user); skipped where that cannot run."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run a check as another user")
+    cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run(
+        [*cmd, sys.executable, "-c", code, *args],
+        env=env,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    # 126/127: setpriv could not run Python as nobody (e.g. under a home directory of mode 700)
+    if out.returncode in (126, 127) or "No module named 'salt'" in out.stderr:
+        pytest.skip(f"the user nobody cannot run this Python with salt: {out.stderr.strip()}")
+    return out
 
 
 @pytest.fixture

@@ -5,11 +5,13 @@ found at set-up and no checkpoint for errors found while reading batches."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +34,20 @@ from salt.models.tagger import ModelConfig
 from salt.train import train
 from salt.training import checkpoint as ckpt
 from salt.training.run_dir import config_to_save
-from tests.conftest import TRACK_VARS, class_dict_for, norm_dict_for, write_ftag_file
+from tests.conftest import (
+    TRACK_VARS,
+    class_dict_for,
+    held_open_for_writing,
+    norm_dict_for,
+    run_as_nobody,
+    write_ftag_file,
+)
 from tests.test_train import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 N_JETS = 200
+CLASS_WEIGHTED = ("jet_classification", "track_origin")  # GN2's tasks with class weights
 # a tiny GN2 on the conftest files (3 track variables), 50-jet batches: a run takes a second
 TINY = [
     "force=true",
@@ -192,6 +202,56 @@ def test_corrupt_data_stops_when_read(
         "Expected readable data; copy or produce the file again."
     )
     assert no_checkpoint(tmp_path)
+
+
+def test_directory_given_as_train_file(
+    tmp_path: Path, files: Files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "data" / "train_dir"
+    folder.mkdir()
+    line = train_error(capsys, make_cfg(tmp_path, files, train_file=folder))
+    assert line == (
+        f"salt: error: {folder}: is a directory (data.train_file); expected an HDF5 file (for "
+        "many files: a glob such as dir/*.h5, or a list)."
+    )
+    assert no_run_dir(tmp_path)
+
+
+def test_val_file_being_written_by_another_process(
+    tmp_path: Path, files: Files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with held_open_for_writing(files.val):
+        line = train_error(capsys, make_cfg(tmp_path, files))
+    assert line == (
+        f"salt: error: {files.val}: unable to lock the file (data.val_file): another process has "
+        "it open for writing (HDF5 file locking); expected a finished file: wait until the "
+        "writer closes it, or read a copy made after."
+    )
+    assert no_run_dir(tmp_path)
+
+
+def test_unreadable_file_as_another_user(tmp_path: Path, files: Files) -> None:
+    """The user nobody may not read the train file: the command's one line, from
+    `run_entry_point` in a process of that user."""
+    folder = Path(tempfile.mkdtemp(prefix="salt-perm-"))  # not under root's 0700 pytest dir
+    try:
+        folder.chmod(0o755)
+        train_file = Path(shutil.copy(files.train, folder / "train.h5"))
+        train_file.chmod(0o000)
+        code = (
+            "import sys; from salt.errors import run_entry_point; "
+            "from salt.data.build import resolve_files; "
+            "run_entry_point(resolve_files, {'train_file': sys.argv[1], 'val_file': sys.argv[1]})"
+        )
+        out = run_as_nobody(code, str(train_file))
+    finally:
+        shutil.rmtree(folder)
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        f"salt: error: {train_file}: permission denied (data.train_file): user nobody may not "
+        "read it (or enter a directory above it); expected an HDF5 file readable by this user "
+        "(check ls -l)."
+    ]
 
 
 # ---- 2. empty datasets --------------------------------------------------------------------
@@ -405,6 +465,140 @@ def test_label_map_missing_a_value(
     assert no_checkpoint(tmp_path)
 
 
+# ---- 9. variables that are not numbers -----------------------------------------------------
+def jets_eta_as_strings(f: h5py.File) -> None:
+    jets = f["jets"][:]
+    dtype = [(n, "S8" if n == "eta_btagJes" else jets.dtype[n]) for n in jets.dtype.names]
+    new = np.empty(jets.shape, dtype=dtype)
+    for n in jets.dtype.names:
+        new[n] = [b"%.3f" % v for v in jets[n]] if n == "eta_btagJes" else jets[n]
+    replace(f, "jets", new)
+
+
+def test_variable_stored_as_strings(
+    tmp_path: Path, files: Files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Strings that look like numbers: HDF5 would parse them without a word."""
+    spoil(files.train, jets_eta_as_strings)
+    line = train_error(capsys, make_cfg(tmp_path, files))
+    assert line == (
+        f"salt: error: {files.train}: dataset 'jets' variable 'eta_btagJes' is stored as strings "
+        "(dtype |S8); expected a number (bool, integer or float) for model.variables.jets."
+    )
+    assert no_run_dir(tmp_path)
+
+
+# ---- 10. dicts: norm_dict and class_dict ---------------------------------------------------
+def test_norm_dict_that_is_not_yaml(
+    tmp_path: Path, files: Files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files.norm.write_text("jets: {pt_btagJes: {mean: 1\n  std: 2}\n")
+    line = train_error(capsys, make_cfg(tmp_path, files))
+    assert line == (
+        f"salt: error: {files.norm}: norm_dict is not valid YAML (expected ',' or '}}', but got "
+        "':' at line 2, column 6); expected a mapping of input -> variable -> {mean, std}."
+    )
+    assert no_run_dir(tmp_path)
+
+
+def test_norm_dict_std_zero_names_the_norm_dict(
+    tmp_path: Path, files: Files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    norm = yaml.safe_load(files.norm.read_text())
+    norm["tracks"]["d0"]["std"] = 0.0
+    files.norm.write_text(yaml.safe_dump(norm))
+    line = train_error(capsys, make_cfg(tmp_path, files))
+    assert line.startswith(f"salt: error: {files.norm}: norm_dict['tracks']['d0'] has mean=")
+    assert line.endswith(
+        "std=0.0: std must be finite and > 0 (a constant variable carries no information; drop it)."
+    )
+    assert no_run_dir(tmp_path)
+
+
+def test_class_dict_set_but_missing(
+    tmp_path: Path, files: Files, capsys: pytest.CaptureFixture[str], caplog
+) -> None:
+    """Needed by the class weights: an error naming the path (it said "no class_dict was
+    given"); not needed: a warning, and the run trains."""
+    missing = tmp_path / "nope" / "class_dict.yaml"
+    line = train_error(capsys, make_cfg(tmp_path, files, f"data.class_dict={missing}"))
+    assert line == (
+        f"salt: error: {missing}: class_dict not found (data.class_dict); "
+        "model.tasks.jet_classification.use_class_weights and "
+        "model.tasks.track_origin.use_class_weights are true and need its weights: set "
+        "data.class_dict to the class_dict file, or "
+        "model.tasks.jet_classification.use_class_weights=false "
+        "model.tasks.track_origin.use_class_weights=false."
+    )
+    assert no_run_dir(tmp_path)
+    unweighted = [f"model.tasks.{t}.use_class_weights=false" for t in CLASS_WEIGHTED]
+    with caplog.at_level(logging.WARNING, logger="salt"):
+        train(make_cfg(tmp_path, files, f"data.class_dict={missing}", *unweighted))
+    assert (
+        f"salt: {missing}: class_dict not found (data.class_dict); no task uses class "
+        "weights, so training goes on without it." in caplog.messages
+    )
+    assert not no_checkpoint(tmp_path)
+
+
+def test_default_class_dict_missing_names_where_it_was_looked_for(
+    tmp_path: Path, files: Files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    default = files.train.parent / "class_dict.yaml"
+    default.unlink()
+    line = train_error(capsys, make_cfg(tmp_path, files))
+    assert line.startswith(
+        f"salt: error: {default}: class_dict not found (data.class_dict is not set; the default "
+        "is class_dict.yaml beside the first train file); "
+        "model.tasks.jet_classification.use_class_weights and "
+    )
+    assert no_run_dir(tmp_path)
+
+
+# ---- 11. warnings: readable files that are probably not what was meant ---------------------
+def test_val_file_is_the_train_file(tmp_path: Path, files: Files, caplog) -> None:
+    """The same file by path (through a symlink) or by inode (a hard link)."""
+    from salt.data.build import resolve_files, warn_about_files
+
+    linked = tmp_path / "data" / "linked.h5"
+    linked.symlink_to(files.train)
+    hard = tmp_path / "data" / "hard.h5"
+    os.link(files.train, hard)
+    for val in (files.val, linked, hard):
+        caplog.clear()
+        cfg = {"train_file": str(files.train), "val_file": str(val), "norm_dict": str(files.norm)}
+        with caplog.at_level(logging.WARNING, logger="salt"):
+            warn_about_files(resolve_files(cfg), class_weights_used=True)
+        same = (
+            f"salt: {val} (data.val_file) is the training file {files.train} "
+            "(data.train_file): the validation loss is measured on training jets and will not "
+            "show overfitting; use a separate validation file."
+        )
+        expected = [] if val == files.val else [same]
+        assert caplog.messages == expected
+
+
+def test_missing_test_file_is_a_warning_for_training(tmp_path: Path, files: Files, caplog) -> None:
+    """Training does not read data.test_file: a typo there is reported, not fatal."""
+    from salt.data.build import resolve_files, warn_about_files
+
+    missing = tmp_path / "data" / "tset.h5"
+    cfg = {
+        "train_file": str(files.train),
+        "val_file": str(files.val),
+        "test_file": str(missing),
+        "norm_dict": str(files.norm),
+    }
+    with caplog.at_level(logging.WARNING, logger="salt"):
+        resolved = resolve_files(cfg)
+        warn_about_files(resolved, class_weights_used=True)
+    assert resolved.test is None
+    assert caplog.messages == [
+        f"salt: {missing}: file not found (data.test_file). Training goes on without it; "
+        "evaluation will need it."
+    ]
+
+
 # ---- errors found in DataLoader workers ---------------------------------------------------
 def deep_nan(files: Files) -> str:
     """A NaN in the last chunk, found only while reading batches; its message."""
@@ -495,6 +689,17 @@ def drop_d0(f: h5py.File) -> None:
     replace(f, "tracks", recfunctions.repack_fields(tracks[keep]))
 
 
+def flavour_as_strings(f: h5py.File) -> None:
+    jets = f["jets"][:]
+    dtype = [(n, "S6" if n == "flavour_label" else jets.dtype[n]) for n in jets.dtype.names]
+    new = np.empty(jets.shape, dtype=dtype)
+    for n in jets.dtype.names:
+        new[n] = (
+            np.array([b"bjets", b"cjets", b"ujets"])[jets[n]] if n == "flavour_label" else jets[n]
+        )
+    replace(f, "jets", new)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -504,8 +709,13 @@ def drop_d0(f: h5py.File) -> None:
             "expected (n_jets, n_tracks) with a 'valid' field.",
         ),
         (drop_d0, "dataset 'tracks' has no variable 'd0'; expected by model.variables.tracks."),
+        (
+            flavour_as_strings,
+            "dataset 'jets' variable 'flavour_label' is stored as strings (dtype |S6); expected "
+            "integer labels for task jet_classification.",
+        ),
     ],
-    ids=["1d_tracks", "missing_variable"],
+    ids=["1d_tracks", "missing_variable", "string_truth"],
 )
 def test_evaluate_checks_the_test_file(
     tmp_path: Path,

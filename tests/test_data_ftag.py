@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import shutil
+import tempfile
+import tracemalloc
 from pathlib import Path
 
 import h5py
@@ -9,8 +14,24 @@ import numpy as np
 import pytest
 import yaml
 
-from salt.data.ftag import DataError, FTAGReader, LabelSpec, class_weights, load_yaml_dict
-from tests.conftest import JET_VARS, TRACK_VARS, norm_dict_for, write_ftag_file
+from salt.data.ftag import (
+    DataError,
+    FTAGReader,
+    LabelSpec,
+    class_weights,
+    file_error,
+    load_yaml_dict,
+    open_h5,
+)
+from salt.data.labels import class_indices
+from tests.conftest import (
+    JET_VARS,
+    TRACK_VARS,
+    held_open_for_writing,
+    norm_dict_for,
+    run_as_nobody,
+    write_ftag_file,
+)
 
 VARS = {"jets": JET_VARS, "tracks": TRACK_VARS}
 
@@ -270,3 +291,298 @@ def test_regression_target_is_read_as_its_float_value(tmp_path: Path) -> None:
     expected = jets["eta_btagJes"]
     assert np.isnan(target[3]) and np.array_equal(np.delete(target, 3), np.delete(expected, 3))
     assert not np.array_equal(np.delete(target, 3), np.round(np.delete(expected, 3)))
+
+
+# ---- opening files: each cause its own words ------------------------------------------------
+def test_directory_given_for_a_file(tmp_path: Path) -> None:
+    folder = tmp_path / "train.h5"
+    folder.mkdir()
+    with pytest.raises(DataError) as caught:
+        FTAGReader(folder, VARS, {})
+    assert str(caught.value) == (
+        f"{folder}: is a directory; expected an HDF5 file (for many files: a glob such as "
+        "dir/*.h5, or a list)."
+    )
+    with pytest.raises(DataError) as caught:
+        load_yaml_dict(folder, "norm_dict", "data.norm_dict")
+    assert str(caught.value) == (
+        f"{folder}: is a directory (data.norm_dict); expected the norm_dict YAML file."
+    )
+
+
+def test_file_locked_by_a_writer(ftag_file: Path) -> None:
+    """A second process has the file open for writing: HDF5's file lock refuses the reader."""
+    with held_open_for_writing(ftag_file), pytest.raises(DataError) as caught:
+        open_h5(ftag_file, "data.val_file")
+    assert str(caught.value) == (
+        f"{ftag_file}: unable to lock the file (data.val_file): another process has it open for "
+        "writing (HDF5 file locking); expected a finished file: wait until the writer closes "
+        "it, or read a copy made after."
+    )
+    open_h5(ftag_file).close()  # the writer is gone: the file opens
+
+
+def test_filesystem_without_locks_names_the_switch(tmp_path: Path) -> None:
+    """errno 38 is what HDF5 reports on a filesystem without flock (some NFS mounts); none here
+    to produce it, so the error HDF5 raises there is built from its text."""
+    err = OSError(
+        errno.ENOSYS,
+        "Unable to synchronously open file (unable to lock file, errno = 38, error message = "
+        "'Function not implemented')",
+    )
+    message = str(file_error(tmp_path / "f.h5", err, hdf5=True))
+    assert "does not support HDF5 file locking" in message
+    assert "HDF5_USE_FILE_LOCKING=FALSE" in message and "\n" not in message
+
+
+def test_no_read_permission(tmp_path: Path) -> None:
+    """Run as the user nobody: a file of mode 000 in a directory nobody may enter."""
+    folder = Path(tempfile.mkdtemp(prefix="salt-perm-"))  # not under root's 0700 pytest dir
+    try:
+        folder.chmod(0o755)
+        locked = shutil.copy(write_ftag_file(tmp_path / "f.h5", n_jets=10), folder / "f.h5")
+        norm = folder / "norm_dict.yaml"
+        norm.write_text("jets: {}\n")
+        for path in (locked, norm):
+            Path(path).chmod(0o000)
+        code = (
+            "import sys; from salt.data.ftag import DataError, open_h5, load_yaml_dict\n"
+            "for f in (lambda: open_h5(sys.argv[1], 'data.train_file'),\n"
+            "          lambda: load_yaml_dict(sys.argv[2], 'norm_dict')):\n"
+            "    try: f()\n"
+            "    except DataError as err: print(err)\n"
+        )
+        out = run_as_nobody(code, str(locked), str(norm))
+    finally:
+        shutil.rmtree(folder)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        f"{locked}: permission denied (data.train_file): user nobody may not read it (or enter "
+        "a directory above it); expected an HDF5 file readable by this user (check ls -l).",
+        f"{norm}: permission denied: user nobody may not read it (or enter a directory above "
+        "it); expected the norm_dict YAML file readable by this user (check ls -l).",
+    ]
+
+
+# ---- variables that are not numbers ---------------------------------------------------------
+def retyped(path: Path, dataset: str, field: str, dtype: object, values: object) -> Path:
+    """``path`` with ``dataset[field]`` stored with another dtype."""
+    with h5py.File(path, "r+") as f:
+        data = f[dataset][:]
+        new = np.empty(
+            data.shape,
+            dtype=[(n, dtype if n == field else data.dtype[n]) for n in data.dtype.names],
+        )
+        for n in data.dtype.names:
+            new[n] = values if n == field else data[n]
+        del f[dataset]
+        f.create_dataset(dataset, data=new)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("dtype", "values", "stored"),
+    [
+        ("S8", b"1.5", "strings (dtype |S8)"),  # would be parsed as a number without a word
+        (h5py.string_dtype(), "abc", "variable-length strings (dtype utf-8 vlen str)"),
+        (
+            h5py.vlen_dtype(np.float32),
+            None,
+            "variable-length sequences of float32 (dtype vlen float32)",
+        ),
+        (("f4", (3,)), 1.0, "an array of 3 float32 per row"),  # would keep the first item
+        ("c8", 1 + 2j, "complex numbers (dtype complex64)"),
+    ],
+    ids=["bytes", "vlen_str", "vlen_float", "subarray", "complex"],
+)
+def test_variable_that_is_not_a_number(
+    tmp_path: Path, dtype: object, values: object, stored: str
+) -> None:
+    path = write_ftag_file(tmp_path / "f.h5", n_jets=20)
+    norm = norm_dict_for(path)
+    if values is None:  # one sequence per jet
+        values = np.empty(20, dtype=object)
+        values[:] = [np.ones(1 + i % 3, np.float32) for i in range(20)]
+    retyped(path, "jets", "eta_btagJes", dtype, values)
+    with pytest.raises(DataError) as caught:
+        reader(path, norm)
+    assert str(caught.value) == (
+        f"{path}: dataset 'jets' variable 'eta_btagJes' is stored as {stored}; expected a "
+        "number (bool, integer or float) for model.variables.jets."
+    )
+
+
+def test_valid_flag_that_is_not_boolean(tmp_path: Path) -> None:
+    path = write_ftag_file(tmp_path / "f.h5", n_jets=20)
+    norm = norm_dict_for(path)
+    with h5py.File(path) as f:
+        valid = f["tracks"]["valid"]
+    retyped(path, "tracks", "valid", "i1", valid)  # 0/1 integers: read as the flag
+    np.testing.assert_array_equal(~reader(path, norm).load(0, 20)[1]["tracks"], valid)
+    flag = np.where(valid, 1.0, 0.0)
+    flag[7, 1] = 0.5
+    retyped(path, "tracks", "valid", "f4", flag)
+    r = reader(path, norm)
+    with pytest.raises(DataError) as caught:
+        r.load(0, 20)
+    r.close()  # the file is changed again below
+    assert str(caught.value) == (
+        f"{path}: dataset 'tracks' field 'valid' has the value 0.5 at jet 7 (slot 1); expected "
+        "booleans (0 or 1) marking the real tracks."
+    )
+    retyped(path, "tracks", "valid", "S5", np.where(valid, b"True", b"False"))
+    with pytest.raises(DataError) as caught:
+        reader(path, norm)
+    assert str(caught.value) == (
+        f"{path}: dataset 'tracks' field 'valid' is stored as strings (dtype |S5); expected "
+        "booleans (or 0/1 numbers) marking the real tracks."
+    )
+
+
+def test_float_label_with_fractions(tmp_path: Path) -> None:
+    """0.5 would become class 0 by truncation; whole numbers stored as float are fine."""
+    path = write_ftag_file(tmp_path / "f.h5", n_jets=20)
+    norm = norm_dict_for(path)
+    with h5py.File(path) as f:
+        flavour = f["jets"]["flavour_label"].astype(np.float32)
+    labels = {"jets": {"flavour_label": LabelSpec(num_classes=3)}}
+    retyped(path, "jets", "flavour_label", "f4", flavour)
+    got = reader(path, norm, labels=labels).load(0, 20)[2]["jets"]["flavour_label"]
+    np.testing.assert_array_equal(got, flavour)
+    flavour[[4, 9]] = [0.5, 2.25]
+    retyped(path, "jets", "flavour_label", "f4", flavour)
+    with pytest.raises(DataError) as caught:
+        reader(path, norm, labels=labels).load(0, 20)
+    assert str(caught.value) == (
+        f"{path}: 'jets' label 'flavour_label' (stored as float32) has non-integer values "
+        "[0.5, 2.25] (first at jet 4); expected integer labels: write the label as integers."
+    )
+
+
+# ---- label maps: keys far apart ------------------------------------------------------------
+def test_label_map_lookup_costs_the_number_of_keys() -> None:
+    """Keys 1e12 and -1e12 apart: the old table over the key range needed 14.6 TiB."""
+    spec = LabelSpec({5: 0, 4: 1, 0: 2, -11: 3, 10**12: 4, -(10**12): -1})
+    values = np.array([5, 4, 0, -11, 10**12, -(10**12), 11, 3, -(10**12) + 1, 10**13] * 100)
+    tracemalloc.start()
+    try:
+        mapped, unknown = class_indices(values, spec)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100_000  # a few arrays of the 1000 values (8 kB each)
+    np.testing.assert_array_equal(mapped[:10], [0, 1, 2, 3, 4, -1, -1, -1, -1, -1])
+    np.testing.assert_array_equal(unknown[:10], [0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+
+
+def test_class_indices_give_no_class_to_nan_and_fractions() -> None:
+    """The evaluation maps a test file's truth as it is: 4.5 is not class 1 (4) by truncation."""
+    values = np.array([5.0, 4.5, np.nan, 0.0, -0.5])
+    mapped, unknown = class_indices(values, LabelSpec({5: 0, 4: 1, 0: 2}))
+    np.testing.assert_array_equal(mapped, [0, -1, -1, 2, -1])
+    np.testing.assert_array_equal(unknown, [0, 1, 1, 0, 1])
+    mapped, unknown = class_indices(values, LabelSpec(num_classes=6))
+    np.testing.assert_array_equal(mapped, [5, -1, -1, 0, -1])
+    np.testing.assert_array_equal(unknown, [0, 1, 1, 0, 1])
+
+
+def test_label_map_of_signed_pdg_ids_read_exactly(tmp_path: Path) -> None:
+    """int32 labels beyond float32's 2**24 (a nucleus' PDG ID) and negative ones are mapped
+    by their exact value; a value not in the map is still refused."""
+    path = write_ftag_file(tmp_path / "f.h5", n_jets=20)
+    norm = norm_dict_for(path)
+    pdg = np.array([11, -11, 1000010020, 211] * 5, dtype=np.int32)
+    retyped(path, "jets", "HadronConeExclTruthLabelID", "i4", pdg)
+    spec = LabelSpec({11: 0, -11: 1, 1000010020: 2, 211: -1})
+    got = reader(path, norm, labels={"jets": {"HadronConeExclTruthLabelID": spec}}).load(0, 20)
+    np.testing.assert_array_equal(got[2]["jets"]["HadronConeExclTruthLabelID"], [0, 1, 2, -1] * 5)
+    pdg[6] = 1000010021  # float32 cannot tell it from 1000010020
+    retyped(path, "jets", "HadronConeExclTruthLabelID", "i4", pdg)
+    spec = LabelSpec({11: 0, -11: 1, 1000010020: 2, 211: -1}, task="jet_classification")
+    with pytest.raises(DataError, match=r"values \[1000010021\] not in its label_map .* jet 6\)"):
+        reader(path, norm, labels={"jets": {"HadronConeExclTruthLabelID": spec}}).load(0, 20)
+
+
+# ---- norm dicts --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "jets: {pt_btagJes: {mean: 1\n  std: 2}\n",
+            "norm_dict is not valid YAML (expected ',' or '}', but got ':' at line 2, column "
+            "6); expected a mapping of input -> variable -> {mean, std}.",
+        ),
+        ("", "norm_dict must be a mapping of input -> variable -> {mean, std}, got an empty file."),
+        ("- jets\n", "norm_dict must be a mapping of input -> variable -> {mean, std}, got list."),
+        ("jets:\n", "norm_dict['jets'] must be a mapping of variable -> {mean, std}, got nothing."),
+        (
+            "jets: [pt_btagJes, eta_btagJes]\n",
+            "norm_dict['jets'] must be a mapping of variable -> {mean, std}, got list.",
+        ),
+        (
+            "jets: {pt_btagJes: {mean: 1}, eta_btagJes: {mean: 0, std: 1}}\n",
+            "norm_dict['jets']['pt_btagJes'] must be {mean: float, std: float}, got {'mean': 1}.",
+        ),
+        (
+            "jets: {pt_btagJes: {mean: 1, std: true}, eta_btagJes: {mean: 0, std: 1}}\n",
+            "norm_dict['jets']['pt_btagJes'] must be {mean: float, std: float}, got {'mean': 1, "
+            "'std': True}.",
+        ),
+        (
+            "jets: {pt_btagJes: {mean: .nan, std: 1}, eta_btagJes: {mean: 0, std: 1}}\n",
+            "norm_dict['jets']['pt_btagJes'] has mean=nan: expected a finite mean.",
+        ),
+        (
+            "jets: {pt_btagJes: {mean: 1, std: -2}, eta_btagJes: {mean: 0, std: 1}}\n",
+            "norm_dict['jets']['pt_btagJes'] has mean=1.0, std=-2.0: std must be finite and > 0 "
+            "(a constant variable carries no information; drop it).",
+        ),
+        (
+            "jets: {pt_btagJes: {mean: 1, std: .inf}, eta_btagJes: {mean: 0, std: 1}}\n",
+            "norm_dict['jets']['pt_btagJes'] has mean=1.0, std=inf: std must be finite and > 0 "
+            "(a constant variable carries no information; drop it).",
+        ),
+    ],
+    ids=[
+        "invalid_yaml",
+        "empty",
+        "list",
+        "empty_section",
+        "section_list",
+        "no_std",
+        "bool_std",
+        "nan_mean",
+        "negative_std",
+        "inf_std",
+    ],
+)
+def test_unreadable_norm_dict_names_its_file(ftag_file: Path, text: str, message: str) -> None:
+    path = ftag_file.parent / "norm_dict.yaml"
+    path.write_text(text)
+    with pytest.raises(DataError) as caught:
+        FTAGReader(ftag_file, {"jets": JET_VARS}, load_yaml_dict(path, "norm_dict"))
+    assert str(caught.value) == f"{path}: {message}"
+
+
+def test_hdf5_file_given_as_norm_dict(ftag_file: Path) -> None:
+    with pytest.raises(DataError) as caught:
+        load_yaml_dict(ftag_file, "norm_dict", "data.norm_dict")
+    assert str(caught.value) == (
+        f"{ftag_file}: is an HDF5 file (data.norm_dict); expected the norm_dict YAML file."
+    )
+
+
+# ---- warnings -----------------------------------------------------------------------------
+def test_no_valid_track_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_ftag_file(tmp_path / "f.h5", n_jets=20)
+    norm = norm_dict_for(path)
+    with caplog.at_level(logging.WARNING, logger="salt"):
+        reader(path, norm)
+    assert not caplog.records  # the conftest file has tracks
+    retyped(path, "tracks", "valid", "?", False)
+    with caplog.at_level(logging.WARNING, logger="salt"):
+        reader(path, norm)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"salt: {path}: no jet has a valid track (dataset 'tracks', field 'valid' is all "
+        "false); the model sees no tracks: check how the file was written"
+    ]

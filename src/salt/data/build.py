@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import shutil
 import tempfile
@@ -12,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from salt.data.dataset import BatchLoader, H5BatchDataset, expand_files
-from salt.data.ftag import DEFAULT_INPUT_MAP, DataError, LabelsConfig
+from salt.data.ftag import DEFAULT_INPUT_MAP, DataError, LabelsConfig, check_file, open_h5
 from salt.errors import ConfigError
 from salt.utils import typed_config as check
+
+log = logging.getLogger("salt")
 
 
 class NanPolicy(enum.StrEnum):
@@ -105,6 +108,10 @@ class DataFiles:
     test: list[Path] | None
     norm_dict: Path
     class_dict: Path | None
+    # why class_dict is None: the set (or default) path's problem, for `check_class_dict`
+    class_dict_problem: str | None = None
+    class_dict_given: bool = False  # data.class_dict was set (not the default beside the files)
+    notes: tuple[str, ...] = ()  # warnings about the files, logged once by `warn_about_files`
 
 
 def ensure_sample(root: str | Path, num_jets: int, seed: int) -> Path:
@@ -130,14 +137,31 @@ def ensure_sample(root: str | Path, num_jets: int, seed: int) -> Path:
 
 
 def _files(value: Any, key: str) -> list[Path] | None:
+    """The files of ``data.<key>``, each opened once here, so a missing, unreadable, locked or
+    damaged file stops the run before anything is written or staged."""
     if value is None:
         return None
     items = [value] if isinstance(value, str | os.PathLike) else list(value)
     files = expand_files(items)
     for f in files:
-        if not f.exists():
-            raise DataError(f"{f}: file not found (data.{key}).")
+        open_h5(f, f"data.{key}").close()
     return files
+
+
+def _dict_file(given: Any, default: Path, what: str) -> tuple[Path, str | None]:
+    """The path of a dict and its problem (None: a readable file); the default beside the
+    train file when the key is not set."""
+    path = Path(given) if given else default
+    key = (
+        f"data.{what}"
+        if given
+        else f"data.{what} is not set; the default is {default.name} beside the first train file"
+    )
+    try:
+        check_file(path, what, key)
+    except DataError as err:
+        return path, str(err)
+    return path, None
 
 
 def resolve_files(data_cfg: DataConfig | Mapping[str, Any]) -> DataFiles:
@@ -165,13 +189,72 @@ def resolve_files(data_cfg: DataConfig | Mapping[str, Any]) -> DataFiles:
     if val is None:
         raise DataError("data.val_file is not set: validation needs its own file.")
     beside = train[0].parent
-    norm = Path(paths["norm_dict"] or beside / "norm_dict.yaml")
-    if not norm.exists():
-        raise DataError(f"{norm}: norm_dict not found (data.norm_dict).")
-    cdict = Path(paths["class_dict"]) if paths["class_dict"] else (beside / "class_dict.yaml")
+    norm, problem = _dict_file(paths["norm_dict"], beside / "norm_dict.yaml", "norm_dict")
+    if problem:
+        raise DataError(problem)
+    cdict, cproblem = _dict_file(paths["class_dict"], beside / "class_dict.yaml", "class_dict")
+    notes = []
+    try:
+        test = _files(paths["test_file"], "test_file")
+    except DataError as err:  # training does not read it: the evaluation reports it
+        test = None
+        notes.append(f"{err} Training goes on without it; evaluation will need it.")
     return DataFiles(
-        train, val, _files(paths["test_file"], "test_file"), norm, cdict if cdict.exists() else None
+        train,
+        val,
+        test,
+        norm,
+        None if cproblem else cdict,
+        class_dict_problem=cproblem,
+        class_dict_given=data.class_dict is not None,
+        notes=tuple(notes),
     )
+
+
+def check_class_dict(files: DataFiles, users: Sequence[str]) -> None:
+    """A class_dict that cannot be read is an error naming its path when tasks (``users``) use
+    class weights (`warn_about_files` warns when it was set but nothing needs it)."""
+    if files.class_dict is not None or files.class_dict_problem is None or not users:
+        return
+    keys = [f"model.tasks.{t}.use_class_weights" for t in users]
+    raise DataError(
+        f"{files.class_dict_problem.rstrip('.')}; {' and '.join(keys)} "
+        f"{'is' if len(keys) == 1 else 'are'} true and need{'s' if len(keys) == 1 else ''} its "
+        f"weights: set data.class_dict to the class_dict file, or "
+        f"{' '.join(k + '=false' for k in keys)}."
+    )
+
+
+def same_files(files: DataFiles) -> list[tuple[Path, Path]]:
+    """(train, val) pairs that are one file: the same path after resolving links, or the same
+    inode (a hard link, another mount of it)."""
+
+    def ident(p: Path) -> tuple[int, int]:
+        st = os.stat(p)
+        return st.st_dev, st.st_ino
+
+    train = {ident(p): p for p in files.train}
+    return [(train[ident(v)], v) for v in files.val if ident(v) in train]
+
+
+def warn_about_files(files: DataFiles, class_weights_used: bool) -> None:
+    """Warnings about the files: readable but probably not what was meant, or not needed now
+    (once per run: the main rank logs them)."""
+    for note in files.notes:
+        log.warning("salt: %s", note)
+    if files.class_dict_problem and files.class_dict_given and not class_weights_used:
+        log.warning(
+            "salt: %s; no task uses class weights, so training goes on without it.",
+            files.class_dict_problem.rstrip("."),
+        )
+    for train, val in same_files(files):
+        log.warning(
+            "salt: %s (data.val_file) is the training file %s (data.train_file): the validation "
+            "loss is measured on training jets and will not show overfitting; use a separate "
+            "validation file.",
+            val,
+            train,
+        )
 
 
 def make_loader(

@@ -9,6 +9,11 @@ result is viewed as a plain ``float32`` array without another copy.
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import pwd
+import stat
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -28,20 +33,105 @@ DEFAULT_INPUT_MAP: dict[str, str] = {"jets": "jets", "tracks": "tracks", "global
 # per jet. Their datasets must have the matching shape: (n_jets, n_slots) or (n_jets,).
 PER_SLOT_INPUTS: tuple[str, ...] = ("tracks",)
 VALID = "valid"
+FLOAT32_EXACT = 2**24  # float32 holds every integer up to this exactly
+NO_TRACKS_PROBE = 100  # jets read at open to warn about a file without any real track
+log = logging.getLogger("salt")
 
 
-def open_h5(path: str | Path) -> h5py.File:
-    """Open an HDF5 file for reading with one clear error for a missing or unreadable file."""
+# what a failed open means, by errno: each cause gets its own words (see `file_error`)
+_LOCKED = (errno.EAGAIN, errno.EWOULDBLOCK)  # flock(LOCK_NB) refused: another process holds it
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# what each YAML dict holds, for messages
+YAML_LAYOUT = {
+    "norm_dict": "a mapping of input -> variable -> {mean, std}",
+    "class_dict": "a mapping of input -> label -> [weight per class]",
+}
+MAX_YAML_BYTES = 64 << 20  # a norm/class dict is kilobytes; a larger file is the wrong file
+
+
+def file_error(
+    path: str | Path, err: OSError, what: str = "file", key: str | None = None, hdf5: bool = False
+) -> DataError:
+    """The one-line error for a file that could not be opened for reading, by its cause.
+
+    ``what`` names the file's role ("file", "norm_dict", ...), ``key`` the setting it came from
+    (e.g. ``data.train_file``); ``hdf5``: an error with no OS cause means a damaged HDF5 file.
+    Every place that opens a data file or dict reports its failure through here.
+    """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found.")
+    via = f" ({key})" if key else ""
+    expected = "an HDF5 file" if hdf5 else f"the {what} YAML file"
+    text = _one_line(err)
+    code = err.errno
+    if code is None and path.is_dir():  # HDF5 versions that do not pass the errno on
+        code = errno.EISDIR
+    if code == errno.ENOENT:
+        return DataError(f"{path}: {what} not found{via}.")
+    if code == errno.EISDIR:
+        many = " (for many files: a glob such as dir/*.h5, or a list)" if hdf5 else ""
+        return DataError(f"{path}: is a directory{via}; expected {expected}{many}.")
+    if code == errno.ENOTDIR:
+        return DataError(
+            f"{path}: a part of the path is not a directory{via}; expected {expected}."
+        )
+    if code in (errno.EACCES, errno.EPERM):
+        return DataError(
+            f"{path}: permission denied{via}: user {_user()} may not read it (or enter a "
+            f"directory above it); expected {expected} readable by this user (check ls -l)."
+        )
+    if "unable to lock file" in text:
+        if code in _LOCKED:
+            # a reader's shared lock is refused only while a writer holds the exclusive one:
+            # the file is being written, and disabling the lock would read it half-written
+            return DataError(
+                f"{path}: unable to lock the file{via}: another process has it open for "
+                "writing (HDF5 file locking); expected a finished file: wait until the writer "
+                "closes it, or read a copy made after."
+            )
+        # e.g. ENOSYS/ENOLCK/EOPNOTSUPP: the filesystem (some NFS, Lustre) has no locks
+        return DataError(
+            f"{path}: unable to lock the file{via}: this filesystem does not support HDF5 file "
+            f"locking ({err.strerror or text}); if nothing writes the file while salt reads "
+            "it, set HDF5_USE_FILE_LOCKING=FALSE (or BEST_EFFORT) in the environment."
+        )
+    if hdf5 and code is None:  # the wording of old, for this case only
+        return DataError(
+            f"{path}: not a readable HDF5 file (truncated or corrupt?): {text}. "
+            "Expected a complete HDF5 file; copy or produce it again."
+        )
+    return DataError(f"{path}: cannot read the {what}{via}: {err.strerror or text}.")
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid without a passwd entry (containers)
+        return f"uid {os.geteuid()}"
+
+
+def check_file(path: str | Path, what: str = "file", key: str | None = None) -> Path:
+    """``path`` as a Path if it is a regular file this process may open for reading; else the
+    `file_error` naming why (missing, a directory, no permission)."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise DataError(f"{path}: not a regular file{f' ({key})' if key else ''}.")
+        os.close(os.open(path, os.O_RDONLY))  # the permission as the kernel decides it
+    except OSError as err:
+        raise file_error(path, err, what, key) from None
+    return path
+
+
+def open_h5(path: str | Path, key: str | None = None) -> h5py.File:
+    """Open an HDF5 file for reading; a failure is one `file_error` line naming its cause."""
+    path = Path(path)
     try:
         return h5py.File(path, "r")
     except OSError as err:
-        raise DataError(
-            f"{path}: not a readable HDF5 file (truncated or corrupt?): {_one_line(err)}. "
-            "Expected a complete HDF5 file; copy or produce it again."
-        ) from None
+        raise file_error(path, err, "file", key, hdf5=True) from None
 
 
 def _one_line(err: BaseException) -> str:
@@ -49,21 +139,49 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def load_yaml_dict(path: str | Path, what: str) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: {what} not found.")
-    with path.open() as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise DataError(f"{path}: {what} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
+class YamlDict(dict):
+    """A mapping read from a YAML file; ``path`` names the file in later messages."""
+
+    path: Path | None = None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: the problem and where it is."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return _one_line(err).replace(' in "<byte string>",', "")
+
+
+def load_yaml_dict(path: str | Path, what: str, key: str | None = None) -> YamlDict:
+    """A YAML mapping (norm_dict, class_dict); each way it can fail is one line naming the file."""
+    path = check_file(path, what, key)
+    via = f" ({key})" if key else ""
+    expected = YAML_LAYOUT.get(what, "a mapping")
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(HDF5_SIGNATURE))
+            if head == HDF5_SIGNATURE:
+                raise DataError(f"{path}: is an HDF5 file{via}; expected the {what} YAML file.")
+            if path.stat().st_size > MAX_YAML_BYTES:
+                raise DataError(
+                    f"{path}: {path.stat().st_size >> 20} MiB is too large for a {what}{via}; "
+                    f"expected a small YAML file ({expected})."
+                )
+            data = yaml.safe_load(head + f.read())
+    except OSError as err:
+        raise file_error(path, err, what, key) from None
+    except yaml.YAMLError as err:
         raise DataError(
-            f"{path}: {what} must be a mapping of input -> variable -> ..., got "
-            f"{type(data).__name__}."
-        )
-    return data
+            f"{path}: {what} is not valid YAML{via} ({_yaml_problem(err)}); expected {expected}."
+        ) from None
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else type(data).__name__
+        raise DataError(f"{path}: {what} must be {expected}, got {got}{via}.")
+    out = YamlDict(data)
+    out.path = path
+    return out
 
 
 def _norm_section(
@@ -72,7 +190,14 @@ def _norm_section(
     """The norm_dict section for an input type: its own name first, then its dataset's."""
     for key in (input_type, dataset):
         if key in norm_dict:
-            return key, norm_dict[key]
+            section = norm_dict[key]
+            if not isinstance(section, Mapping):
+                got = "nothing" if section is None else type(section).__name__
+                raise DataError(
+                    f"{where}norm_dict['{key}'] must be a mapping of variable -> {{mean, std}}, "
+                    f"got {got}."
+                )
+            return key, section
     raise DataError(
         f"{where}norm_dict has no section for input '{input_type}' (dataset '{dataset}'); "
         f"sections: "
@@ -80,10 +205,22 @@ def _norm_section(
     )
 
 
+def _number(value: Any) -> float:
+    """A YAML number as float; a bool or anything else is refused (``std: true`` is a typo)."""
+    if isinstance(value, bool):
+        raise TypeError(value)
+    return float(value)
+
+
 def norm_arrays(
     norm_dict: Mapping, input_type: str, dataset: str, variables: Sequence[str], source: str = ""
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, 1/std) as float32 arrays for ``variables``, checked for presence and std > 0."""
+    """(mean, 1/std) as float32 arrays for ``variables``, checked for presence and std > 0.
+
+    Messages name the norm_dict's file when it was read from one (`load_yaml_dict`), else
+    ``source``.
+    """
+    source = str(getattr(norm_dict, "path", None) or source)
     where = f"{source}: " if source else ""
     key, section = _norm_section(norm_dict, input_type, dataset, where)
     mean, inv_std = [], []
@@ -95,13 +232,17 @@ def norm_arrays(
             )
         entry = section[var]
         try:
-            m, s = float(entry["mean"]), float(entry["std"])
+            m, s = _number(entry["mean"]), _number(entry["std"])
         except (KeyError, TypeError, ValueError):
             raise DataError(
                 f"{where}norm_dict['{key}']['{var}'] must be {{mean: float, std: float}}, "
                 f"got {entry!r}."
             ) from None
-        if not np.isfinite(m) or not np.isfinite(s) or s <= 0:
+        if not np.isfinite(np.float32(m)):  # the model's float32 must hold it too
+            raise DataError(
+                f"{where}norm_dict['{key}']['{var}'] has mean={m}: expected a finite mean."
+            )
+        if not np.isfinite(s) or s <= 0 or not np.isfinite(np.float32(1.0 / s)):
             raise DataError(
                 f"{where}norm_dict['{key}']['{var}'] has mean={m}, std={s}: std must be finite "
                 f"and > 0 (a constant variable carries no information; drop it)."
@@ -125,6 +266,9 @@ class _LabelPlan:
     name: str
     column: int
     spec: LabelSpec
+    stored: np.dtype | None = None  # the file's dtype, set when the file is checked
+    # read as int64 from the records, not through the float32 record (`FLOAT32_EXACT`)
+    exact: bool = False
 
 
 @dataclass
@@ -145,6 +289,7 @@ class _DatasetPlan:
     inputs: list[_InputPlan] = field(default_factory=list)
     labels: list[_LabelPlan] = field(default_factory=list)
     valid_column: int | None = None
+    valid_is_bool: bool = True  # a 0/1 integer or float flag is checked for other values
     per_slot: bool | None = None  # the layout the model needs: (n_jets, n_slots) or (n_jets,)
     input_types: list[str] = field(default_factory=list)  # what reads it, for messages
     needed_by: dict[str, str] = field(default_factory=dict)  # field -> config key, for messages
@@ -187,6 +332,8 @@ class Chunk:
     raw: dict[str, np.ndarray]  # dataset -> float32 (n, [slots,] fields): the plan's fields
     valid: dict[str, np.ndarray]  # per-slot datasets -> bool (n, slots), True = real
     num_real: dict[str, np.ndarray]  # per-slot datasets -> real slots per jet
+    # dataset -> label -> int64 values of labels float32 cannot hold exactly (`_LabelPlan.exact`)
+    exact: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(next(iter(self.raw.values())))
@@ -287,6 +434,7 @@ class FTAGReader:
                         f"{plan.needed_by.get(var, 'the model')}."
                         f"{closest_available(var, available)}"
                     )
+            self._check_dtypes(name, plan, ds.dtype)
             lengths[name] = ds.shape[0]
         if len(set(lengths.values())) > 1:
             raise DataError(
@@ -299,7 +447,59 @@ class FTAGReader:
                 f"{self.path}: datasets {sorted(lengths)} are empty (0 jets); expected at least "
                 "one jet."
             )
+        for name, plan in self.plans.items():
+            if plan.per_slot:
+                self._warn_if_no_tracks(name)
         return n, num_slots
+
+    def _check_dtypes(self, name: str, plan: _DatasetPlan, dtype: np.dtype) -> None:
+        """Every field read is stored as numbers (HDF5 would parse or truncate anything else
+        silently, or fail with a traceback); labels and the valid flag are noted for `read`."""
+        assert dtype.fields is not None
+        for var in plan.fields:
+            stored = dtype.fields[var][0]
+            problem = not_numeric(stored)
+            if var == VALID and plan.per_slot:
+                if problem:
+                    raise DataError(
+                        f"{self.path}: dataset '{name}' field '{VALID}' is stored as {problem}; "
+                        "expected booleans (or 0/1 numbers) marking the real tracks."
+                    )
+                plan.valid_is_bool = stored.kind == "b"
+            elif problem:
+                raise DataError(
+                    f"{self.path}: dataset '{name}' variable '{var}' is stored as {problem}; "
+                    f"expected a number (bool, integer or float) for "
+                    f"{plan.needed_by.get(var, 'the model')}."
+                )
+        for lp in plan.labels:
+            lp.stored = dtype.fields[lp.name][0]
+            # a label_map key beyond float32's exact integers (a nucleus' PDG ID 1000010020)
+            # is matched against the stored integers, not their float32 rounding
+            keys = lp.spec.label_map or {}
+            lp.exact = (
+                lp.stored.kind in "iu"
+                and lp.stored.itemsize > 2
+                and any(abs(int(k)) > FLOAT32_EXACT for k in keys)
+            )
+
+    def _warn_if_no_tracks(self, name: str) -> None:
+        """Warn when the first jets have no real track at all: a 'valid' flag written wrongly
+        (all False) trains on padding alone without any error. One HDF5 chunk is cheap."""
+        ds = self.file[name]
+        first = min(len(ds), max(NO_TRACKS_PROBE, ds.chunks[0] if ds.chunks else 0))
+        first = min(first, 10 * NO_TRACKS_PROBE)
+        if np.asarray(ds.fields(VALID)[:first]).any():
+            return
+        jets = "no jet" if first == len(ds) else f"none of the first {first} jets"
+        log.warning(
+            "salt: %s: %s has a valid track (dataset '%s', field '%s' is all false); the "
+            "model sees no tracks: check how the file was written",
+            self.path,
+            jets,
+            name,
+            VALID,
+        )
 
     def _check_layout(
         self, name: str, plan: _DatasetPlan, shape: tuple[int, ...], fields: list[str]
@@ -328,7 +528,7 @@ class FTAGReader:
 
     def read(self, start: int, stop: int) -> Chunk:
         """Read jets [start, stop) as stored (whole records: HDF5 reads them fastest)."""
-        raw, valid, num_real = {}, {}, {}
+        raw, valid, num_real, exact = {}, {}, {}, {}
         for name, plan in self.plans.items():
             ds = self.file[name]
             records = np.empty((stop - start, *ds.shape[1:]), dtype=ds.dtype)
@@ -344,15 +544,34 @@ class FTAGReader:
             # record each -> a plain float32 array (the view costs nothing)
             flat = records[plan.fields].astype(plan.read_dtype)
             flat = flat.view(np.float32).reshape(*records.shape, len(plan.fields))
+            wide = {lp.name: records[lp.name].astype(np.int64) for lp in plan.labels if lp.exact}
             if plan.valid_column is not None:
-                mask = flat[..., plan.valid_column] != 0
+                flag = flat[..., plan.valid_column]
+                if not plan.valid_is_bool:
+                    self._check_valid_values(name, flag, start)
+                mask = flag != 0
                 if self.compact_tracks and not _is_prefix(mask):
                     order = np.argsort(~mask, axis=1, kind="stable")
                     flat = np.take_along_axis(flat, order[..., None], axis=1)
                     mask = np.take_along_axis(mask, order, axis=1)
+                    wide = {k: np.take_along_axis(v, order, axis=1) for k, v in wide.items()}
                 valid[name], num_real[name] = mask, mask.sum(axis=1)
             raw[name] = flat
-        return Chunk(start, raw, valid, num_real)
+            if wide:
+                exact[name] = wide
+        return Chunk(start, raw, valid, num_real, exact)
+
+    def _check_valid_values(self, name: str, flag: np.ndarray, start: int) -> None:
+        """A 'valid' flag stored as numbers must be 0 or 1: any other value (2, 0.5, NaN) means
+        the field holds something else, and ``!= 0`` would silently call it a track."""
+        bad = (flag != 0) & (flag != 1)
+        if bad.any():
+            jet, slot = (int(i) for i in np.argwhere(bad)[0])
+            raise DataError(
+                f"{self.path}: dataset '{name}' field '{VALID}' has the value "
+                f"{flag[jet, slot]:g} at jet {start + jet} (slot {slot}); expected booleans "
+                "(0 or 1) marking the real tracks."
+            )
 
     def load(
         self, start: int, stop: int
@@ -384,8 +603,13 @@ class FTAGReader:
                 self._check_finite(x, ip, index)
                 inputs[ip.input_type] = x
             for lp in plan.labels:
+                if lp.exact:
+                    wide = chunk.exact[name][lp.name]
+                    values = wide[rows, :width] if per_slot else wide[rows]
+                else:
+                    values = flat[..., lp.column]
                 labels.setdefault(lp.input_type, {})[lp.name] = self._map_label(
-                    flat[..., lp.column], lp, name, mask, index
+                    values, lp, name, mask, index
                 )
         return inputs, masks, labels
 
@@ -420,14 +644,24 @@ class FTAGReader:
             out = values.astype(np.float32)  # a copy: the chunk is read again for other rows
             out[~real] = np.nan
             return out
-        if lp.spec.label_map or lp.spec.num_classes is not None:
-            # class labels: a NaN would become a huge negative integer below
+        if values.dtype.kind == "f" and (lp.stored is None or lp.stored.kind == "f"):
+            # integer labels: a NaN would become a huge negative integer below, a fraction
+            # would be cut to an integer of another class without a word
             nonfinite = real & ~np.isfinite(values)
             if nonfinite.any():
                 raise DataError(
                     f"{self.path}: '{dataset}' label '{lp.name}' has non-finite values (first at "
                     f"jet {int(index[np.argwhere(nonfinite)[0][0]])}); expected integer class "
                     "labels."
+                )
+            fraction = real & (values != np.trunc(values))
+            if fraction.any():
+                found = np.unique(values[fraction])[:5].tolist()
+                raise DataError(
+                    f"{self.path}: '{dataset}' label '{lp.name}' (stored as {lp.stored}) has "
+                    f"non-integer values {found} (first at jet "
+                    f"{int(index[np.argwhere(fraction)[0][0]])}); expected integer labels: "
+                    "write the label as integers."
                 )
         ints = values.astype(np.int64)
         mapped, unknown = class_indices(ints, lp.spec)
@@ -455,6 +689,29 @@ class FTAGReader:
         if mask is not None:
             mapped[~real] = -1
         return mapped
+
+
+def not_numeric(dtype: np.dtype) -> str | None:
+    """What a field holds when it is not a number (None for bool, int and float), its dtype
+    named, for the message."""
+    if dtype.subdtype is not None:  # a fixed-size array per row: float() takes its first item
+        base, shape = dtype.subdtype
+        return f"an array of {'x'.join(map(str, shape))} {base} per row"
+    if dtype.kind in "biuf":
+        return None
+    if dtype.kind in "SU":
+        return f"strings (dtype {dtype})"
+    vlen_str = h5py.check_string_dtype(dtype)
+    if vlen_str is not None:
+        return f"variable-length strings (dtype {vlen_str.encoding} vlen str)"
+    vlen = h5py.check_vlen_dtype(dtype)
+    if vlen is not None:
+        return f"variable-length sequences of {vlen} (dtype vlen {vlen})"
+    if dtype.names:
+        return f"a compound of fields {list(dtype.names)} (dtype {dtype})"
+    if dtype.kind == "c":
+        return f"complex numbers (dtype {dtype})"
+    return f"dtype {dtype}"
 
 
 def _as_slice(columns: list[int]) -> slice | np.ndarray:

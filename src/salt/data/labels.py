@@ -32,16 +32,15 @@ class LabelSpec:
     continuous: bool = False
 
     @cached_property
-    def _lookup(self) -> tuple[np.ndarray, int] | None:
-        """The label_map as a table: ``table[value - offset]`` is the class, -2 "not a key"."""
+    def _lookup(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The label_map as sorted keys and their classes: memory and time grow with the number
+        of keys, never with their range (a PDG ID such as 1000010020 or -11 is one entry)."""
         if not self.label_map:
             return None
-        keys = np.array(sorted(self.label_map), dtype=np.int64)
-        offset = int(keys.min())
-        table = np.full(int(keys.max()) - offset + 1, -2, dtype=np.int64)
-        for k, v in self.label_map.items():
-            table[int(k) - offset] = int(v)
-        return table, offset
+        items = sorted((int(k), int(v)) for k, v in self.label_map.items())
+        keys = np.array([k for k, _ in items], dtype=np.int64)
+        classes = np.array([v for _, v in items], dtype=np.int64)
+        return keys, classes
 
 
 def class_indices(values: np.ndarray, spec: LabelSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -49,25 +48,29 @@ def class_indices(values: np.ndarray, spec: LabelSpec) -> tuple[np.ndarray, np.n
 
     With a label_map: the map's targets (-1: ignored by the loss); a value that is not a key has
     no class. Without one: the values themselves; with ``num_classes`` a value outside
-    ``[-1, num_classes)`` has no class. Without either every value is passed on. A value with
-    no class becomes -1: the training reader refuses it (naming the file, variable and
-    values), the evaluation counts the jet in no class (a test file may hold flavours the
-    model has no class for).
+    ``[-1, num_classes)`` has no class. Without either every value is passed on. A NaN or a
+    fraction (a float label) has no class either. A value with no class becomes -1: the
+    training reader refuses it (naming the file, variable and values), the evaluation counts
+    the jet in no class (a test file may hold flavours the model has no class for).
     """
-    ints = np.asarray(values).astype(np.int64, copy=False)
+    values = np.asarray(values)
+    # a NaN or a fraction stored as float is no integer label: no class (not a truncation)
+    broken = (
+        ~np.isfinite(values) | (values != np.trunc(values))
+        if values.dtype.kind == "f"
+        else np.zeros(values.shape, dtype=bool)
+    )
+    ints = np.where(broken, 0, values).astype(np.int64, copy=False)
     lookup = spec._lookup
     if lookup is not None:
-        table, offset = lookup
-        idx = ints - offset
-        inside = (idx >= 0) & (idx < len(table))
-        mapped = np.full(ints.shape, -1, dtype=np.int64)
-        mapped[inside] = table[idx[inside]]
-        unknown = ~inside | (mapped == -2)
-        mapped[unknown] = -1
-        return mapped, unknown
+        keys, classes = lookup
+        # binary search over the sorted keys: O(values x log(keys)), no table over their range
+        pos = np.searchsorted(keys, ints).clip(max=len(keys) - 1)
+        known = (keys[pos] == ints) & ~broken
+        return np.where(known, classes[pos], -1), ~known
     if spec.num_classes is None:
-        return ints, np.zeros(ints.shape, dtype=bool)
-    unknown = (ints < -1) | (ints >= spec.num_classes)
+        return np.where(broken, -1, ints), broken
+    unknown = (ints < -1) | (ints >= spec.num_classes) | broken
     return np.where(unknown, -1, ints), unknown
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 import salt
-from salt.data.ftag import DEFAULT_INPUT_MAP, VALID, DataError, open_h5
+from salt.data.ftag import DEFAULT_INPUT_MAP, VALID, DataError, not_numeric, open_h5
 from salt.data.labels import LabelSpec, class_indices
 from salt.errors import ConfigError
 from salt.evaluation.run import LoadedRun
@@ -203,6 +203,14 @@ class PredictionWriter:
             "extra_jet_vars",
             self.path,
         )
+        if self.jet_task is not None:  # its truth becomes class indices for the performance
+            label = self.jet_task.label
+            problem = not_numeric(self.jets_src.dtype.fields[label][0])
+            if problem:
+                raise DataError(
+                    f"{self.path}: dataset '{imap['jets']}' variable '{label}' is stored as "
+                    f"{problem}; expected integer labels for task {self.jet_task.name}."
+                )
         self.jets = self._create("jets", self.jet_fields, (num_jets,), self.jets_src)
         self.track_fields: list[_Field] = []
         self.tracks: h5py.Dataset | None = None

@@ -19,7 +19,7 @@ from omegaconf import ListConfig
 from salt import models
 from salt.data.build import DataConfig, resolve_files
 from salt.data.dataset import expand_files
-from salt.data.ftag import DataError, load_yaml_dict
+from salt.data.ftag import DataError, load_yaml_dict, open_h5
 from salt.errors import ConfigError
 from salt.schema import TrainConfig, read_train_config
 from salt.training import checkpoint as ckpt
@@ -146,8 +146,7 @@ def single_file(value: Any, key: str) -> Path:
             f"{key}={value}: matches {len(files)} files; evaluate one file at a time (the "
             "output is named after it)."
         )
-    if not files[0].is_file():
-        raise DataError(f"{files[0]}: file not found ({key}).")
+    open_h5(files[0], key).close()  # missing, a directory, unreadable, locked or damaged
     return files[0]
 
 

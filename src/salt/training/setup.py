@@ -15,7 +15,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from salt import models
-from salt.data.build import DataFiles, check_no_truth_inputs, make_loader, resolve_files
+from salt.data.build import (
+    DataFiles,
+    check_class_dict,
+    check_no_truth_inputs,
+    make_loader,
+    resolve_files,
+    warn_about_files,
+)
 from salt.data.dataset import BatchLoader
 from salt.data.ftag import load_yaml_dict
 from salt.data.staging import stage, staging_root
@@ -138,12 +145,20 @@ def setup(
         files = resolve_files(cfg.data)
     barrier()  # the sample is written once, by rank 0
     files = source_files = resolve_files(cfg.data)
+    weighted = [name for name, task in cfg.model.tasks.items() if task.use_class_weights]
+    check_class_dict(files, weighted)  # before staging and before the run directory
+    if dist.is_main:
+        warn_about_files(files, bool(weighted))
     temp_root = staging_root(cfg.data.move_files_temp)
     if temp_root and resources is not None:
         files = resources.enter_context(stage_once_per_node(files, temp_root, dist))
     train_loader, val_loader = build_loaders(cfg, files, dist)
 
-    class_dict = load_yaml_dict(files.class_dict, "class_dict") if files.class_dict else None
+    class_dict = (
+        load_yaml_dict(files.class_dict, "class_dict", "data.class_dict")
+        if files.class_dict
+        else None
+    )
     tagger = models.build_tagger(cfg.model, class_dict).to(dist.device)
     monitor = monitored(cfg.trainer.monitor, tagger)
     amp = cfg.trainer.autocast_dtype
