@@ -495,8 +495,9 @@ def test_norm_dict_that_is_not_yaml(
     files.norm.write_text("jets: {pt_btagJes: {mean: 1\n  std: 2}\n")
     line = train_error(capsys, make_cfg(tmp_path, files))
     assert line == (
-        f"salt: error: {files.norm}: norm_dict is not valid YAML (expected ',' or '}}', but got "
-        "':' at line 2, column 6); expected a mapping of input -> variable -> {mean, std}."
+        f"salt: error: {files.norm}: norm_dict (data.norm_dict) is not valid YAML (expected ',' "
+        "or '}', but got ':' at line 2, column 6); expected a mapping of input -> variable -> "
+        "{mean, std}."
     )
     assert no_run_dir(tmp_path)
 
@@ -548,8 +549,8 @@ def test_default_class_dict_missing_names_where_it_was_looked_for(
     default.unlink()
     line = train_error(capsys, make_cfg(tmp_path, files))
     assert line.startswith(
-        f"salt: error: {default}: class_dict not found (data.class_dict is not set; the default "
-        "is class_dict.yaml beside the first train file); "
+        f"salt: error: {default}: class_dict not found (data.class_dict not set: the default "
+        "beside the first train file); "
         "model.tasks.jet_classification.use_class_weights and "
     )
     assert no_run_dir(tmp_path)

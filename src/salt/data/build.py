@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from salt.data.dataset import BatchLoader, H5BatchDataset, expand_files
-from salt.data.ftag import DEFAULT_INPUT_MAP, DataError, LabelsConfig, check_file, open_h5
+from salt.data.ftag import DEFAULT_INPUT_MAP, DataError, LabelsConfig, load_yaml_dict, open_h5
 from salt.errors import ConfigError
 from salt.utils import typed_config as check
 
@@ -153,12 +153,10 @@ def _dict_file(given: Any, default: Path, what: str) -> tuple[Path, str | None]:
     train file when the key is not set."""
     path = Path(given) if given else default
     key = (
-        f"data.{what}"
-        if given
-        else f"data.{what} is not set; the default is {default.name} beside the first train file"
+        f"data.{what}" if given else f"data.{what} not set: the default beside the first train file"
     )
     try:
-        check_file(path, what, key)
+        load_yaml_dict(path, what, key)  # read here too: a bad dict stops before staging
     except DataError as err:
         return path, str(err)
     return path, None

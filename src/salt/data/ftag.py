@@ -174,11 +174,11 @@ def load_yaml_dict(path: str | Path, what: str, key: str | None = None) -> YamlD
         raise file_error(path, err, what, key) from None
     except yaml.YAMLError as err:
         raise DataError(
-            f"{path}: {what} is not valid YAML{via} ({_yaml_problem(err)}); expected {expected}."
+            f"{path}: {what}{via} is not valid YAML ({_yaml_problem(err)}); expected {expected}."
         ) from None
     if not isinstance(data, dict):
         got = "an empty file" if data is None else type(data).__name__
-        raise DataError(f"{path}: {what} must be {expected}, got {got}{via}.")
+        raise DataError(f"{path}: {what}{via} must be {expected}, got {got}.")
     out = YamlDict(data)
     out.path = path
     return out
