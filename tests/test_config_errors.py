@@ -298,3 +298,8 @@ def test_every_key_refuses_a_value_of_the_wrong_type_in_one_line() -> None:
 )
 def test_a_wrong_type_on_the_command_line_is_one_line(override: str, named: str) -> None:
     assert named in error("train", override)
+
+
+def test_a_key_below_a_null_node_names_the_node() -> None:
+    message = error("train", "data=ftag", "data.sample.num_jets=10")  # data=ftag: sample null
+    assert message.startswith("data.sample.num_jets=10: 'data.sample' is null in this config")

@@ -44,7 +44,9 @@ CONFIG_PATH = str(PACKAGE_DIR.parents[1] / "conf")
 # Hydra handles them as it always did.
 NO_RUN_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun")
 # What a failed compose raises for a user's mistake (anything else: a bug, left to Hydra).
-COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError, KeyError)
+# (OmegaConf asserts when a key is set below a null node: e.g. data.sample.num_jets=10 under
+# data=ftag, where data.sample is null.)
+COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError, KeyError, AssertionError)
 
 
 def command(
@@ -323,6 +325,12 @@ def _check_key(loader: ConfigLoader, cfg: DictConfig, o: Override) -> None:
     node: Any = cfg
     parts = key.split(".")
     for i, part in enumerate(parts):
+        if isinstance(node, DictConfig | ListConfig) and node._is_none():
+            parent = ".".join(parts[:i])  # e.g. data.sample under data=ftag
+            raise ConfigError(
+                f"{o.input_line}: '{parent}' is null in this config, so it has no key '{part}'; "
+                f"set it whole ({parent}={{{part}: ...}}) or choose a config that fills it."
+            )
         if isinstance(node, ListConfig):
             return  # list items: Hydra checks indices itself
         if not isinstance(node, DictConfig) or not OmegaConf.is_struct(node):

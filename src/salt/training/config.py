@@ -119,7 +119,7 @@ def cpu_autocast_warning(dtype: torch.dtype | None, native: dict[str, bool] | No
         return ""
     precision = next(k for k, v in AUTOCAST.items() if v is dtype)
     return (
-        f"salt: warning: trainer.precision={precision} on a CPU without native {name} support: "
+        f"salt: trainer.precision={precision} on a CPU without native {name} support: "
         "PyTorch emulates it and training is typically 2-3x slower than trainer.precision=32"
     )
 
