@@ -187,6 +187,7 @@ def test_sbatch_said_is_slurms_own_words_on_one_line(stderr: str, said: str) -> 
             "partition debug has (2); lower hydra.launcher.cpus_per_task to at most 2",
         ),
         (LIVE["node config"], {"exclude": "vm"}, LOCAL, "hydra.launcher.exclude=vm"),
+        (LIVE["node config"], {"gpus_per_node": 8}, GPU, "than any node of partition gpu has (4)"),
         (LIVE["controller"], {}, None, "the Slurm controller did not answer"),
         (TABLE["account"], {"account": "atlas"}, LOCAL, "change hydra.launcher.account=atlas"),
         (TABLE["account"], {}, LOCAL, "set hydra.launcher.account=..."),
@@ -300,6 +301,9 @@ def test_the_request_reads_the_launchers_settings() -> None:
         ({"tasks_per_node": 3}, LOCAL, "lower hydra.launcher.tasks_per_node to at most 2"),
         ({"nodes": 2}, LOCAL, "hydra.launcher.nodes=2 asks for 2 nodes; a job on partition debug"),
         ({"mem_gb": 24}, LOCAL, "hydra.launcher.mem_gb=24 asks for 24 GB on one node"),
+        ({"gpus_per_node": 8}, GPU, "hydra.launcher.gpus_per_node=8 asks for 8 GPUs on one node"),
+        ({"gpus_per_node": 4, "timeout_min": 720}, GPU, None),
+        ({"gpus_per_node": 1}, LOCAL, None),  # no GPUs at all: sbatch's refusal says so
         ({"mem_gb": 23}, LOCAL, None),
         ({"timeout_min": 721}, GPU, "hydra.launcher.timeout_min=721 is above the time limit"),
         ({"timeout_min": 720, "cpus_per_task": 64, "nodes": 2}, GPU, None),

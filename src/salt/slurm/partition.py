@@ -205,8 +205,8 @@ def read_partition(name: str | None) -> Partition | None:
 
 def misfit(request: Request, partition: Partition) -> str | None:
     """Why no node of ``partition`` can ever run ``request``, naming the hydra.launcher key to
-    change (None: it fits, or the partition does not say). GPUs are left to sbatch, which
-    refuses a GPU request the partition cannot hold at once."""
+    change (None: it fits, or the partition does not say). GPUs on a partition without any are
+    left to sbatch, which refuses them at once (invalid gres)."""
     p = partition.name
     limit = partition.node_limit()
     if limit is not None and request.nodes > limit:
@@ -232,6 +232,13 @@ def misfit(request: Request, partition: Partition) -> str | None:
             else f"lower hydra.launcher.tasks_per_node to at most {cpus}"
         )
         return f"{asked} on one node, more than any node of partition {p} has ({cpus}); {change}"
+    gpus = partition.node_gpus()
+    if gpus and request.gpus_per_node > gpus:  # none at all: sbatch refuses the gres itself
+        return (
+            f"hydra.launcher.gpus_per_node={request.gpus_per_node} asks for "
+            f"{request.gpus_per_node} GPUs on one node, more than any node of partition {p} has "
+            f"({gpus}); lower it (by default it follows hydra.launcher.tasks_per_node)"
+        )
     memory = partition.node_memory_mb()
     if memory is not None and request.mem_gb is not None and request.mem_gb * 1024 > memory:
         gb = f"{request.mem_gb:.0f}" if request.mem_gb.is_integer() else str(request.mem_gb)
