@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -183,9 +184,9 @@ def job_restarts(job_id: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def finish(proc: subprocess.Popen, timeout: float, log_dir: Path) -> None:
+def finish(proc: subprocess.Popen, timeout: float, log_dir: Path) -> str:
     """Wait for a sweep's submitting process (from `start`); on a hang, kill it and show the job
-    logs."""
+    logs. Returns its output."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -193,6 +194,7 @@ def finish(proc: subprocess.Popen, timeout: float, log_dir: Path) -> None:
         out, _ = proc.communicate()
         pytest.fail(f"no result after {timeout:.0f} s:\n{out[-3000:]}\n{submitit_logs(log_dir)}")
     assert proc.returncode == 0, f"{out[-3000:]}\n{submitit_logs(log_dir)}"
+    return out
 
 
 # ---- configuration ------------------------------------------------------------------------
@@ -202,8 +204,8 @@ def finish(proc: subprocess.Popen, timeout: float, log_dir: Path) -> None:
         ([], "BasicLauncher"),
         (["launcher=local"], "BasicLauncher"),
         (["launcher=submitit_local"], "submitit_launcher.LocalLauncher"),
-        (["launcher=slurm"], "submitit_launcher.SlurmLauncher"),
-        (["hydra/launcher=slurm"], "submitit_launcher.SlurmLauncher"),
+        (["launcher=slurm"], "hydra_plugins.salt_slurm.SlurmLauncher"),
+        (["hydra/launcher=slurm"], "hydra_plugins.salt_slurm.SlurmLauncher"),
     ],
 )
 def test_launcher_choices(overrides: list[str], target: str) -> None:
@@ -217,6 +219,7 @@ def test_launcher_choices(overrides: list[str], target: str) -> None:
         assert launcher.signal_delay_s > 0 and launcher.max_num_timeout > 0
         assert launcher.additional_parameters.requeue is True
         assert launcher.gpus_per_node == launcher.tasks_per_node == 1  # one task per GPU
+        assert launcher.check_resources is True  # compared with the partition before submitting
 
 
 def test_slurm_gpus_follow_tasks() -> None:
@@ -285,7 +288,10 @@ def test_sweep_runs_one_slurm_job_per_point(
         "attention=scaled_dot_product,gatv2",
     )
     proc = start(cmd)
-    finish(proc, 300, log_dir)
+    out = finish(proc, 300, log_dir)
+    # the wait reads the queue with squeue: no sacct warnings on a cluster without accounting
+    assert "sacct" not in out, out
+    assert re.search(r"salt: submitted 2 sweep points as Slurm job array \d+ ", out), out
     runs = run_dirs(log_dir)
     assert len(runs) == 2, runs
     kinds = sorted(
@@ -487,3 +493,237 @@ def test_sbatch_script_requeues_after_stop_signal(
     expected = final_state(run_dirs(tmp_path / "reference")[0])["model"]
     for key, value in expected.items():
         assert torch.equal(final["model"][key], value), key
+
+
+# ---- what Slurm refuses, or can never start -------------------------------------------------
+# A sweep that Slurm refuses or can never start is one `salt: error:` line naming the key, exit
+# 1, no traceback and no job left behind. Nothing trains in these tests: they end at submission.
+def fails(tmp_path: Path, *args: str) -> str:
+    """Run a sweep that must fail: exit 1, one `salt: error:` line, no traceback; returns it."""
+    out = subprocess.run(
+        salt_train("-m", *args, *TINY, f"log_dir={tmp_path / 'logs'}"),
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("salt: error:")]
+    assert len(errors) == 1, out.stderr
+    assert "sbatch: error" not in out.stderr  # sbatch's words are in the line, once
+    return errors[0]
+
+
+def queued(name: str) -> list[str]:
+    """The jobs named ``name`` still pending or running."""
+    out = subprocess.run(
+        ["squeue", "-h", "-r", "-n", name, "-o", "%i"], capture_output=True, text=True, timeout=30
+    )
+    return out.stdout.split()
+
+
+def cluster_has_gpus() -> bool:
+    out = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=30)
+    return "gpu" in out.stdout
+
+
+class Lines:
+    """The output lines of a command from `start`, as they come (read by a thread)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.lines = proc, []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for line in list(self.lines):
+                if match := re.search(pattern, line):
+                    return match
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.1)
+        pytest.fail(f"no line matching {pattern!r}:\n" + "\n".join(self.lines))
+
+    def end(self, timeout: float) -> int:
+        """Wait for the command to end; its exit status."""
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+
+def occupy(name: str, cpus: int) -> str:
+    """A job named ``name`` holding every CPU of the node, running: the next job waits for
+    Resources. Returns its id."""
+    job_id = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--job-name={name}",
+            f"--cpus-per-task={cpus}",
+            "--time=5",
+            "--output=/dev/null",
+            "--wrap=sleep 300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        state = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+        if state == "RUNNING":
+            return job_id
+        time.sleep(0.2)
+    pytest.fail(f"the job holding the node's CPUs never ran (state {state!r})")
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("refused", ["gres", "partition"])
+def test_a_sweep_sbatch_refuses_is_one_line_naming_the_key(
+    tmp_path: Path, slurm_cluster: int, job_name: str, refused: str
+) -> None:
+    """The launcher's default of one GPU per task on a cluster without GPUs, and a partition
+    that does not exist: sbatch's own message and the key to change, nothing queued."""
+    if refused == "gres":
+        if cluster_has_gpus():
+            pytest.skip("this cluster has GPUs: sbatch accepts the default GPU request")
+        args = ["launcher=slurm", "hydra.launcher.cpus_per_task=1"]
+        says = (
+            "salt: error: Slurm refused the job: Invalid generic resource (gres) specification; "
+            "hydra.launcher.gpus_per_node=1 asks for GPUs and partition "
+        )
+        then = "set hydra.launcher.gpus_per_node=null for a CPU-only job"
+    else:
+        args = [*SLURM_CPU, "hydra.launcher.partition=nosuchpartition"]
+        says = (
+            "salt: error: Slurm refused the job: invalid partition specified: nosuchpartition "
+            "(Invalid partition name specified); change hydra.launcher.partition=nosuchpartition "
+            "(partitions: "
+        )
+        partitions = subprocess.run(
+            ["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30
+        ).stdout.split()
+        then = partitions[0]  # the cluster's partitions are listed
+    line = fails(tmp_path, *args, f"hydra.launcher.name={job_name}", "seed=1,2")
+    assert line.startswith(says) and then in line, line
+    assert queued(job_name) == []
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("setting", ["cpus_per_task", "mem_gb", "nodes"])
+def test_a_job_no_node_can_hold_is_refused_before_submitting(
+    tmp_path: Path, slurm_cluster: int, job_name: str, setting: str
+) -> None:
+    """Slurm would queue these and leave them pending for ever (or refuse them with a generic
+    message): the comparison with the partition's nodes refuses them first."""
+    too_many = {"cpus_per_task": slurm_cluster + 1, "mem_gb": 10**6, "nodes": 10**4}[setting]
+    line = fails(
+        tmp_path,
+        *SLURM_CPU,
+        f"hydra.launcher.{setting}={too_many}",
+        f"hydra.launcher.name={job_name}",
+        "seed=1,2",
+    )
+    assert line.startswith(
+        f"salt: error: Slurm could never start this job: hydra.launcher.{setting}={too_many} "
+        f"asks for {too_many} "
+    ), line
+    assert line.endswith("; nothing was submitted"), line
+    assert not (tmp_path / "logs" / "multirun" / ".submitit").exists()
+    assert queued(job_name) == []
+
+
+@pytest.mark.slurm
+def test_a_job_that_can_never_start_is_cancelled_with_one_line(
+    tmp_path: Path, slurm_cluster: int, job_name: str
+) -> None:
+    """Without the comparison (check_resources=false), the launcher's default of 8 CPUs per
+    task on a smaller node: Slurm queues the jobs, they pend with reason PartitionConfig; the
+    wait notices it, cancels every job of the sweep and says why and what to change."""
+    cpus = slurm_cluster + 1
+    started = time.monotonic()
+    line = fails(
+        tmp_path,
+        *SLURM_CPU,
+        f"hydra.launcher.cpus_per_task={cpus}",
+        "hydra.launcher.check_resources=false",
+        f"hydra.launcher.name={job_name}",
+        "seed=1,2",
+    )
+    match = re.fullmatch(
+        r"salt: error: Slurm job (\d+)_\d can never start \(pending, reason PartitionConfig\): "
+        rf"hydra\.launcher\.cpus_per_task={cpus} asks for {cpus} CPUs on one node, more than "
+        rf"any node of partition \S+ has \({slurm_cluster}\); lower "
+        rf"hydra\.launcher\.cpus_per_task to at most {slurm_cluster}; cancelled Slurm job "
+        r"(\d+), all this command submitted",
+        line,
+    )
+    assert match and match.group(1) == match.group(2), line
+    assert queued(job_name) == []
+    assert time.monotonic() - started < 60  # noticed at the first looks at the queue
+
+
+@pytest.mark.slurm
+def test_a_waiting_job_is_announced_and_ctrl_c_leaves_it_queued(
+    tmp_path: Path, slurm_cluster: int, job_name: str, start: Callable
+) -> None:
+    """A job that waits for Resources is announced once; Ctrl-C stops the waiting command
+    (exit 130) and the job keeps its place in the queue."""
+    occupy(job_name, slurm_cluster)
+    proc = start(
+        salt_train(
+            "-m", *SLURM_CPU, f"hydra.launcher.name={job_name}", *TINY, f"log_dir={tmp_path}"
+        )
+    )
+    lines = Lines(proc)
+    job_id = lines.wait_for(r"^salt: submitted Slurm job (\d+) on partition ", 60).group(1)
+    lines.wait_for(
+        rf"^salt: Slurm job {job_id}: 1 pending \(Resources: the CPUs, GPUs or memory it needs "
+        r"are in use by other jobs\); waiting \(Ctrl-C stops waiting",
+        60,
+    )
+    proc.send_signal(signal.SIGINT)
+    assert lines.end(30) == 130, "\n".join(lines.lines)
+    assert lines.lines[-1] == (
+        f"salt: stopped waiting; Slurm job {job_id} stays queued or running (scancel {job_id} "
+        "cancels it)"
+    ), lines.lines
+    assert "Traceback" not in "\n".join(lines.lines)
+    assert job_id in queued(job_name)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_job_cancelled_by_hand_ends_the_wait(
+    tmp_path: Path, slurm_cluster: int, job_name: str, start: Callable
+) -> None:
+    """A job that leaves the queue without a result (here: scancel while it waits) ends the
+    wait with one line; without accounting, submitit alone would have waited for ever."""
+    occupy(job_name, slurm_cluster)
+    proc = start(
+        salt_train(
+            "-m", *SLURM_CPU, f"hydra.launcher.name={job_name}", *TINY, f"log_dir={tmp_path}"
+        )
+    )
+    lines = Lines(proc)
+    job_id = lines.wait_for(r"^salt: submitted Slurm job (\d+) on partition ", 60).group(1)
+    subprocess.run(["scancel", job_id], check=True, timeout=30)
+    assert lines.end(120) == 1, "\n".join(lines.lines)
+    errors = [line for line in lines.lines if line.startswith("salt: error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"salt: error: Slurm job {job_id} ended without a result (cancelled, out of time or "
+        "memory, or its node failed); see "
+    ), lines.lines
+    assert "Traceback" not in "\n".join(lines.lines)

@@ -63,6 +63,11 @@ class RankFailedError(RuntimeError):
         self.reported = reported
 
 
+class SlurmError(RuntimeError):
+    """Slurm refused a sweep's jobs, or they can never start; the message says what Slurm said
+    and which ``hydra.launcher.*`` key to change."""
+
+
 class ExportError(RuntimeError):
     """The model could not be exported, or the exported model disagrees with torch."""
 
@@ -110,6 +115,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     OmegaConfBaseException,
     FileNotFoundError,
     RankFailedError,
+    SlurmError,
 )
 
 
