@@ -485,3 +485,121 @@ def test_read_only_run_directory_is_one_line_before_any_work(
         copy.write_bytes(best.read_bytes())
         result = evaluate(compose_evaluate(run_dir, f"ckpt_path={copy}", "data.num_test=50"))
         assert result.predictions == mine / "best__test_test.h5"
+
+
+# ---- the run reads its own copies ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def renamed_dicts_run(
+    tmp_path_factory: pytest.TempPathFactory, trained_run: TrainedRun
+) -> tuple[Path, Path]:
+    """(run dir, original norm dict): a run trained one epoch with its dicts named
+    ``my_norms.yaml`` and ``weights.yaml`` (the copies used to keep those names, and
+    evaluation then read the original norm dict)."""
+    from salt.train import train
+
+    root = tmp_path_factory.mktemp("renamed_dicts")
+    dicts = root / "dicts"
+    dicts.mkdir()
+    norms = dicts / "my_norms.yaml"
+    norms.write_bytes((trained_run.sample / "norm_dict.yaml").read_bytes())
+    weights = dicts / "weights.yaml"
+    weights.write_bytes((trained_run.sample / "class_dict.yaml").read_bytes())
+    logs = root / "logs"
+    cfg = trained_run.compose(
+        logs, "trainer.max_epochs=1", f"data.norm_dict={norms}", f"data.class_dict={weights}"
+    )
+    train(cfg, overrides=[])
+    (run_dir,) = logs.iterdir()
+    return run_dir, norms
+
+
+def spoil_norm_dict(path: Path) -> None:
+    """Edit a norm dict as a user might after training: other means and widths."""
+    norms = yaml.safe_load(path.read_text())
+    for variables in norms.values():
+        for stats in variables.values():
+            stats["mean"], stats["std"] = stats["mean"] + 1.0, stats["std"] * 3.0
+    path.write_text(yaml.safe_dump(norms))
+
+
+@pytest.mark.slow  # trains a run, evaluates and exports it three times, trains it again
+def test_evaluation_and_export_read_the_run_directorys_copies(
+    renamed_dicts_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("onnxruntime")
+    from salt.export import export
+
+    run_dir, original = renamed_dicts_run
+    assert {"norm_dict.yaml", "class_dict.yaml"} <= {p.name for p in run_dir.iterdir()}
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    assert saved.data.norm_dict == str((run_dir / "norm_dict.yaml").resolve())
+    assert saved.data.class_dict == str((run_dir / "class_dict.yaml").resolve())
+    meta = yaml.safe_load((run_dir / "metadata.yaml").read_text())
+    assert meta["data"]["norm_dict"] == {"path": str(original), "copy": "norm_dict.yaml"}
+
+    def outputs(tag: str) -> tuple[np.ndarray, bytes]:
+        result = evaluate(compose_evaluate(run_dir, "data.num_test=200", f"data.test_suffix={tag}"))
+        overrides = [f"run_dir={run_dir}", f"output={tmp_path / tag}.onnx", "parity.num_jets=50"]
+        with initialize_config_dir(config_dir=str(CONF), version_base=None):
+            cfg = compose("export", overrides=overrides)
+        return jets_of(result.predictions), export(cfg).path.read_bytes()
+
+    jets, model = outputs("first")
+    spoil_norm_dict(original)  # edited after training
+    edited_jets, edited_model = outputs("edited")
+    np.testing.assert_array_equal(edited_jets, jets)
+    assert edited_model == model
+    original.rename(original.with_name("moved.yaml"))  # moved after training
+    moved_jets, moved_model = outputs("moved")
+    np.testing.assert_array_equal(moved_jets, jets)
+    assert moved_model == model
+    # the saved config.yaml trains the run again, with the run's own dicts
+    from salt.train import train
+
+    with initialize_config_dir(config_dir=str(run_dir), version_base=None):
+        cfg = compose("config", overrides=[f"log_dir={tmp_path / 'logs'}"])
+    train(cfg, overrides=[])
+    (again,) = (tmp_path / "logs").iterdir()
+    for name in ("norm_dict.yaml", "class_dict.yaml"):
+        assert (again / name).read_bytes() == (run_dir / name).read_bytes()
+    assert_same_weights(again, run_dir)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa = ckpt.load_checkpoint(a / "ckpts" / ckpt.LAST)["model"]
+    wb = ckpt.load_checkpoint(b / "ckpts" / ckpt.LAST)["model"]
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_run_directory_of_an_older_salt_still_evaluates(
+    renamed_dicts_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Older salt copied each dict under its original's name and kept the original's path in
+    config.yaml: such a run directory evaluates from its copy, whatever the original holds."""
+    run_dir, original = renamed_dicts_run
+    reference = evaluate(compose_evaluate(copy_run(run_dir, tmp_path / "new"), "data.num_test=100"))
+    old = copy_run(run_dir, tmp_path / "old")
+    (old / "norm_dict.yaml").rename(old / "my_norms.yaml")
+    (old / "class_dict.yaml").rename(old / "weights.yaml")
+    saved = OmegaConf.load(old / "config.yaml")
+    stale = tmp_path / "dicts" / original.name  # the original, since edited
+    stale.parent.mkdir()
+    stale.write_bytes((old / "my_norms.yaml").read_bytes())
+    spoil_norm_dict(stale)
+    saved.data.norm_dict = str(stale)
+    saved.data.class_dict = str(tmp_path / "dicts" / "weights.yaml")  # since moved
+    OmegaConf.save(saved, old / "config.yaml")
+    result = evaluate(compose_evaluate(old, "data.num_test=100"))
+    np.testing.assert_array_equal(jets_of(result.predictions), jets_of(reference.predictions))
+    # no copy in the run directory: one line naming where it belongs, never the original
+    (old / "my_norms.yaml").unlink()
+    cfg = compose_evaluate(old, "data.num_test=100", "overwrite=true")
+    err = entry_point_error(evaluate, cfg, capsys)
+    assert err.strip() == (
+        f"salt: error: {old / 'norm_dict.yaml'}: norm_dict not found; training copies the "
+        "norm_dict it used into the run directory, and evaluation and export read only that "
+        f"copy. Copy the norm_dict this run was trained with ({stale}) to "
+        f"{old / 'norm_dict.yaml'}."
+    )
