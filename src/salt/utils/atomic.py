@@ -181,7 +181,9 @@ class OutputSet:
             with self.reporting(stale):
                 Path(stale).unlink(missing_ok=True)
         for directory in {path.parent for _, path in self._pending}:
-            with self.reporting(directory):
+            # the files are in place: a directory that cannot be synced (some network file
+            # systems) only leaves the renames less safe against a power cut
+            with contextlib.suppress(OSError):
                 _fsync_path(directory)
         self._pending.clear()
 
