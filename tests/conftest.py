@@ -206,6 +206,37 @@ def small_tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+def fill_disk(disk: Path, leave: int) -> Path:
+    """Fill the file system of ``disk`` (another job's output, say) until about ``leave``
+    bytes are free; returns the filler file, to remove when the test frees the space."""
+    filler = disk / "other_job_output.bin"
+    free = shutil.disk_usage(disk).free
+    with filler.open("ab") as f:
+        f.write(b"\0" * max(free - leave, 0))
+    return filler
+
+
+@contextlib.contextmanager
+def read_only_view(source: Path, mount_point: Path) -> Iterator[Path]:
+    """``source`` seen through a read-only bind mount at ``mount_point``: tests run as root,
+    where chmod does not stop writes (needs root: the test is skipped otherwise)."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    bind = subprocess.run(
+        ["mount", "--bind", str(source), str(mount_point)], capture_output=True, text=True
+    )
+    if bind.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {bind.stderr.strip()}")
+    try:
+        ro = subprocess.run(
+            ["mount", "-o", "remount,ro,bind", str(mount_point)], capture_output=True, text=True
+        )
+        if ro.returncode != 0:
+            pytest.skip(f"cannot make a bind mount read-only here: {ro.stderr.strip()}")
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
 # ---- the model x attention x pooling matrix ---------------------------------------------------
 def _options(group: str) -> tuple[str, ...]:
     return tuple(sorted(p.stem for p in (CONF / group).glob("*.yaml")))

@@ -4,6 +4,8 @@ built-in sample, tests/conftest.py), copied: evaluations write into their run di
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -36,7 +38,16 @@ from salt.models import build_tagger
 from salt.models.tagger import ModelConfig
 from salt.training import checkpoint as ckpt
 from salt.training.run_dir import config_to_save
-from tests.conftest import EvaluatedRun, TrainedRun, entry_point_error
+from tests.conftest import (
+    EvaluatedRun,
+    TrainedRun,
+    copy_run,
+    entry_point_error,
+    fill_disk,
+    read_only_view,
+    small_tmpfs,
+)
+from tests.test_train import env
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -352,3 +363,243 @@ def test_map_labels() -> None:
     classes, unknown = class_indices(np.array([0, 2, 3, -1]), LabelSpec(None, 3))
     assert classes.tolist() == [0, 2, -1, -1]
     assert unknown.tolist() == [False, False, True, False]
+
+
+# ---- outputs on a full or read-only disk ---------------------------------------------------
+FULL_DISK_ADVICE = (
+    "nothing was written (earlier results unchanged). Free space (or raise the quota) and run "
+    "the same command again."
+)
+
+
+def outputs_of(run_dir: Path, test_file: Path, suffix: str = "") -> tuple[Path, Path, Path]:
+    """The predictions, performance and ROC files an evaluation of the best checkpoint writes."""
+    from salt.evaluate import output_paths
+
+    best = ckpt.best_checkpoint(run_dir / "ckpts")
+    assert best is not None
+    return output_paths(predictions_path(best, test_file, suffix))
+
+
+def jets_of(path: Path) -> np.ndarray:
+    with h5py.File(path) as f:
+        return f["jets"][:]
+
+
+@pytest.mark.slow  # a real evaluation process (its exit is what crashed)
+def test_full_disk_while_writing_predictions_is_one_line(
+    trained_run: TrainedRun, tmp_path: Path
+) -> None:
+    """The predictions do not fit: HDF5's failed writes made the process end in a segmentation
+    fault after "Exception ignored ... Can't close file" tracebacks and training advice."""
+    with small_tmpfs(tmp_path / "disk", "4m") as disk:
+        run_dir = copy_run(trained_run.run_dir, disk)
+        before = sorted((run_dir / "ckpts").iterdir())
+        filler = fill_disk(disk, leave=100_000)  # the predictions with tracks take ~380 kB
+        args = [f"run_dir={run_dir}", "progress_bar=false", "write_tracks=true"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "salt.evaluate", *args],
+            cwd=tmp_path,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        predictions = outputs_of(run_dir, trained_run.test_file)[0]
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+        (line,) = [x for x in proc.stderr.splitlines() if x.startswith("salt: error:")]
+        head, _, rest = line.partition(" MiB free in ")
+        assert head.startswith(
+            f"salt: error: could not write {predictions}: No space left on device; "
+        )
+        assert float(head.rsplit("; ", 1)[1]) < 0.2  # the free space, as it is
+        assert rest == f"{predictions.parent}; {FULL_DISK_ADVICE}"
+        assert sorted((run_dir / "ckpts").iterdir()) == before  # no partial file holds space
+        filler.unlink()
+        result = evaluate(compose_evaluate(run_dir, "write_tracks=true"))  # the same command
+        assert result.predictions == predictions and len(jets_of(predictions)) == 750
+
+
+def test_full_disk_at_the_roc_plot_leaves_nothing_and_the_rerun_completes(
+    trained_run: TrainedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The plot, written last, does not fit: the predictions and performance written before
+    it are not left behind either (the rerun used to refuse because the predictions existed),
+    and a failed overwrite keeps the earlier complete results."""
+    args = ("data.num_test=300",)
+    reference = evaluate(compose_evaluate(copy_run(trained_run.run_dir, tmp_path / "ref"), *args))
+    pred_size, perf_size, roc_size = (
+        p.stat().st_size
+        for p in (reference.predictions, reference.performance_file, reference.roc_file)
+    )
+    with small_tmpfs(tmp_path / "disk", "4m") as disk:
+        run_dir = copy_run(trained_run.run_dir, disk)
+        ckpts = run_dir / "ckpts"
+        before = sorted(ckpts.iterdir())
+        outputs = outputs_of(run_dir, trained_run.test_file)
+        # room for the predictions and the performance, and half the plot
+        filler = fill_disk(disk, leave=pred_size + perf_size + roc_size // 2)
+        cfg = compose_evaluate(run_dir, *args)
+        err = entry_point_error(evaluate, cfg, capsys)
+        assert err.startswith(f"salt: error: could not write {outputs[2]}: No space left on")
+        assert err.strip().endswith(FULL_DISK_ADVICE) and len(err.strip().splitlines()) == 1
+        assert sorted(ckpts.iterdir()) == before  # no new file, no temporary one
+        filler.unlink()
+        again = evaluate(cfg)  # the same command: not refused, complete
+        np.testing.assert_array_equal(jets_of(again.predictions), jets_of(reference.predictions))
+        assert again.roc_file is not None and again.roc_file.stat().st_size > 0
+        saved = {p: p.read_bytes() for p in outputs}
+        # overwrite=true on a full disk: the earlier complete set stays as it was
+        fill_disk(disk, leave=pred_size // 2)
+        cfg = compose_evaluate(run_dir, *args, "overwrite=true")
+        err = entry_point_error(evaluate, cfg, capsys)
+        assert err.startswith(f"salt: error: could not write {outputs[0]}: No space left on")
+        assert {p: p.read_bytes() for p in outputs} == saved
+        assert sorted(p.name for p in ckpts.iterdir()) == sorted(
+            [*(p.name for p in before), *(p.name for p in outputs)]
+        )
+
+
+def test_read_only_run_directory_is_one_line_before_any_work(
+    trained_run: TrainedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = copy_run(trained_run.run_dir, tmp_path / "src")
+    with read_only_view(source, tmp_path / "ro") as run_dir:
+        predictions = outputs_of(run_dir, trained_run.test_file)[0]
+        err = entry_point_error(evaluate, compose_evaluate(run_dir, "data.num_test=50"), capsys)
+        assert err.strip() == (
+            f"salt: error: could not write {predictions}: Read-only file system; salt needs "
+            f"write permission in {predictions.parent} (on a writable file system); nothing was "
+            "written (earlier results unchanged). Make it writable, or copy the checkpoint to a "
+            "writable directory and pass ckpt_path=<copy> (the outputs are written beside the "
+            "checkpoint)."
+        )
+        assert "evaluating" not in capsys.readouterr().out  # refused before the model ran
+        # the advice works: the checkpoint copied to a writable place
+        mine = tmp_path / "mine"
+        mine.mkdir()
+        best = ckpt.best_checkpoint(run_dir / "ckpts")
+        assert best is not None
+        copy = mine / "best.ckpt"
+        copy.write_bytes(best.read_bytes())
+        result = evaluate(compose_evaluate(run_dir, f"ckpt_path={copy}", "data.num_test=50"))
+        assert result.predictions == mine / "best__test_test.h5"
+
+
+# ---- the run reads its own copies ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def renamed_dicts_run(
+    tmp_path_factory: pytest.TempPathFactory, trained_run: TrainedRun
+) -> tuple[Path, Path]:
+    """(run dir, original norm dict): a run trained one epoch with its dicts named
+    ``my_norms.yaml`` and ``weights.yaml`` (the copies used to keep those names, and
+    evaluation then read the original norm dict)."""
+    from salt.train import train
+
+    root = tmp_path_factory.mktemp("renamed_dicts")
+    dicts = root / "dicts"
+    dicts.mkdir()
+    norms = dicts / "my_norms.yaml"
+    norms.write_bytes((trained_run.sample / "norm_dict.yaml").read_bytes())
+    weights = dicts / "weights.yaml"
+    weights.write_bytes((trained_run.sample / "class_dict.yaml").read_bytes())
+    logs = root / "logs"
+    cfg = trained_run.compose(
+        logs, "trainer.max_epochs=1", f"data.norm_dict={norms}", f"data.class_dict={weights}"
+    )
+    train(cfg, overrides=[])
+    (run_dir,) = logs.iterdir()
+    return run_dir, norms
+
+
+def spoil_norm_dict(path: Path) -> None:
+    """Edit a norm dict as a user might after training: other means and widths."""
+    norms = yaml.safe_load(path.read_text())
+    for variables in norms.values():
+        for stats in variables.values():
+            stats["mean"], stats["std"] = stats["mean"] + 1.0, stats["std"] * 3.0
+    path.write_text(yaml.safe_dump(norms))
+
+
+@pytest.mark.slow  # trains a run, evaluates and exports it three times, trains it again
+def test_evaluation_and_export_read_the_run_directorys_copies(
+    renamed_dicts_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("onnxruntime")
+    from salt.export import export
+
+    run_dir, original = renamed_dicts_run
+    assert {"norm_dict.yaml", "class_dict.yaml"} <= {p.name for p in run_dir.iterdir()}
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    assert saved.data.norm_dict == str((run_dir / "norm_dict.yaml").resolve())
+    assert saved.data.class_dict == str((run_dir / "class_dict.yaml").resolve())
+    meta = yaml.safe_load((run_dir / "metadata.yaml").read_text())
+    assert meta["data"]["norm_dict"] == {"path": str(original), "copy": "norm_dict.yaml"}
+
+    def outputs(tag: str) -> tuple[np.ndarray, bytes]:
+        result = evaluate(compose_evaluate(run_dir, "data.num_test=200", f"data.test_suffix={tag}"))
+        overrides = [f"run_dir={run_dir}", f"output={tmp_path / tag}.onnx", "parity.num_jets=50"]
+        with initialize_config_dir(config_dir=str(CONF), version_base=None):
+            cfg = compose("export", overrides=overrides)
+        return jets_of(result.predictions), export(cfg).path.read_bytes()
+
+    jets, model = outputs("first")
+    spoil_norm_dict(original)  # edited after training
+    edited_jets, edited_model = outputs("edited")
+    np.testing.assert_array_equal(edited_jets, jets)
+    assert edited_model == model
+    original.rename(original.with_name("moved.yaml"))  # moved after training
+    moved_jets, moved_model = outputs("moved")
+    np.testing.assert_array_equal(moved_jets, jets)
+    assert moved_model == model
+    # the saved config.yaml trains the run again, with the run's own dicts
+    from salt.train import train
+
+    with initialize_config_dir(config_dir=str(run_dir), version_base=None):
+        cfg = compose("config", overrides=[f"log_dir={tmp_path / 'logs'}"])
+    train(cfg, overrides=[])
+    (again,) = (tmp_path / "logs").iterdir()
+    for name in ("norm_dict.yaml", "class_dict.yaml"):
+        assert (again / name).read_bytes() == (run_dir / name).read_bytes()
+    assert_same_weights(again, run_dir)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa = ckpt.load_checkpoint(a / "ckpts" / ckpt.LAST)["model"]
+    wb = ckpt.load_checkpoint(b / "ckpts" / ckpt.LAST)["model"]
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_run_directory_of_an_older_salt_still_evaluates(
+    renamed_dicts_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Older salt copied each dict under its original's name and kept the original's path in
+    config.yaml: such a run directory evaluates from its copy, whatever the original holds."""
+    run_dir, original = renamed_dicts_run
+    reference = evaluate(compose_evaluate(copy_run(run_dir, tmp_path / "new"), "data.num_test=100"))
+    old = copy_run(run_dir, tmp_path / "old")
+    (old / "norm_dict.yaml").rename(old / "my_norms.yaml")
+    (old / "class_dict.yaml").rename(old / "weights.yaml")
+    saved = OmegaConf.load(old / "config.yaml")
+    stale = tmp_path / "dicts" / original.name  # the original, since edited
+    stale.parent.mkdir()
+    stale.write_bytes((old / "my_norms.yaml").read_bytes())
+    spoil_norm_dict(stale)
+    saved.data.norm_dict = str(stale)
+    saved.data.class_dict = str(tmp_path / "dicts" / "weights.yaml")  # since moved
+    OmegaConf.save(saved, old / "config.yaml")
+    result = evaluate(compose_evaluate(old, "data.num_test=100"))
+    np.testing.assert_array_equal(jets_of(result.predictions), jets_of(reference.predictions))
+    # no copy in the run directory: one line naming where it belongs, never the original
+    (old / "my_norms.yaml").unlink()
+    cfg = compose_evaluate(old, "data.num_test=100", "overwrite=true")
+    err = entry_point_error(evaluate, cfg, capsys)
+    assert err.strip() == (
+        f"salt: error: {old / 'norm_dict.yaml'}: norm_dict not found; training copies the "
+        "norm_dict it used into the run directory, and evaluation and export read only that "
+        f"copy. Copy the norm_dict this run was trained with ({stale}) to "
+        f"{old / 'norm_dict.yaml'}."
+    )

@@ -27,7 +27,11 @@ from tests.conftest import (
     TrainedRun,
     combo_id,
     copy_run,
+    entry_point_error,
+    fill_disk,
     group_overrides,
+    read_only_view,
+    small_tmpfs,
 )
 from tests.test_evaluate import make_run_dir
 
@@ -170,3 +174,47 @@ def test_errors_leave_no_file(gn2: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     with pytest.raises(ExportError, match="pip install onnx onnxruntime"):
         export(compose_export(gn2, f"output={gn2 / 'other.onnx'}"))
+
+
+# ---- a full or read-only disk ---------------------------------------------------------------
+def test_full_disk_keeps_the_earlier_model(
+    trained_run: TrainedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with small_tmpfs(tmp_path / "disk", "4m") as disk:
+        run_dir = copy_run(trained_run.run_dir, disk)
+        first = export(compose_export(run_dir, "parity.num_jets=50")).path
+        earlier = first.read_bytes()
+        before = sorted((run_dir / "ckpts").iterdir())
+        filler = fill_disk(disk, leave=len(earlier) // 4)
+        cfg = compose_export(run_dir, "parity.num_jets=50", "overwrite=true")
+        err = entry_point_error(export, cfg, capsys).strip()
+        assert err.startswith(f"salt: error: could not write {first}: No space left on device; ")
+        assert err.endswith(
+            f" MiB free in {first.parent}; nothing was written (earlier results unchanged). "
+            "Free space (or raise the quota) and run the same command again."
+        )
+        assert first.read_bytes() == earlier
+        assert sorted((run_dir / "ckpts").iterdir()) == before  # no partial file
+        filler.unlink()
+        assert export(cfg).path == first  # the same command, once there is space
+
+
+def test_read_only_output_directory_is_one_line_before_any_work(
+    gn2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with read_only_view(gn2 / "ckpts", tmp_path / "ro") as ro:
+        out = ro / "sub" / "model.onnx"
+        err = entry_point_error(export, compose_export(gn2, f"output={out}"), capsys)
+        assert err.strip() == (
+            f"salt: error: could not write {out}: Read-only file system; salt needs write "
+            f"permission in {ro} (on a writable file system); nothing was written (earlier "
+            "results unchanged). Make it writable, or pass output=<path in a writable directory>."
+        )
+        assert "parity" not in capsys.readouterr().out  # refused before the model was built
+        # the default output, beside the checkpoint in the read-only directory
+        best = ckpt.best_checkpoint(gn2 / "ckpts")
+        assert best is not None
+        ckpt_path = ro / best.name
+        cfg = compose_export(gn2, f"ckpt_path='{ckpt_path}'", "overwrite=true")
+        err = entry_point_error(export, cfg, capsys)
+        assert err.startswith(f"salt: error: could not write {ckpt_path.with_suffix('.onnx')}: ")

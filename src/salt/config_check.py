@@ -31,7 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import salt.schema  # registers the config schemas with Hydra
-from salt.errors import ConfigError, run_entry_point
+from salt.errors import RESUME_ADVICE, ConfigError, run_entry_point
 from salt.utils.names import closest, did_you_mean
 from salt.utils.typed_config import omegaconf_message
 
@@ -53,14 +53,16 @@ def command(
     config_name: str,
     body: Callable[[DictConfig], Any],
     extra_errors: tuple[type[BaseException], ...] = (),
+    disk_full_advice: str = RESUME_ADVICE,
 ) -> Callable[[], None]:
     """The ``main()`` of a command (``python -m salt.<x>`` and ``salt-<x>``): the command line
     is checked (one clear error for a wrong key or group option), Hydra composes
-    ``config_name`` with it, and ``body(cfg)`` runs with user errors as one line."""
+    ``config_name`` with it, and ``body(cfg)`` runs with user errors as one line
+    (``disk_full_advice``: what to do after a full disk, see `run_entry_point`)."""
 
     @hydra.main(version_base=None, config_path=CONFIG_PATH, config_name=config_name)
     def hydra_main(cfg: DictConfig) -> None:
-        run_entry_point(body, cfg, extra_errors)
+        run_entry_point(body, cfg, extra_errors, disk_full_advice)
 
     def main() -> None:
         check_command_line(config_name)

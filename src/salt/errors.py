@@ -8,9 +8,13 @@ from the rest of the package, so every other module may import it: dependencies 
 from __future__ import annotations
 
 import errno
+import os
+import re
+import shutil
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf.errors import OmegaConfBaseException
@@ -68,6 +72,11 @@ class SlurmError(RuntimeError):
     and which ``hydra.launcher.*`` key to change."""
 
 
+class OutputWriteError(RuntimeError):
+    """An output of a command (predictions, performance, plot, ONNX model) could not be
+    written; nothing is left under its name and earlier outputs are unchanged."""
+
+
 class ExportError(RuntimeError):
     """The model could not be exported, or the exported model disagrees with torch."""
 
@@ -105,6 +114,72 @@ class Interrupted(Exception):
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+# what a command that failed on a full disk says to do next: training continues from its
+# last checkpoint; a command that writes its outputs all at once is simply run again
+RESUME_ADVICE = "continue from the run's last checkpoint with resume=<run dir>"
+RERUN_ADVICE = "run the same command again"
+
+# HDF5 reports a failed write as an error whose errno is only in the message text
+_ERRNO_IN_TEXT = re.compile(r"errno\s*=\s*(\d+)")
+
+
+def os_errno(err: BaseException) -> int | None:
+    """The errno behind ``err``: its own, one in its chain (a library that wraps the
+    OSError), or one HDF5 wrote into the message (``errno = 28``)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current.errno
+        found = _ERRNO_IN_TEXT.search(str(current))
+        if found:
+            return int(found.group(1))
+        if "No space left on device" in str(current):
+            return errno.ENOSPC
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def free_space(directory: object) -> str:
+    """``12.3 MiB free`` in ``directory`` (its nearest existing parent), for messages."""
+    path = Path(str(directory))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown free space"
+    mib = free / 2**20
+    return f"{mib:.1f} MiB free" if mib >= 1 else f"{mib:.2f} MiB free"  # 0.0 would say none
+
+
+def write_failure(path: object, err: BaseException, elsewhere: str = "") -> str:
+    """One line for an output ``path`` that could not be written: the file, the reason, what
+    it needs and what to do. ``elsewhere``: how this command writes to another place."""
+    path = Path(str(path))
+    directory = path.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent  # the output's directory was to be made in there
+    code = os_errno(err)
+    # the system's words for a known errno, not a library's wrapping of them (HDF5's are long)
+    reason = os.strerror(code) if code is not None else " ".join(str(err).split())
+    head = f"could not write {path}: {reason}"
+    kept = "nothing was written (earlier results unchanged)"
+    if code in DISK_FULL:
+        return (
+            f"{head}; {free_space(directory)} in {directory}; {kept}. Free space (or raise "
+            f"the quota) and {RERUN_ADVICE}."
+        )
+    if code in NOT_WRITABLE:
+        other = f", or {elsewhere}" if elsewhere else ""
+        return (
+            f"{head}; salt needs write permission in {directory} (on a writable file "
+            f"system); {kept}. Make it writable{other}."
+        )
+    return f"{head}; {kept}. Once {directory} can be written, {RERUN_ADVICE}."
+
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     DataError,
@@ -116,14 +191,19 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     RankFailedError,
     SlurmError,
+    OutputWriteError,
 )
 
 
 def run_entry_point(
-    fn: Callable[[Any], Any], cfg: Any, extra_errors: tuple[type[BaseException], ...] = ()
+    fn: Callable[[Any], Any],
+    cfg: Any,
+    extra_errors: tuple[type[BaseException], ...] = (),
+    disk_full_advice: str = RESUME_ADVICE,
 ) -> None:
     """Run a command's body: a user error is one line on stderr and exit 1 (``debug=true``
-    re-raises it with its traceback); a stop by signal exits 128 + the signal number."""
+    re-raises it with its traceback); a stop by signal exits 128 + the signal number.
+    ``disk_full_advice``: what to do after a full disk the command did not report itself."""
     try:
         fn(cfg)
     except (Interrupted, StagingInterrupted) as err:
@@ -137,12 +217,14 @@ def run_entry_point(
         sys.exit(1)
     except OSError as err:
         # a full disk or quota while writing logs, plots or copies: the user's to fix
-        if err.errno not in DISK_FULL or cfg.get("debug"):
+        if os_errno(err) not in DISK_FULL or cfg.get("debug"):
             raise
         where = f"{err.filename}: " if err.filename else ""
+        space = f"{free_space(err.filename)} there; " if err.filename else ""
+        reason = err.strerror or " ".join(str(err).split())
         print(
-            f"salt: error: {where}{err.strerror}; free space (or raise the quota) and continue "
-            "from the run's last checkpoint with resume=<run dir>",
+            f"salt: error: {where}{reason}; {space}free space (or raise the quota) and "
+            f"{disk_full_advice}",
             file=sys.stderr,
             flush=True,
         )

@@ -10,6 +10,10 @@ Examples::
 Writes, beside the checkpoint (``logs/<run>/ckpts/``): ``<ckpt stem>__test_<sample><suffix>.h5``
 (see `salt.evaluation.predictions`), ``...__performance.yaml`` and ``...__roc.png`` (see
 `salt.evaluation.performance`). Runs on one device.
+
+The three files are written under temporary names and renamed into place together at the end:
+a failed evaluation (full disk, no permission, an error, Ctrl-C) leaves no new file and an
+earlier evaluation's files as they were; the same command runs again.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from omegaconf import DictConfig
 
 from salt.config_check import command
 from salt.data.build import DataConfig, make_loader
-from salt.errors import ConfigError
+from salt.errors import RERUN_ADVICE, ConfigError
 from salt.evaluation.performance import (
     Performance,
     b_tagging_performance,
@@ -39,6 +43,13 @@ from salt.evaluation.run import (
 )
 from salt.evaluation.settings import EvaluateConfig
 from salt.utils import typed_config
+from salt.utils.atomic import OutputSet
+
+# where else a read-only checkpoint directory lets an evaluation write its outputs
+ELSEWHERE = (
+    "copy the checkpoint to a writable directory and pass ckpt_path=<copy> (the outputs are "
+    "written beside the checkpoint)"
+)
 
 
 @dataclass
@@ -92,6 +103,7 @@ def evaluate(config: EvaluateConfig | DictConfig) -> EvaluationResult:
     test_file = resolve_test_file(run_data, cfg.data.test_file)
     paths = output_paths(predictions_path(ckpt_path, test_file, cfg.data.test_suffix))
     refuse_overwrite(paths, cfg.overwrite)
+    OutputSet(ELSEWHERE).check_writable(paths[0])  # before the long part
     run = load_run(run_dir, ckpt_path, cfg.device)
 
     data = evaluation_data_config(run, cfg)
@@ -110,47 +122,53 @@ def evaluate(config: EvaluateConfig | DictConfig) -> EvaluationResult:
     )
     num_jets = loader.dataset.num_jets
     print(f"salt: evaluating {run.ckpt_path} on {num_jets} jets of {test_file}", flush=True)
-    scores = write_predictions(
-        run,
-        loader,
-        test_file,
-        paths[0],
-        num_jets,
-        extra_jet_vars=list(cfg.extra_jet_vars),
-        write_tracks=cfg.write_tracks,
-        input_map=dict(data.input_map),
-        show_progress=cfg.progress_bar,
-    )
+    with OutputSet(ELSEWHERE) as outputs:
+        with outputs.file(paths[0]) as tmp:
+            scores = write_predictions(
+                run,
+                loader,
+                test_file,
+                tmp,
+                num_jets,
+                extra_jet_vars=list(cfg.extra_jet_vars),
+                write_tracks=cfg.write_tracks,
+                input_map=dict(data.input_map),
+                show_progress=cfg.progress_bar,
+            )
+        result = EvaluationResult(paths[0], num_jets)
+        try:
+            if scores is None:
+                raise ValueError("the model has no jet classification task")
+            perf = b_tagging_performance(scores, f_c, working_points)
+        except ValueError as err:
+            print(f"salt: no b-tagging performance: {err}", flush=True)
+            # an earlier evaluation's (overwrite=true) performance is not this one's
+            outputs.commit(remove=paths[1:])
+            print(f"salt: predictions written to {paths[0]}", flush=True)
+            return result
+        title = f"{run.name}: {run.ckpt_path.name} on {test_file.name}"
+        print(format_table(perf, title), flush=True)
+        with outputs.file(paths[1]) as tmp:
+            write_performance(
+                perf,
+                tmp,
+                {
+                    "tagger": run.name,
+                    "checkpoint": str(run.ckpt_path),
+                    "test_file": str(test_file),
+                    "predictions": str(paths[0]),
+                },
+            )
+        with outputs.file(paths[2]) as tmp:
+            plot_roc(perf, tmp, title=f"{run.name} on {test_file.name}, f_c = {f_c:g}")
+        outputs.commit()
     print(f"salt: predictions written to {paths[0]}", flush=True)
-    result = EvaluationResult(paths[0], num_jets)
-    try:
-        if scores is None:
-            raise ValueError("the model has no jet classification task")
-        perf = b_tagging_performance(scores, f_c, working_points)
-    except ValueError as err:
-        print(f"salt: no b-tagging performance: {err}", flush=True)
-        for stale in paths[1:]:  # from an earlier evaluation (overwrite=true): not this one's
-            stale.unlink(missing_ok=True)
-        return result
-    title = f"{run.name}: {run.ckpt_path.name} on {test_file.name}"
-    print(format_table(perf, title), flush=True)
-    write_performance(
-        perf,
-        paths[1],
-        {
-            "tagger": run.name,
-            "checkpoint": str(run.ckpt_path),
-            "test_file": str(test_file),
-            "predictions": str(paths[0]),
-        },
-    )
-    plot_roc(perf, paths[2], title=f"{run.name} on {test_file.name}, f_c = {f_c:g}")
     print(f"salt: performance written to {paths[1]} and {paths[2]}", flush=True)
     result.performance, result.performance_file, result.roc_file = perf, paths[1], paths[2]
     return result
 
 
-main = command("evaluate", evaluate)
+main = command("evaluate", evaluate, disk_full_advice=RERUN_ADVICE)
 
 if __name__ == "__main__":
     main()

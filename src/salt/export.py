@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from salt.config_check import command
 from salt.data.build import DataConfig
 from salt.data.ftag import open_h5
-from salt.errors import ConfigError
+from salt.errors import RERUN_ADVICE, ConfigError
 from salt.evaluation.onnx_model import (
     ExportError,
     ONNXTagger,
@@ -41,7 +41,10 @@ from salt.evaluation.run import (
 )
 from salt.evaluation.settings import ExportConfig
 from salt.utils import typed_config
-from salt.utils.atomic import atomic_write_bytes
+from salt.utils.atomic import OutputSet
+
+# where else a read-only output directory lets an export write its model
+ELSEWHERE = "pass output=<path in a writable directory>"
 
 
 @dataclass
@@ -89,6 +92,7 @@ def export(config: ExportConfig | DictConfig) -> ExportResult:
         cfg.parity.batch_size,
     )
     require_onnx()  # before the model is built: a missing package is reported at once
+    OutputSet(ELSEWHERE).check_writable(out)  # so is a directory salt cannot write
 
     run = load_run(run_dir, ckpt_path, "cpu")  # export and reference both on the CPU
     wrapper = ONNXTagger(run, run_data.input_map)
@@ -107,12 +111,15 @@ def export(config: ExportConfig | DictConfig) -> ExportResult:
             f"ONNX parity check failed: largest difference {worst:.3g} (output {worst_name}) "
             f"exceeds parity.tolerance={tolerance:g}; {out} was not written."
         )
-    atomic_write_bytes(out, model_bytes)
+    with OutputSet(ELSEWHERE) as outputs:  # a failed write leaves no partial model
+        with outputs.file(out) as tmp:
+            tmp.write_bytes(model_bytes)
+        outputs.commit()
     print(f"salt: largest difference {worst:.3g}; ONNX model written to {out}", flush=True)
     return ExportResult(out, worst, check_file, num_jets)
 
 
-main = command("export", export, (ExportError,))
+main = command("export", export, (ExportError,), disk_full_advice=RERUN_ADVICE)
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from salt.errors import ConfigError
 from salt.evaluation.predictions import JetScores
-from salt.utils.atomic import atomic_path, atomic_write_yaml
+from salt.utils.atomic import yaml_text
 
 WORKING_POINTS = (60, 70, 77, 85)
 EPSILON = 1e-10  # keeps the log finite where a probability underflows to 0
@@ -135,12 +135,14 @@ def format_table(perf: Performance, title: str = "") -> str:
 
 
 def write_performance(perf: Performance, path: Path, extra: dict[str, Any]) -> None:
-    """``performance.yaml``: the settings, jet counts and rejections (atomic)."""
-    atomic_write_yaml(path, {**extra, **perf.to_dict()})
+    """``performance.yaml``: the settings, jet counts and rejections, written to ``path``
+    (`salt.evaluate` gives a temporary name of its `OutputSet`)."""
+    path.write_text(yaml_text({**extra, **perf.to_dict()}, path), encoding="utf-8")
 
 
 def plot_roc(perf: Performance, path: Path, title: str = "", eff_min: float = 0.4) -> None:
-    """Background rejection vs b-jet efficiency (log y), working points marked (atomic PNG)."""
+    """Background rejection vs b-jet efficiency (log y), working points marked: a PNG written
+    to ``path`` (`salt.evaluate` gives a temporary name of its `OutputSet`)."""
     effs = np.linspace(eff_min, 1.0, 121)[:-1]  # at 100% every rejection is 1
     cuts = cuts_for(perf.discriminants["b"], effs)
     fig = Figure(figsize=(6.4, 4.8))
@@ -160,5 +162,4 @@ def plot_roc(perf: Performance, path: Path, title: str = "", eff_min: float = 0.
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    fig.savefig(path, format="png", dpi=100)

@@ -17,8 +17,9 @@ Predicted vertices are the connected components of the graph of real tracks join
 symmetrised same-vertex probability ``(p_ij + p_ji) / 2`` exceeds 0.5, numbered 0, 1, ... per
 jet in the order of their first track.
 
-Everything is written batch by batch into a temporary file that is renamed into place at the end,
-so memory stays bounded and an interrupted evaluation leaves no partial file.
+Everything is written batch by batch, so memory stays bounded; `salt.evaluate` writes the file
+under a temporary name and renames it into place with the performance and plot at the end
+(`salt.utils.atomic.OutputSet`), so a failed evaluation leaves no partial file.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from salt.data.labels import LabelSpec, class_indices
 from salt.errors import ConfigError
 from salt.evaluation.run import LoadedRun
 from salt.models.tasks import ClassificationTask, RegressionTask, Task, VertexingTask
-from salt.utils.atomic import atomic_path
+from salt.utils.h5_output import H5Output
 from salt.utils.names import closest_available
 
 log = logging.getLogger("salt")
@@ -343,16 +344,15 @@ def write_predictions(
     input_map: Mapping[str, str] | None = None,
     show_progress: bool = False,
 ) -> JetScores | None:
-    """Predict every batch (in the test file's order) and write ``out_path`` atomically.
+    """Predict every batch (in the test file's order) and write them to ``out_path`` (the
+    caller's temporary name: see the module docstring).
 
     ``batches`` must cover jets ``0..num_jets`` of ``test_file`` in order; with
-    ``write_tracks`` they must keep the file's track slots (``trim_tracks=False``).
+    ``write_tracks`` they must keep the file's track slots (``trim_tracks=False``). A failed
+    write (full disk) raises OSError naming ``out_path`` after the batch it happened in.
     """
-    with (
-        open_h5(test_file) as src,
-        atomic_path(out_path) as tmp,
-        h5py.File(tmp, "w") as dst,
-    ):
+    with open_h5(test_file) as src, H5Output(out_path) as out:
+        dst = out.file
         dst.attrs["salt_version"] = salt.__version__
         dst.attrs["tagger"] = run.name
         dst.attrs["checkpoint"] = str(run.ckpt_path)
@@ -365,6 +365,7 @@ def write_predictions(
                 masks = {k: v.to(run.device) for k, v in batch["pad_masks"].items()}
                 outputs, _ = run.tagger(inputs, masks)
                 writer.write(outputs, masks.get("tracks"))
+                out.check()  # a full disk stops the evaluation now, not after every batch
                 if bar is not None:
                     bar.update(len(next(iter(inputs.values()))))
         scores = writer.finish()

@@ -1,8 +1,9 @@
 """A trained run, ready to predict: its config, the chosen checkpoint, the tagger and its dicts.
 
-Shared by ``python -m salt.evaluate`` and ``python -m salt.export``. The normalisation and class
-dicts are taken from the run directory (training copies the ones it used there), so a run can be
-evaluated after the training files have moved.
+Shared by ``python -m salt.evaluate`` and ``python -m salt.export``. Everything but the test data
+is read from the run directory: its config.yaml, its checkpoint (with the model config stored in
+it) and its copy of the normalisation dict (training copies the one it used there), so a run
+evaluates the same after the training files were edited or moved.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from salt.data.ftag import DataError, load_yaml_dict, open_h5
 from salt.errors import ConfigError
 from salt.schema import TrainConfig, read_train_config
 from salt.training import checkpoint as ckpt
-from salt.training.run_dir import load_run_config
+from salt.training.run_dir import RUN_COPIES, load_run_config, run_copy
 
 log = logging.getLogger("salt")
 
@@ -86,17 +87,18 @@ def choose_checkpoint(run_dir: Path, ckpt_path: Any) -> Path:
 
 
 def _norm_dict_of(run_dir: Path, cfg: TrainConfig) -> dict:
-    """The run's ``norm_dict``: the run directory's copy, else the run's configured file."""
-    copy = run_dir / "norm_dict.yaml"
-    if copy.exists():
-        return load_yaml_dict(copy, "norm_dict")
-    configured = cfg.data.norm_dict
-    if configured and Path(configured).exists():
-        return load_yaml_dict(Path(configured), "norm_dict")
-    raise DataError(
-        f"{copy}: norm_dict not found (training copies it into the run directory), and the "
-        f"run's data.norm_dict ({configured}) does not exist either."
-    )
+    """The run's ``norm_dict``: the run directory's copy, never the file it was copied from
+    (it may have been edited or moved since)."""
+    copy = run_copy(run_dir, "norm_dict", cfg.data.norm_dict)
+    if copy is None:
+        expected = run_dir / RUN_COPIES["norm_dict"]
+        raise DataError(
+            f"{expected}: norm_dict not found; training copies the norm_dict it used into the "
+            "run directory, and evaluation and export read only that copy. Copy the norm_dict "
+            f"this run was trained with ({cfg.data.norm_dict or 'see metadata.yaml'}) to "
+            f"{expected}."
+        )
+    return load_yaml_dict(copy, "norm_dict")
 
 
 def run_config(run_dir: Path) -> TrainConfig:

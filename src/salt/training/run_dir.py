@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,28 @@ HYDRA_HEADER: dict[str, Any] = {
     "defaults": ["train_schema", {"override hydra/job_logging": "stdout"}, "_self_"],
     "hydra": {"output_subdir": None, "run": {"dir": "."}},
 }
+
+
+# The run's own copies of the dicts it was trained with, under these names whatever the
+# originals are called. The saved config.yaml refers to them, and evaluation, export and resume
+# read them, never the originals: those may be edited or moved after training.
+RUN_COPIES = {"norm_dict": "norm_dict.yaml", "class_dict": "class_dict.yaml"}
+
+
+def run_copy(run_dir: str | Path, key: str, configured: Any = None) -> Path | None:
+    """The run directory's copy of its ``norm_dict`` or ``class_dict`` (``key``), or None.
+
+    The file named in `RUN_COPIES`; else one named as the ``configured`` file: salt before
+    these fixed names copied each dict under its original's name (``my_norms.yaml``).
+    """
+    run_dir = Path(run_dir)
+    names = [RUN_COPIES[key]]
+    if configured:
+        names.append(Path(str(configured)).name)
+    for name in names:
+        if (run_dir / name).is_file():
+            return run_dir / name
+    return None
 
 
 def check_log_dir(log_dir: str) -> None:
@@ -74,16 +97,21 @@ def create_run_dir(cfg: TrainConfig) -> Path:
     raise ConfigError(f"log_dir={cfg.log_dir}: could not create a unique run directory for {base}")
 
 
-def config_to_save(cfg: TrainConfig) -> dict[str, Any]:
-    """The full merged config, with run-specific keys reset so that it trains the run again."""
+def config_to_save(cfg: TrainConfig, copies: Mapping[str, Path] | None = None) -> dict[str, Any]:
+    """The full merged config, with run-specific keys reset so that it trains the run again;
+    ``copies``: ``data.<key>`` -> the run directory's copy of that file, to use instead."""
     data = as_plain(cfg)
     data["ckpt_path"] = None
     data["resume"] = None
+    for key, path in (copies or {}).items():
+        data["data"][key] = str(path)
     return {**HYDRA_HEADER, **data}
 
 
 def load_run_config(run_dir: str | Path) -> DictConfig:
-    """A run's saved config.yaml, without the Hydra header."""
+    """A run's saved config.yaml, without the Hydra header, with ``data.norm_dict`` and
+    ``data.class_dict`` pointing to the run directory's copies (`run_copy`), wherever the
+    directory is now and whatever became of the originals."""
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no config.yaml; is {run_dir} a salt run directory?")
@@ -91,16 +119,27 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
     assert isinstance(cfg, DictConfig)
     for key in HYDRA_HEADER:
         cfg.pop(key, None)
+    data = OmegaConf.select(cfg, "data")  # the raw file: read by the schema later
+    if isinstance(data, DictConfig):
+        for key in RUN_COPIES:
+            copy = run_copy(run_dir, key, OmegaConf.select(data, key))
+            if copy is not None:
+                data[key] = str(copy)
     return cfg
 
 
 def write_run_files(run_dir: Path, cfg: TrainConfig, metadata: dict, files: DataFiles) -> None:
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(config_to_save(cfg)))
-    atomic_write_yaml(run_dir / "metadata.yaml", metadata)
-    for src in (files.norm_dict, files.class_dict):
+    """The run's config.yaml, metadata.yaml and copies of its dicts (`RUN_COPIES`)."""
+    copies: dict[str, Path] = {}
+    for key, src in (("norm_dict", files.norm_dict), ("class_dict", files.class_dict)):
         if src is not None:
-            with atomic_path(run_dir / src.name) as tmp:
+            dest = run_dir / RUN_COPIES[key]
+            with atomic_path(dest) as tmp:
                 shutil.copyfile(src, tmp)
+            copies[key] = dest.resolve()
+    # after the copies: a config.yaml on disk always refers to files that exist
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(config_to_save(cfg, copies)))
+    atomic_write_yaml(run_dir / "metadata.yaml", metadata)
 
 
 def _job_key() -> str | None:

@@ -43,6 +43,7 @@ from salt.training.distributed import (
 from salt.training.optim import Schedule, adamw
 from salt.training.report import monitored
 from salt.training.run_dir import (
+    RUN_COPIES,
     check_log_dir,
     create_run_dir,
     remember_job,
@@ -212,6 +213,15 @@ def setup(
                     "val": {
                         "path": [str(p) for p in source_files.val],
                         "num_jets": val_loader.dataset.num_jets,
+                    },
+                    # the originals; config.yaml names the run directory's copies
+                    **{
+                        key: {"path": str(path), "copy": RUN_COPIES[key]}
+                        for key, path in (
+                            ("norm_dict", source_files.norm_dict),
+                            ("class_dict", source_files.class_dict),
+                        )
+                        if path is not None
                     },
                 },
                 extra={
