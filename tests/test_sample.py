@@ -22,6 +22,7 @@ from salt.data.sample import (
     TRACK_VARIABLES,
     write_sample,
 )
+from tests.conftest import small_tmpfs
 
 SRC = Path(sample.__file__).resolve().parents[2]
 N_JETS = 2000
@@ -350,3 +351,28 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path: Path, signum: int) -> N
             proc.wait()
     assert proc.returncode == 128 + signum
     assert list(out.iterdir()) == []
+
+
+def test_full_disk_is_one_error_and_leaves_nothing(tmp_path: Path) -> None:
+    """A disk that fills while the sample is written: one DataError naming the directory and
+    the free space, no file left (not even a temporary one), and no HDF5 crash at exit (in a
+    subprocess, where a half-closed HDF5 file would end in a segmentation fault)."""
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:
+        code = (
+            "import sys\n"
+            "from salt.data.sample import write_sample\n"
+            "from salt.errors import DataError\n"
+            "try:\n"
+            f"    write_sample({str(disk / 'sample')!r}, 20000)\n"
+            "except DataError as err:\n"
+            "    print(err)\n"
+            "    sys.exit(3)\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert proc.returncode == 3, proc.stdout + proc.stderr
+        assert proc.stderr == ""  # no HDF5 tracebacks, no crash
+        message = proc.stdout.strip()
+        assert "\n" not in message
+        assert message.startswith(f"{disk / 'sample'}: could not write the built-in sample")
+        assert "No space left on device" in message and "MiB free there" in message
+        assert list((disk / "sample").iterdir()) == []

@@ -29,13 +29,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import yaml
 
-from salt.errors import SampleInterrupted
+from salt.errors import DISK_FULL, DataError, SampleInterrupted, free_space, os_errno
 from salt.signals import Catch
 from salt.utils.atomic import temp_name
+from salt.utils.h5_output import H5Output
 
 JET_VARIABLES = ["pt_btagJes", "eta_btagJes"]
 TRACK_FLOAT_VARIABLES = [
@@ -463,7 +463,9 @@ def _write_split(path: Path, n_jets: int, seed: int, split: int) -> _SplitSummar
             origins,
         )
 
-    with h5py.File(path, "w-") as f:  # "w-": never clobber
+    # H5Output: a full disk is an OSError here, not a half-closed HDF5 file (and a crash at exit)
+    with H5Output(path) as out:
+        f = out.file
         f.attrs["generator"] = "salt.data.sample"
         f.attrs["seed"] = seed
         f.attrs["split"] = SPLITS[split]
@@ -490,6 +492,7 @@ def _write_split(path: Path, n_jets: int, seed: int, split: int) -> _SplitSummar
                 _stop_if_signalled()
                 if block + 1 < n_blocks:
                     pending = pool.submit(make_block, block + 1)
+                out.check()  # stop at the first failed write, not after the whole split
                 start = block * _BLOCK_JETS
                 jets_ds[start : start + len(jets)] = jets
                 tracks_ds[start : start + len(jets)] = tracks
@@ -566,6 +569,15 @@ def write_sample(out_dir: str | Path, num_jets: int, seed: int = 42) -> dict[str
         )
         for key, path in final.items():
             os.replace(temps.pop(key), path)
+    except OSError as err:
+        if os_errno(err) not in DISK_FULL:
+            raise
+        raise DataError(
+            f"{out_dir}: could not write the built-in sample ({num_jets} training jets): "
+            f"{os.strerror(os_errno(err) or 0)}; {free_space(out_dir)} there; nothing was kept. "
+            "Free space, or set data.sample.dir to a directory with room (or fewer "
+            "data.sample.num_jets), and run again."
+        ) from err
     finally:
         for tmp in temps.values():  # only left on failure or interruption
             tmp.unlink(missing_ok=True)

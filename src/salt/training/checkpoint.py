@@ -26,14 +26,13 @@ import os
 import pickle
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from salt.errors import CheckpointError, CheckpointWriteError
+from salt.errors import CheckpointError, CheckpointWriteError, free_space
 from salt.utils.atomic import atomic_path, is_temp_name
 
 __all__ = [
@@ -105,14 +104,6 @@ def _os_error_in(err: BaseException) -> OSError | None:
     return None
 
 
-def _free_space(directory: Path) -> str:
-    try:
-        free = shutil.disk_usage(directory).free
-    except OSError:
-        return "unknown free space"
-    return f"{free / 2**20:.1f} MiB free"
-
-
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write ``state`` to ``path`` atomically, adding the ``salt_checkpoint`` format marker.
 
@@ -142,7 +133,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None
             raise
         raise CheckpointWriteError(
             f"could not write checkpoint {path}: {os_error.strerror or os_error} (errno "
-            f"{os_error.errno}); {_free_space(path.parent)} in {path.parent}; the previous "
+            f"{os_error.errno}); {free_space(path.parent)} in {path.parent}; the previous "
             f"{path.name}, if any, is unchanged"
         ) from os_error
 
