@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -263,6 +264,44 @@ def test_a_failing_rank_ends_all_and_raises_in_the_parent() -> None:
     assert isinstance(error, RankFailedError)
     assert error.rank == 1
     assert "rank 1 failed" in str(error) and "ValueError: rank one broke" in str(error)
+
+
+def _one_rank_is_stuck(rank: int) -> None:
+    init_distributed("cpu", timeout=datetime.timedelta(seconds=2))
+    if rank == 1:
+        time.sleep(120)  # alive, but never reaches the collective (a hung file read, say)
+    all_reduce_sum(torch.ones(3), "the test's sum")
+
+
+def test_a_stuck_rank_is_named_by_the_rank_that_waited_for_it() -> None:
+    start = time.monotonic()
+    with pytest.raises(RankFailedError) as failed:
+        spawn(_one_rank_is_stuck, 2, ())
+    assert time.monotonic() - start < 60  # the timeout, the others' notes, the grace
+    assert failed.value.rank == 0  # the rank that reported
+    assert (
+        "RankTimeoutError: rank 1 did not arrive in the test's sum within "
+        "trainer.ddp_timeout_s=2: it is stuck or dead" in str(failed.value)
+    )
+
+
+def _ranks_out_of_step(rank: int) -> None:
+    init_distributed("cpu", timeout=datetime.timedelta(seconds=2))
+    if rank == 0:
+        barrier("the first barrier")
+    else:
+        broadcast_object(None, what="a broadcast only rank 1 makes")
+        barrier("the second barrier")
+
+
+def test_ranks_in_different_collectives_are_named_as_a_bug() -> None:
+    """Both ranks wait, in different collectives: nobody is missing, the notes say where each
+    was."""
+    with pytest.raises(RankFailedError) as failed:
+        spawn(_ranks_out_of_step, 2, ())
+    assert "the ranks waited in different collectives (rank 0: the first barrier; rank 1: " in (
+        str(failed.value)
+    )
 
 
 def test_spawn_rejects_bad_counts() -> None:

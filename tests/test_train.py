@@ -27,7 +27,7 @@ from salt.train import train
 from salt.training import checkpoint as ckpt
 from salt.training.config import cpu_autocast_warning
 from salt.training.distributed import DistInfo, barrier, cleanup, init_distributed, spawn
-from salt.training.loop import fit, forward, setup
+from salt.training.loop import fit, forward, setup, validate
 from salt.training.optim import Schedule, adamw
 from salt.training.setup import build_loaders
 from tests.conftest import (
@@ -536,6 +536,107 @@ def test_ddp_ranks_of_a_node_share_one_staged_copy(tmp_path: Path, sample_cache:
     assert seen[0]["train"] == seen[1]["train"]
     assert seen[0]["train"][0].startswith(str(root / seen[0]["copies"][0]))
     assert not list(root.glob("salt-stage-*"))  # removed after both ranks were done
+
+
+def ddp_command(tmp_path: Path, cache: Path, *overrides: str) -> list[str]:
+    """`python -m salt.train` with two gloo ranks on the CPU (`spawn`), the tiny model."""
+    return [
+        sys.executable,
+        "-m",
+        "salt.train",
+        *TINY,
+        f"data.sample.dir={cache}",
+        f"log_dir={tmp_path / 'logs'}",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        *overrides,
+    ]
+
+
+def val_row(run_dir: Path) -> dict[str, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (row,) = [r for r in rows if "val/loss" in r]
+    return {k: v for k, v in row.items() if k.startswith("val/")}
+
+
+@pytest.mark.slow
+def test_ddp_with_fewer_validation_batches_than_ranks(tmp_path: Path, sample_cache: Path) -> None:
+    """One validation batch for two ranks: rank 1 validates no jet. The run ends with its
+    checkpoints and the validation figures of one process on the same jets (it hung in
+    validation: rank 0's forward pass broadcast the model's buffers, rank 1 summed nothing)."""
+    one_batch = ["data.num_val=100", "trainer.max_steps=2", "logger=local"]
+    cmd = ddp_command(tmp_path, sample_cache, *one_batch, "trainer.ddp_timeout_s=60")
+    out = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = run_dirs(tmp_path)
+    names = sorted(p.name for p in (run_dir / "ckpts").iterdir())
+    assert names[0].startswith("epoch=000-val_loss=") and names[1] == ckpt.LAST
+    ddp = val_row(run_dir)
+    assert {"val/loss", "val/jet_accuracy", "val/light_rej_70"} <= ddp.keys()
+
+    # one process, the same jets and the DDP run's weights
+    single = setup(make_cfg(tmp_path / "single", sample_cache, *one_batch), cpu())
+    shares = [
+        build_loaders(single.cfg, resolve_files(single.cfg.data), rank)[1].dataset
+        for rank in (DistInfo(r, r, 2, torch.device("cpu"), r == 0, "gloo") for r in (0, 1))
+    ]
+    assert [len(s.rank_sequence(0, 0)) for s in shares] == [1, 0]  # rank 1: no batch
+    single.tagger.load_state_dict(weights(run_dir / "ckpts" / ckpt.LAST))
+    assert validate(single) == pytest.approx(ddp, rel=1e-6)
+
+
+def spawned_ranks(parent: int) -> dict[str, int]:
+    """``{"salt-rank0": pid, ...}``: the ranks `spawn` started for ``parent`` (by their
+    process names)."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            name = (proc / "comm").read_text().strip()
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if ppid == parent and name.startswith("salt-rank"):
+            found[name] = int(proc.name)
+    return found
+
+
+@pytest.mark.slow
+def test_a_stuck_ddp_rank_stops_the_run_naming_it(tmp_path: Path, sample_cache: Path) -> None:
+    """Rank 1 stops (SIGSTOP: alive, never reaches the next gradient all-reduce) after a few
+    steps; rank 0 waits trainer.ddp_timeout_s, then the run ends with one line naming rank 1
+    (it waited forever)."""
+    logs = tmp_path / "logs"
+    every_step = ["logger=local", "logger.log_every_n_steps=1"]
+    cmd = ddp_command(tmp_path, sample_cache, *every_step, "trainer.ddp_timeout_s=2")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stderr=subprocess.PIPE, text=True)
+    ranks: dict[str, int] = {}
+    try:
+        deadline = time.monotonic() + 180
+        while not any(logged_step(d) >= 2 for d in logs.glob("*")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training did not start in time"
+            time.sleep(0.01)
+        ranks = spawned_ranks(proc.pid)
+        os.kill(ranks["salt-rank1"], signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        waited = time.monotonic() - stopped
+    finally:
+        proc.kill()
+        for pid in ranks.values():  # a rank left stopped would never end
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("salt:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(
+        r"salt: error on rank 0: rank 1 did not arrive in the gradient all-reduce of step \d+ "
+        r"within trainer\.ddp_timeout_s=2: it is stuck or dead \(see the output of rank 1\); "
+        r"the run stops here, its checkpoints are kept",
+        lines[0],
+    ), lines[0]
+    assert waited < 60  # the timeout, the others' notes, the stopped rank's end
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks.values())
 
 
 def test_move_files_temp_auto_takes_the_slurm_jobs_tmpdir(monkeypatch, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import salt.schema  # registers the config schemas with Hydra
-from salt.errors import RESUME_ADVICE, ConfigError, run_entry_point
+from salt.errors import INTERRUPTED, RESUME_ADVICE, ConfigError, run_entry_point
 from salt.utils.names import closest, did_you_mean
 from salt.utils.typed_config import omegaconf_message
 
@@ -65,8 +66,14 @@ def command(
         run_entry_point(body, cfg, extra_errors, disk_full_advice)
 
     def main() -> None:
-        check_command_line(config_name)
-        hydra_main()
+        try:
+            check_command_line(config_name)
+            hydra_main()
+        except KeyboardInterrupt:  # while Hydra composes the config: nothing written yet
+            if _debug_requested(sys.argv[1:]):
+                raise
+            print(INTERRUPTED, file=sys.stderr, flush=True)
+            sys.exit(128 + signal.SIGINT)
 
     return main
 

@@ -77,6 +77,11 @@ class OutputWriteError(RuntimeError):
     written; nothing is left under its name and earlier outputs are unchanged."""
 
 
+class RankTimeoutError(RankFailedError):
+    """A collective operation (DDP) failed: ``rank`` is the rank it waited for (stuck, dead or
+    out of step), named in the message."""
+
+
 class ExportError(RuntimeError):
     """The model could not be exported, or the exported model disagrees with torch."""
 
@@ -103,15 +108,18 @@ class TrainingError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Training stopped by a signal after saving its state; resume continues it."""
+    """A signal stopped the command; the message says what was kept and how to continue.
+    ``reported``: another process (rank 0, a spawned rank) printed it already."""
 
-    def __init__(self, signum: int, step: int, run_dir: object) -> None:
-        self.signum, self.step = int(signum), step
-        where = f" with resume={run_dir}" if run_dir else ""
-        super().__init__(
-            f"stopped by signal {self.signum} at step {step}; state saved, continue{where}"
-        )
+    def __init__(self, signum: int, message: str, reported: bool = False) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+        self.reported = reported
 
+
+# salt writes every file it keeps atomically (salt.utils.atomic), so a Ctrl-C leaves none half
+# written
+INTERRUPTED = "salt: interrupted; no file was left half-written: run the command again"
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -202,13 +210,21 @@ def run_entry_point(
     disk_full_advice: str = RESUME_ADVICE,
 ) -> None:
     """Run a command's body: a user error is one line on stderr and exit 1 (``debug=true``
-    re-raises it with its traceback); a stop by signal exits 128 + the signal number.
-    ``disk_full_advice``: what to do after a full disk the command did not report itself."""
+    re-raises it with its traceback); a stop by signal, Ctrl-C included, is one line (what was
+    kept) and exits 128 + the signal number. ``disk_full_advice``: what to do after a full disk
+    the command did not report itself."""
     try:
         fn(cfg)
     except (Interrupted, StagingInterrupted) as err:
-        print(f"salt: {err}", file=sys.stderr, flush=True)
+        if not getattr(err, "reported", False):
+            print(f"salt: {err}", file=sys.stderr, flush=True)
         sys.exit(128 + err.signum)
+    except KeyboardInterrupt:
+        # Ctrl-C where the command has nothing more precise to say (it raises Interrupted)
+        if cfg.get("debug"):
+            raise
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     except (*USER_ERRORS, *extra_errors) as err:
         if cfg.get("debug"):
             raise

@@ -1,11 +1,15 @@
 """Signal handling, in one place: handlers for a ``with`` block, restored after it.
 
-Three users share `Catch`:
+Four users share `Catch`:
 
 * the training loop's stop request (`stop_request`): SIGTERM, SIGUSR1, SIGUSR2 and SIGINT
   (Slurm's cancel, pre-timeout signals, Ctrl-C) only set a flag; the loop saves at the next
   step boundary, then `Catch.pass_on` lets the replaced handler act too (under submitit it
-  requeues the job). A second Ctrl-C raises KeyboardInterrupt at once;
+  requeues the job). A second Ctrl-C raises KeyboardInterrupt at once (the loop turns it into
+  one line saying what was kept);
+* the process that spawns DDP ranks on one node: it records the stop signals and waits for
+  the ranks, which got them too; the ranks start with Ctrl-C ignored (`ctrl_c_ignored`) until
+  their interpreter is ready for it (`ctrl_c_interrupts`);
 * data staging: a signal aborts the copy at once (``act``), except inside `Catch.held`
   sections; the copies are removed, then the signal goes to the handler it replaced, so the
   process ends as it would have without staging;
@@ -26,7 +30,17 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-__all__ = ["ALWAYS", "IF_DEFAULT", "STOP_SIGNALS", "UNLESS_IGNORED", "Catch", "stop_request"]
+__all__ = [
+    "ALWAYS",
+    "IF_DEFAULT",
+    "STOP_SIGNALS",
+    "UNLESS_IGNORED",
+    "Catch",
+    "ctrl_c_ignored",
+    "ctrl_c_interrupts",
+    "ignore_ctrl_c",
+    "stop_request",
+]
 
 # When a `Catch` takes a signal over, given the handler installed before it:
 ALWAYS = "always"  # whatever is installed
@@ -166,6 +180,36 @@ class Catch:
                 handler(signum, None)
             except BaseException as err:
                 raise err from None  # no "during handling" noise
+
+
+@contextlib.contextmanager
+def ctrl_c_ignored() -> Iterator[None]:
+    """Ctrl-C ignored while the block runs (from the main thread; elsewhere nothing changes).
+    Processes started in it begin with Ctrl-C ignored: an ignored signal survives exec, and a
+    Python interpreter that starts with SIGINT ignored installs no KeyboardInterrupt for it,
+    until it calls `ctrl_c_interrupts`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def ctrl_c_interrupts() -> None:
+    """Ctrl-C raises KeyboardInterrupt again (Python's own handler), e.g. in a process started
+    with it ignored (`ctrl_c_ignored`)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def ignore_ctrl_c() -> None:
+    """Ctrl-C ignored from now on (from the main thread): the command is ending and has said
+    what it kept; one more would turn its exit into a traceback."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def stop_request() -> Catch:

@@ -12,8 +12,10 @@ Examples::
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -23,8 +25,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from salt.config_check import command
-from salt.errors import USER_ERRORS, ConfigError
+from salt.errors import USER_ERRORS, ConfigError, Interrupted
 from salt.schema import TrainConfig, read_train_config
+from salt.signals import ignore_ctrl_c
 from salt.training import checkpoint as ckpt
 from salt.training.config import TrainerConfig
 from salt.training.distributed import (
@@ -36,6 +39,7 @@ from salt.training.distributed import (
     num_processes,
     spawn,
 )
+from salt.training.kept import Kept
 from salt.training.run_dir import load_run_config
 from salt.utils.typed_config import omegaconf_message
 
@@ -106,15 +110,30 @@ def world_size(trainer: TrainerConfig) -> int:
 def _worker(rank: int, cfg: TrainConfig) -> None:
     from salt.training.loop import fit
 
-    dist = init_distributed(cfg.trainer.devices, cfg.trainer.accelerator)
+    launch = detect_environment()
+    rank = launch["rank"] if launch is not None else rank  # launched ranks all get rank=0 here
+    spawned = bool(os.environ.get(SPAWNED_ENV))
     try:
-        fit(cfg, dist)
+        try:
+            timeout = datetime.timedelta(seconds=cfg.trainer.ddp_timeout_s)
+            fit(cfg, init_distributed(cfg.trainer.devices, cfg.trainer.accelerator, timeout))
+        except KeyboardInterrupt:  # before fit took Ctrl-C over: nothing was written
+            raise Interrupted(signal.SIGINT, Kept().interrupted(None, again=False)) from None
+    except Interrupted as err:
+        ignore_ctrl_c()  # the run is over: one more Ctrl-C must not turn the exit into a traceback
+        err.reported = err.reported or rank != 0  # rank 0 says what was kept
+        if not spawned:
+            raise  # reported by main()
+        if not err.reported:
+            print(f"salt: {err}", file=sys.stderr, flush=True)
+        sys.exit(128 + err.signum)
     except USER_ERRORS as err:
-        if cfg.debug or (rank == 0 and detect_environment() is None):
+        if cfg.debug or (rank == 0 and launch is None):
             raise  # reported by main()
         # a spawned or launched rank: one clear line, then a non-zero exit for the launcher
-        print(f"salt: error on rank {dist.rank}: {err}", file=sys.stderr, flush=True)
-        sys.exit(REPORTED_EXIT_CODE if os.environ.get(SPAWNED_ENV) else 1)
+        if not getattr(err, "reported", False):  # another rank speaks for this failure
+            print(f"salt: error on rank {rank}: {err}", file=sys.stderr, flush=True)
+        sys.exit(REPORTED_EXIT_CODE if spawned else 1)
     finally:
         cleanup()
 

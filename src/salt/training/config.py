@@ -55,6 +55,12 @@ class TrainerConfig:
     monitor: str = "auto"  # the validation loss that names checkpoints and picks the best
     ckpt_every_n_steps: int = 1000  # also refresh last.ckpt mid-epoch (0: only per epoch)
     progress_bar: bool = True
+    # DDP: how long a rank waits in a collective for the others before the run stops with the
+    # rank it waited for named. Longer than any wait of the ranks for one of them (rank 0
+    # writing the sample or a checkpoint, a node's first rank copying data.move_files_temp):
+    # 30 min, as torch's gloo default and Lightning's; torch's NCCL default (10 min) is short
+    # for those. A stuck rank then costs at most this much of the job, not all of it.
+    ddp_timeout_s: float = 1800.0
 
     def check(self, where: str) -> None:
         self.precision = self.precision.lower().replace("-mixed", "").replace("-true", "")
@@ -77,6 +83,10 @@ class TrainerConfig:
                 f"{where}.gradient_clip_val must be > 0 or null, got {self.gradient_clip_val}"
             )
         check.at_least(self.ckpt_every_n_steps, f"{where}.ckpt_every_n_steps", 0)
+        if not self.ddp_timeout_s > 0:
+            raise ConfigError(
+                f"{where}.ddp_timeout_s must be > 0 (seconds), got {self.ddp_timeout_s}"
+            )
         if isinstance(self.compile, str):
             backends = torch._dynamo.list_backends(exclude_tags=())
             if self.compile not in backends:

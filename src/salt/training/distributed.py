@@ -13,13 +13,17 @@ The training entry must be importable without side effects (an ``if __name__ ==
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
 import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -30,8 +34,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from salt.errors import ConfigError, RankFailedError
+from salt.errors import INTERRUPTED, ConfigError, Interrupted, RankFailedError, RankTimeoutError
+from salt.signals import (
+    STOP_SIGNALS,
+    Catch,
+    ctrl_c_ignored,
+    ctrl_c_interrupts,
+    ignore_ctrl_c,
+)
 from salt.training.config import ACCELERATORS, devices_setting
+from salt.training.rank_failure import collective
 
 __all__ = [
     "REPORTED_EXIT_CODE",
@@ -43,6 +55,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "cleanup",
+    "collective",
     "detect_environment",
     "first_host",
     "get_rank",
@@ -51,6 +64,7 @@ __all__ = [
     "is_distributed",
     "is_main",
     "num_processes",
+    "ranks_where",
     "spawn",
 ]
 
@@ -87,6 +101,11 @@ SPAWNED_ENV = "SALT_SPAWNED"  # set in processes started by `spawn`
 # ends with SIGABRT; 2 to 12 of 60 two-rank runs here, torch 2.13: scripts/check_rank_exit.py).
 # Destroying the group does not stop those threads, so `cleanup` releases the GIL this long.
 GLOO_DRAIN_S = 0.2
+# After a rank ended with an error, `spawn` gives the others this long to end by themselves
+# (their collectives fail at once, and rank 0 may still be printing what was kept), then
+# SIGTERM, then as long again before SIGKILL.
+EXIT_GRACE_S = 3.0
+_PR_SET_NAME = 15  # <linux/prctl.h>
 
 
 # --------------------------------------------------------------------------- environment
@@ -304,9 +323,18 @@ def init_distributed(
     else:
         init_method = f"tcp://{launch['master_addr']}:{launch['master_port']}"
     kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-    dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs
-    )
+    try:
+        dist.init_process_group(
+            backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs
+        )
+    except RuntimeError as err:  # DistStoreError: "... waiting for clients. 1/2 clients joined"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RankTimeoutError(
+            rank,
+            f"the {world_size} ranks did not all join the process group ({init_method}): "
+            f"{first}; a rank did not start, or cannot reach rank 0's host (the wait is "
+            "trainer.ddp_timeout_s)",
+        ) from err
     logger.info(
         "rank %d/%d (local %d) on %s, backend %s, via %s",
         rank,
@@ -330,9 +358,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _name_process(name: str) -> None:
+    """Name this process as ``ps``, ``top`` and /proc/<pid>/comm show it (Linux; at most 15
+    bytes): which pid is which rank, when one hangs."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
 def _spawned(
-    rank: int, fn: Callable[..., Any], nprocs: int, port: int, args: tuple[Any, ...]
+    rank: int,
+    fn: Callable[..., Any],
+    nprocs: int,
+    port: int,
+    args: tuple[Any, ...],
+    interrupted: Any,
 ) -> None:
+    # Ctrl-C was ignored while this interpreter started (see `spawn`); from here on it is
+    # Python's KeyboardInterrupt again, and one that came meanwhile is acted on now
+    ctrl_c_interrupts()
+    _name_process(f"salt-rank{rank}")
     os.environ.update(
         {
             "RANK": str(rank),
@@ -344,8 +389,16 @@ def _spawned(
             SPAWNED_ENV: "1",
         }
     )
-    fn(rank, *args)
-    cleanup()
+    try:
+        if interrupted.value:
+            raise KeyboardInterrupt
+        fn(rank, *args)
+    except KeyboardInterrupt:  # `fn` said nothing about it: the line is rank 0's to print
+        if rank == 0:
+            print(INTERRUPTED, file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
+    finally:
+        cleanup()
 
 
 def spawn(fn: Callable[..., Any], nprocs: int, args: tuple[Any, ...] = ()) -> None:
@@ -363,13 +416,40 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple[Any, ...] = ()) -> No
     spawn_log = logging.getLogger("torch.multiprocessing.spawn")
     level = spawn_log.level
     spawn_log.setLevel(logging.ERROR)
+    interrupted = mp.get_context("spawn").Value("b", 0)
     try:
-        mp.start_processes(
-            _spawned, args=(fn, nprocs, port, args), nprocs=nprocs, join=True, start_method="spawn"
-        )
+        # The ranks take the stop signals themselves: a terminal's Ctrl-C and Slurm's signals
+        # reach every process. This one waits for them to save and end instead of dying first
+        # (and orphaning them), and passes on a signal sent to it alone (kill <pid>); not
+        # Ctrl-C, which the ranks got too: a second one would mean "stop now" to them.
+        with Catch(STOP_SIGNALS) as caught:
+            # Started with Ctrl-C ignored (inherited): a KeyboardInterrupt while a rank's
+            # interpreter imports would be a traceback; the rank learns of it from `interrupted`
+            with ctrl_c_ignored():
+                ctx = mp.start_processes(
+                    _spawned,
+                    args=(fn, nprocs, port, args, interrupted),
+                    nprocs=nprocs,
+                    join=False,
+                    start_method="spawn",
+                )
+            passed = 0
+            while not ctx.join(timeout=0.1, grace_period=EXIT_GRACE_S):
+                for signum in caught.caught[passed:]:
+                    if signum == signal.SIGINT:
+                        interrupted.value = 1
+                    else:
+                        _signal_ranks(ctx.pids(), signum)
+                passed = len(caught.caught)
     except mp.ProcessRaisedException as err:
         raise RankFailedError(err.error_index, f"rank {err.error_index} failed:\n{err}") from err
     except mp.ProcessExitedException as err:
+        stop_codes = {128 + getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)}
+        if err.exit_code in stop_codes:  # a stop by signal: rank 0 said what was kept
+            ignore_ctrl_c()  # and one more Ctrl-C must not turn the exit into a traceback
+            raise Interrupted(
+                err.exit_code - 128, f"rank {err.error_index} was stopped", reported=True
+            ) from None
         how = f"signal {err.signal_name}" if err.signal_name else f"exit code {err.exit_code}"
         raise RankFailedError(
             err.error_index,
@@ -378,6 +458,12 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple[Any, ...] = ()) -> No
         ) from err
     finally:
         spawn_log.setLevel(level)
+
+
+def _signal_ranks(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -401,34 +487,54 @@ def is_main() -> bool:
     return get_rank() == 0
 
 
-def barrier() -> None:
+# Each helper names its collective (``what``) for the one-line error that names the rank it
+# waited for when it fails (salt.training.rank_failure). Every rank must call the same helpers
+# in the same order with tensors of the same shape, whatever its share of the data.
+
+
+def barrier(what: str = "a barrier") -> None:
     """Wait for all ranks."""
     if is_distributed():
-        dist.barrier()
+        with collective(what):
+            dist.barrier()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor, what: str = "a sum over the ranks") -> torch.Tensor:
     """Sum ``tensor`` over all ranks, in place; returns it."""
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        with collective(what):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
+def ranks_where(flag: bool, what: str) -> list[int]:
+    """The ranks on which ``flag`` is true (every rank calls it; one small all-reduce)."""
+    if not is_distributed():
+        return [0] if flag else []
+    nccl = dist.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
+    votes = torch.zeros(get_world_size(), dtype=torch.int32, device=device)
+    votes[get_rank()] = int(flag)
+    return [r for r, v in enumerate(all_reduce_sum(votes, what).tolist()) if v]
+
+
+def broadcast_object(obj: Any, src: int = 0, what: str = "a message from rank 0") -> Any:
     """``obj`` from rank ``src`` on every rank (pickled: keep it small)."""
     if not is_distributed():
         return obj
     holder = [obj if get_rank() == src else None]
-    dist.broadcast_object_list(holder, src=src)
+    with collective(what):
+        dist.broadcast_object_list(holder, src=src)
     return holder[0]
 
 
-def all_gather_object(obj: Any) -> list[Any]:
+def all_gather_object(obj: Any, what: str = "a gather from every rank") -> list[Any]:
     """``obj`` from every rank, in rank order (pickled: keep it small); ``[obj]`` alone."""
     if not is_distributed():
         return [obj]
     out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
+    with collective(what):
+        dist.all_gather_object(out, obj)
     return out
 
 

@@ -15,19 +15,21 @@ import math
 import signal
 import time
 from collections.abc import Iterator
+from typing import NoReturn
 
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from salt.data.dataset import Batch, BatchLoader
-from salt.errors import Interrupted
+from salt.errors import DataError, Interrupted
 from salt.schema import TrainConfig
 from salt.signals import stop_request
 from salt.training import checkpoint as ckpt
 from salt.training.config import autocast
 from salt.training.device_batches import DeviceBatch
-from salt.training.distributed import DistInfo, all_reduce_sum, barrier
+from salt.training.distributed import DistInfo, all_reduce_sum, barrier, collective, ranks_where
+from salt.training.kept import Kept
 from salt.training.report import epoch_line, rejections_at, summary
 from salt.training.setup import setup
 from salt.training.state import Run, save
@@ -35,10 +37,11 @@ from salt.training.state import Run, save
 
 # ---- one step -----------------------------------------------------------------------------
 def forward(
-    run: Run, batch: Batch, jets_per_size: list[int] | None = None
+    run: Run, batch: Batch, jets_per_size: list[int] | None = None, model: nn.Module | None = None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``model``: the run's (the DDP wrapper under DDP) unless given."""
     with autocast(run.dist.device, run.autocast_dtype):
-        return run.model(
+        return (model or run.model)(
             batch["inputs"], batch["pad_masks"], batch["labels"], jets_per_size=jets_per_size
         )
 
@@ -105,7 +108,8 @@ def train_epoch(run: Run) -> bool:
         bar.update(run.train_batches.consumed if not fast else 0)
     n_batches, n_jets, t0 = 0, 0, time.perf_counter()
     for batch in limited(run.train_batches, fast):
-        losses = train_step(run, batch)
+        with collective(f"the gradient all-reduce of step {c.step + 1}"):  # under DDP
+            losses = train_step(run, batch)
         run.losses.add(losses, c.step, c.epoch)  # stays on the device until read
         c.step += 1
         n_batches += 1
@@ -128,6 +132,12 @@ def train_epoch(run: Run) -> bool:
             save(run, ckpt.LAST, also_last=False)
         if 0 < max_steps <= c.step or stop_requested(run):
             break
+    else:  # every rank has the same number of batches; one left short would hang the others
+        if not fast and run.train_batches.consumed < total:
+            raise DataError(
+                f"rank {run.dist.rank}: the training data of epoch {c.epoch} ended after "
+                f"{run.train_batches.consumed} of {total} batches (were the files changed?)"
+            )
     run.losses.read()  # a non-finite loss in the last steps stops the run here
     if bar is not None:
         bar.close()
@@ -136,43 +146,38 @@ def train_epoch(run: Run) -> bool:
 
 @torch.no_grad()
 def validate(run: Run) -> dict[str, float]:
+    """The validation metrics over every rank's share of the jets. Ranks may have different
+    numbers of batches, or none (fewer batches than ranks): each adds its sums and counts
+    (zeros without jets) to one all-reduce of the same shape on every rank."""
     run.model.eval()
     fast = run.cfg.trainer.fast_dev_run
     jet_task = run.tagger.flavour_task()
-    sums: dict[str, Tensor] = {}
-    correct = torch.zeros((), device=run.dist.device, dtype=torch.float64)
-    counted = torch.zeros((), device=run.dist.device, dtype=torch.float64)
+    names = sorted([*run.tagger.tasks, "loss"])  # the losses the tagger returns
+    # the jet-weighted sum of each loss, then the jets, the correct and the counted labels
+    sums = torch.zeros(len(names) + 3, device=run.dist.device, dtype=torch.float64)
     scores: list[Tensor] = []  # the jet flavour probabilities and classes, for rejections
     classes: list[Tensor] = []
     for device_batch in limited(run.val_batches, fast):
         batch, n = device_batch.tensors, device_batch.num_jets
-        outputs, losses = forward(run, batch, device_batch.jets_per_size)
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0) + v.double() * n
-        sums["_jets"] = sums.get("_jets", 0) + n
+        # the tagger, not the DDP wrapper: no rank waits for another in a forward pass
+        outputs, losses = forward(run, batch, device_batch.jets_per_size, run.tagger)
+        sums[: len(names)] += torch.stack([losses[k].double() for k in names]) * n
+        sums[len(names)] += n
         if jet_task is not None:
             target = batch["labels"][jet_task.input_type][jet_task.label]
             keep = target >= 0
-            correct += ((outputs[jet_task.name].argmax(-1) == target) & keep).sum()
-            counted += keep.sum()
+            sums[-2] += ((outputs[jet_task.name].argmax(-1) == target) & keep).sum()
+            sums[-1] += keep.sum()
             scores.append(jet_task.predict(outputs[jet_task.name]).float())
             classes.append(target)
-    keys = sorted(sums)
-    totals = all_reduce_sum(
-        torch.stack(
-            [torch.as_tensor(sums[k], dtype=torch.float64, device=run.dist.device) for k in keys]
-            + [correct, counted]
-        )
-    )
-    values = dict(zip([*keys, "_correct", "_counted"], totals.tolist(), strict=True))
-    jets = max(values.pop("_jets"), 1.0)
+    totals = all_reduce_sum(sums, f"the validation sums of epoch {run.counters.epoch}").tolist()
+    jets = max(totals[len(names)], 1.0)
     metrics = {
-        f"val/{k}" if k == "loss" else f"val/{k}_loss": v / jets
-        for k, v in values.items()
-        if not k.startswith("_")
+        f"val/{k}" if k == "loss" else f"val/{k}_loss": total / jets
+        for k, total in zip(names, totals, strict=False)
     }
     if jet_task is not None:
-        metrics["val/jet_accuracy"] = values["_correct"] / max(values["_counted"], 1.0)
+        metrics["val/jet_accuracy"] = totals[-2] / max(totals[-1], 1.0)
         metrics |= rejections_at(jet_task.class_names, scores, classes)
     return metrics
 
@@ -190,19 +195,36 @@ def stop_requested(run: Run, at_boundary: bool = False) -> bool:
     if run.dist.world_size > 1:
         if not at_boundary and run.counters.step % STOP_CHECK_EVERY_N_STEPS:
             return False
-        t = torch.tensor([float(flag)], device=run.dist.device)
-        flag = bool(all_reduce_sum(t).item() > 0)
+        flag = bool(ranks_where(flag, f"the stop check at step {run.counters.step}"))
     return flag
+
+
+def stop(run: Run) -> NoReturn:
+    """End the run for a stop signal (this rank's or another's), its state saved."""
+    run.logger.finalize("interrupted")
+    caught = run.stop.last if run.stop is not None else None  # None: another rank's signal
+    if run.stop is not None and caught is not None and caught != signal.SIGINT:
+        run.stop.pass_on(caught)  # under submitit: requeue the job (not Python's Ctrl-C
+        # handler: it only raises KeyboardInterrupt)
+    signum = caught or signal.SIGTERM
+    raise Interrupted(signum, run.kept.stopped(signum, run.counters.step))
 
 
 def fit(cfg: TrainConfig | DictConfig, dist: DistInfo) -> Run:
     """Train as configured on this rank; returns the finished run (``run.run_dir`` is None for
     fast_dev_run)."""
-    # the staged copies (a resource) are removed before the signal handlers are restored
-    with stop_request() as stop, contextlib.ExitStack() as resources:
-        run = setup(cfg, dist, resources)
-        run.stop = stop
-        return _fit(run)
+    kept, stop, run = Kept(), stop_request(), None
+    try:
+        # the staged copies (a resource) are removed before the signal handlers are restored
+        with stop, contextlib.ExitStack() as resources:
+            run = setup(cfg, dist, resources, kept)
+            run.stop = stop
+            return _fit(run)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first asks for a stop at the next step)
+        if getattr(cfg, "debug", False):
+            raise
+        step = run.counters.step if run is not None else None
+        raise Interrupted(signal.SIGINT, kept.interrupted(step, again=bool(stop.caught))) from None
 
 
 def _fit(run: Run) -> Run:
@@ -219,16 +241,17 @@ def _fit(run: Run) -> Run:
     best: tuple[int, dict[str, float]] | None = None
     last: tuple[int, dict[str, float]] | None = None
     try:
+        if stop_requested(run, at_boundary=True):  # a signal during set-up: nothing to save
+            status = "interrupted"
+            stop(run)
         while c.epoch < max_epochs and not (0 < max_steps <= c.step):
             complete = train_epoch(run)
             if not complete and stop_requested(run, at_boundary=True):
                 save(run, ckpt.LAST, also_last=False)
-                barrier()  # no rank leaves (and gets the job killed) before rank 0 has saved
+                # no rank leaves (and gets the job killed) before rank 0 has saved
+                barrier("the stop (the wait for rank 0's checkpoint)")
                 status = "interrupted"
-                run.logger.finalize(status)
-                if run.stop is not None and run.stop.last is not None:
-                    run.stop.pass_on(run.stop.last)  # under submitit: requeue the job
-                raise Interrupted(run.stop.last or signal.SIGTERM, c.step, run.run_dir)
+                stop(run)
             metrics = validate(run)
             c.epoch_complete = complete
             if metrics[run.monitor] <= c.best_val_loss:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from salt.errors import TrainingError
+from salt.training.distributed import all_gather_object, get_rank, ranks_where
 
 
 @dataclass(frozen=True)
@@ -52,24 +53,41 @@ class LossWindow:
         stay for the next read, e.g. a check before a checkpoint between two log steps).
 
         Raises `TrainingError` naming the first step with a non-finite loss and its task(s).
+        Under DDP every rank reads at the same step and all stop when one rank's losses are
+        not finite (one would otherwise wait for it in the next gradient all-reduce).
         """
-        if not self._rows:
-            return WindowSummary({})
-        table = torch.stack(self._rows).cpu()  # [steps, losses]: the window's one sync
+        table = torch.stack(self._rows).cpu() if self._rows else None  # the window's one sync
         names, steps = self._names, self._steps
         if not keep:
             self._rows, self._steps = [], []
-        finite = torch.isfinite(table)
-        if not bool(finite.all()):
-            first = int((~finite).any(dim=1).int().argmax())
-            step, epoch = steps[first]
-            values = dict(zip(names, table[first].tolist(), strict=True))
-            bad = [k for k in names if k != "loss" and not math.isfinite(values[k])]
-            raise TrainingError(
-                f"non-finite loss at step {step} (epoch {epoch}) in task(s) "
-                f"{', '.join(bad) or 'loss'}: {[values[k] for k in bad or ['loss']]}. "
-                "Stopping; the step was not applied and the last good checkpoint is kept. "
-                "Check the inputs (data.nan_policy) and the learning rate."
+        problem = None if table is None else _non_finite(table, names, steps)
+        if ranks_where(problem is not None, "the check of the training losses"):
+            problems = all_gather_object(problem, "the non-finite training losses")
+            rank, first = next((r, p) for r, p in enumerate(problems) if p is not None)
+            where = f" on rank {rank}" if len(problems) > 1 else ""
+            err = TrainingError(
+                f"non-finite loss{where} {first}. Stopping; the step was not applied and the "
+                "last good checkpoint is kept. Check the inputs (data.nan_policy) and the "
+                "learning rate."
             )
+            err.reported = get_rank() != 0  # type: ignore[attr-defined]  # rank 0 says it
+            raise err
+        if table is None:
+            return WindowSummary({})
         means = dict(zip(names, table.double().mean(dim=0).tolist(), strict=True))
         return WindowSummary(means)
+
+
+def _non_finite(table: Tensor, names: list[str], steps: list[tuple[int, int]]) -> str | None:
+    """Where the window's first non-finite loss is: step, epoch, task(s), values."""
+    finite = torch.isfinite(table)
+    if bool(finite.all()):
+        return None
+    first = int((~finite).any(dim=1).int().argmax())
+    step, epoch = steps[first]
+    values = dict(zip(names, table[first].tolist(), strict=True))
+    bad = [k for k in names if k != "loss" and not math.isfinite(values[k])]
+    return (
+        f"at step {step} (epoch {epoch}) in task(s) {', '.join(bad) or 'loss'}: "
+        f"{[values[k] for k in bad or ['loss']]}"
+    )

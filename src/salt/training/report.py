@@ -37,7 +37,8 @@ def rejections_at(
         if scores
         else (np.zeros((0, len(class_names)), np.float32), np.zeros(0, np.int64))
     )
-    parts = all_gather_object(local)  # every rank calls it, with or without jets
+    # every rank calls it, with or without jets (a rank's share may be empty)
+    parts = all_gather_object(local, "the validation predictions (for the rejections)")
     probs = np.concatenate([p for p, _ in parts])
     labels = np.concatenate([c for _, c in parts])
     try:
@@ -64,7 +65,6 @@ def monitored(name: str, tagger: models.Tagger) -> str:
     return name
 
 
-# under DDP the ranks agree on a stop every this many steps (each time: one host sync)
 def epoch_line(metrics: Mapping[str, float]) -> str:
     """The validation figures of one epoch, as printed."""
     parts = [f"val loss {metrics['val/loss']:.4f}"]

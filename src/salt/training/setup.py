@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
+from inspect import signature
 from pathlib import Path
 
 import torch
@@ -38,8 +39,10 @@ from salt.training.distributed import (
     all_gather_object,
     barrier,
     broadcast_object,
+    collective,
     detect_environment,
 )
+from salt.training.kept import Kept
 from salt.training.optim import Schedule, adamw
 from salt.training.report import monitored
 from salt.training.run_dir import (
@@ -83,14 +86,18 @@ def stage_once_per_node(files: DataFiles, temp_root: str, dist: DistInfo) -> Ite
             except StagingError as err:
                 result = f"{socket.gethostname()}: {err}"
         node = socket.gethostname()
-        gathered = all_gather_object((node, dist.local_rank, result))  # the copies are done
+        # the copies are done (the wait for them is bounded by trainer.ddp_timeout_s)
+        gathered = all_gather_object(
+            (node, dist.local_rank, result), what="the data staging (the node's first rank)"
+        )
         failures = [r for _, _, r in gathered if isinstance(r, str)]
         if failures:
             raise StagingError(failures[0])
         staged = next(r for n, lr, r in gathered if n == node and lr == 0)
         assert isinstance(staged, DataFiles)
         yield staged
-        barrier()  # every rank is done reading before the node's first rank removes them
+        # every rank is done reading before the node's first rank removes them
+        barrier("the end of the run (before the staged copies are removed)")
 
 
 def build_loaders(cfg: TrainConfig, files: DataFiles, dist: DistInfo) -> tuple[BatchLoader, ...]:
@@ -129,11 +136,34 @@ def planned_steps(trainer: TrainerConfig, batches_per_epoch: int) -> int:
     return min(steps, trainer.max_steps) if trainer.max_steps > 0 else steps
 
 
+def data_parallel(tagger: nn.Module, dist: DistInfo) -> nn.Module:
+    """The DDP wrapper: gradients are averaged in the backward pass, its only collective. The
+    tagger's buffers (class weights) are the same on every rank from the start and never
+    change, so they are not broadcast before every forward pass (torch's default), which would
+    be a collective in validation too, where ranks may have different numbers of batches."""
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    ddp = nn.parallel.DistributedDataParallel
+    # torch 2.13 renamed the option
+    no_sync = (
+        "forward_sync_buffers"
+        if "forward_sync_buffers" in signature(ddp).parameters
+        else ("broadcast_buffers")
+    )
+    with collective("the model's first broadcast (DDP set-up)"):
+        return ddp(tagger, device_ids=ids, **{no_sync: False})
+
+
 def setup(
-    config: TrainConfig | DictConfig, dist: DistInfo, resources: contextlib.ExitStack | None = None
+    config: TrainConfig | DictConfig,
+    dist: DistInfo,
+    resources: contextlib.ExitStack | None = None,
+    kept: Kept | None = None,
 ) -> Run:
     """Build the run; with ``resources``, data staged to ``data.move_files_temp`` stays until
-    it closes (without, the files are read in place)."""
+    it closes (without, the files are read in place); ``kept`` learns the run directory and the
+    checkpoint the run starts from as soon as they are known (a Ctrl-C during set-up names
+    them)."""
+    kept = kept if kept is not None else Kept()
     cfg = read_train_config(config)  # once; everything below reads its typed fields
     fast_dev_run = cfg.trainer.fast_dev_run
     state = git_state()
@@ -144,7 +174,7 @@ def setup(
 
     if dist.is_main:
         files = resolve_files(cfg.data)
-    barrier()  # the sample is written once, by rank 0
+    barrier("the writing of the sample (rank 0)")  # the sample is written once, by rank 0
     files = source_files = resolve_files(cfg.data)
     weighted = [name for name, task in cfg.model.tasks.items() if task.use_class_weights]
     check_class_dict(files, weighted)  # before staging and before the run directory
@@ -171,8 +201,7 @@ def setup(
             tagger.compile_for(tagger.layout(dist.device), compile_backend)
     model: nn.Module = tagger
     if dist.world_size > 1:
-        ids = [dist.device.index] if dist.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(tagger, device_ids=ids)
+        model = data_parallel(tagger, dist)
 
     total_steps = planned_steps(cfg.trainer, len(train_loader))
     optimizer = adamw(tagger.parameters(), cfg.optimizer)
@@ -191,6 +220,7 @@ def setup(
     loaded = ckpt.load_checkpoint(resume_from, map_location=dist.device) if resume_from else None
     if loaded is not None:  # before anything is written: a mismatch leaves no run directory
         check_model_config(loaded.get("config"), cfg.model.plain(), Path(resume_from))
+        kept.saved(Path(resume_from), int(loaded["counters"]["step"]))
 
     run_dir = None
     logger: Logger = NullLogger()
@@ -198,7 +228,7 @@ def setup(
         if dist.is_main:
             run_dir = requeued or create_run_dir(cfg)
             remember_job(cfg, run_dir)
-        run_dir = broadcast_object(run_dir)
+        run_dir = kept.run_dir = broadcast_object(run_dir, what="the run directory's name")
         if dist.is_main:
             num_params = models.count_parameters(tagger)
             meta = collect_metadata(
@@ -258,6 +288,7 @@ def setup(
         total_steps,
         amp,
         monitor,
+        kept=kept,
     )
     if loaded is not None:
         run.load_state_dict(loaded, Path(resume_from))

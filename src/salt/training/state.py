@@ -28,6 +28,7 @@ from salt.tracking import Logger
 from salt.training import checkpoint as ckpt
 from salt.training.device_batches import DeviceBatches
 from salt.training.distributed import DistInfo, all_gather_object, broadcast_object
+from salt.training.kept import Kept
 from salt.training.loss_window import LossWindow
 from salt.training.optim import Schedule
 from salt.utils.atomic import atomic_path
@@ -80,6 +81,7 @@ class Run:
     monitor: str = "val/loss"  # names the epoch checkpoints, picks the best (trainer.monitor)
     stop: Catch | None = None  # the stop request (salt.signals.stop_request)
     losses: LossWindow = field(default_factory=LossWindow)  # read every log_every_n_steps
+    kept: Kept = field(default_factory=Kept)  # the last complete checkpoint, for a stop's line
 
     def __post_init__(self) -> None:
         # the loaders as the step sees them: on the device, the next batch already copied
@@ -178,8 +180,9 @@ def save(run: Run, name: str, also_last: bool = True) -> None:
     if run.run_dir is None:
         return
     run.losses.read(keep=True)  # no checkpoint after a step with a non-finite loss
-    rng = all_gather_object(ckpt.rng_state())
+    rng = all_gather_object(ckpt.rng_state(), what="the random states for a checkpoint")
     failure, cause = None, None
+    run.kept.saving = True
     if run.dist.is_main:
         try:
             write_checkpoint(run, name, rng, also_last)
@@ -187,24 +190,32 @@ def save(run: Run, name: str, also_last: bool = True) -> None:
             # a full disk or quota: stop (every later save would fail too), say what is safe
             failure = f"training stopped at step {run.counters.step}: {err}. {resume_hint(run)}"
             cause = err
-    failure = broadcast_object(failure)  # the other ranks would wait for rank 0 forever
+    # the other ranks would wait for rank 0 forever
+    failure = broadcast_object(failure, what="the result of rank 0's checkpoint write")
     if failure is not None:
         raise ckpt.CheckpointWriteError(failure) from cause
+    if not run.dist.is_main:  # rank 0 noted it as soon as the file was complete
+        first = ckpt.LAST if also_last else name
+        run.kept.saved(run.run_dir / "ckpts" / first, run.counters.step)
 
 
 def write_checkpoint(run: Run, name: str, rng: list[dict[str, Any]], also_last: bool) -> None:
+    """last.ckpt first, then its copy under the epoch's name: a write cut short in between
+    (a second Ctrl-C, a kill) leaves last.ckpt, what resume picks, the newest state."""
     assert run.run_dir is not None
     ckpt_dir = run.run_dir / "ckpts"
-    ckpt.save_checkpoint(run.state_dict(rng), ckpt_dir / name)
-    if also_last and name != ckpt.LAST:
-        # a copy, not a second serialisation: last.ckpt is always a complete checkpoint
+    first = ckpt.LAST if also_last else name
+    ckpt.save_checkpoint(run.state_dict(rng), ckpt_dir / first)
+    run.kept.saved(ckpt_dir / first, run.counters.step)
+    if first != name:
+        # a copy, not a second serialisation: every file under a final name is complete
         try:
-            with atomic_path(ckpt_dir / ckpt.LAST) as tmp:
-                shutil.copyfile(ckpt_dir / name, tmp)
+            with atomic_path(ckpt_dir / name) as tmp:
+                shutil.copyfile(ckpt_dir / first, tmp)
         except OSError as err:
             raise ckpt.CheckpointWriteError(
-                f"could not write checkpoint {ckpt_dir / ckpt.LAST}: {err.strerror or err}; "
-                f"{ckpt_dir / name} was written and is complete"
+                f"could not write checkpoint {ckpt_dir / name}: {err.strerror or err}; "
+                f"{ckpt_dir / first} was written and is complete"
             ) from err
 
 
