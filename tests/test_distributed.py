@@ -304,6 +304,15 @@ def test_ranks_in_different_collectives_are_named_as_a_bug() -> None:
     )
 
 
+def test_the_timeout_is_a_positive_number_of_seconds() -> None:
+    from salt.errors import ConfigError
+    from salt.training.config import TrainerConfig
+
+    assert TrainerConfig().ddp_timeout_s == 1800  # 30 min: see the comment in TrainerConfig
+    with pytest.raises(ConfigError, match=r"trainer.ddp_timeout_s must be > 0 \(seconds\), got 0"):
+        TrainerConfig(ddp_timeout_s=0).check("trainer")
+
+
 def test_spawn_rejects_bad_counts() -> None:
     with pytest.raises(ValueError, match="nprocs"):
         spawn(_one_rank_fails, 0, ())

@@ -1,9 +1,10 @@
-"""Stop signals sent to real `python -m salt.train` processes, twice: one line on stderr saying
-what was kept, no traceback, exit 128 + the signal, and the named checkpoint continues the run.
+"""Stop signals sent to real `python -m salt.train` and `python -m salt.evaluate` processes:
+one line on stderr saying what was kept, no traceback, exit 128 + the signal, no partial file,
+and the named checkpoint continues the run.
 
-The first Ctrl-C (or SIGTERM) asks for a stop at the next step boundary, with a checkpoint; a
-second Ctrl-C stops at once, wherever it lands (in a step, in the checkpoint write, in the
-sample writer during set-up)."""
+The first Ctrl-C (or SIGTERM) asks a training for a stop at the next step boundary, with a
+checkpoint; a second Ctrl-C stops at once, wherever it lands (in a step, in the checkpoint
+write, in the sample writer during set-up)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,11 @@ from pathlib import Path
 import pytest
 
 from salt.training import checkpoint as ckpt
+from salt.training.kept import Kept
 from salt.utils.atomic import is_temp_name
-from tests.conftest import TrainedRun, logged_step
+from tests.conftest import TrainedRun, copy_run, logged_step
 from tests.test_crash import resume_and_compare
 from tests.test_train import TINY, env, run_dirs, weights
-
-pytestmark = pytest.mark.slow
 
 KEPT = re.compile(
     r"the last complete checkpoint is (?P<path>\S+) \(step (?P<step>\d+)\): "
@@ -79,14 +79,16 @@ def the_line(proc: subprocess.Popen, code: int) -> str:
     return lines[0]
 
 
-def temp_checkpoint(logs: Path) -> bool:
-    return any(is_temp_name(p.name) for p in logs.glob("*/ckpts/*"))
+def writing_in_ckpts(runs: Path) -> bool:
+    """A file being written (a checkpoint, predictions) in a run directory under ``runs``."""
+    return any(is_temp_name(p.name) for p in runs.glob("*/ckpts/*"))
 
 
 def trained_run_command(run: TrainedRun, logs: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "salt.train", *run.overrides, f"log_dir={logs}", *extra]
 
 
+@pytest.mark.slow
 def test_ctrl_c_twice_names_the_last_checkpoint_and_resume_continues(
     tmp_path: Path, trained_run: TrainedRun
 ) -> None:
@@ -99,7 +101,7 @@ def test_ctrl_c_twice_names_the_last_checkpoint_and_resume_continues(
     wait_for(proc, lambda: any(logged_step(d) >= 12 for d in logs.glob("*")), "step 12")
     os.killpg(proc.pid, signal.SIGINT)
     deadline = time.monotonic() + 5  # the periodic checkpoints are every 10 steps: this is it
-    while not temp_checkpoint(logs) and proc.poll() is None and time.monotonic() < deadline:
+    while not writing_in_ckpts(logs) and proc.poll() is None and time.monotonic() < deadline:
         pass
     os.killpg(proc.pid, signal.SIGINT)
     line = the_line(proc, 128 + signal.SIGINT)
@@ -116,6 +118,7 @@ def test_ctrl_c_twice_names_the_last_checkpoint_and_resume_continues(
     resume_and_compare(tmp_path, trained_run, run_dir, expected)
 
 
+@pytest.mark.slow
 def test_sigterm_twice_saves_once_and_names_the_checkpoint(
     tmp_path: Path, trained_run: TrainedRun
 ) -> None:
@@ -133,6 +136,7 @@ def test_sigterm_twice_saves_once_and_names_the_checkpoint(
     assert ckpt.load_checkpoint(kept["path"])["counters"]["step"] == int(kept["step"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_twice_while_the_sample_is_written(tmp_path: Path) -> None:
     """Set-up, before the run directory exists: the built-in sample is being written. Nothing
     is left: no run directory, no part of the sample."""
@@ -155,6 +159,7 @@ def test_ctrl_c_twice_while_the_sample_is_written(tmp_path: Path) -> None:
     assert list(cache.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_twice_under_ddp(tmp_path: Path, sample_cache: Path) -> None:
     """trainer.devices=2 on one node: the terminal's Ctrl-C reaches the spawning process and
     both ranks. Rank 0 alone says what was kept; the spawning process adds nothing."""
@@ -184,3 +189,61 @@ def test_ctrl_c_twice_under_ddp(tmp_path: Path, sample_cache: Path) -> None:
     kept = KEPT.search(line)
     assert kept is not None and kept["step"] == "12" and int(match[1]) > 12, line
     assert ckpt.load_checkpoint(kept["path"])["counters"]["step"] == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stopped_evaluation_leaves_no_partial_file(
+    tmp_path: Path, trained_run: TrainedRun, signum: int
+) -> None:
+    """`python -m salt.evaluate` stopped while it writes the predictions (Ctrl-C, or Slurm's
+    cancel, which used to leave the temporary file, as large as the predictions)."""
+    from salt.data.build import ensure_sample
+
+    run_dir = copy_run(trained_run.run_dir, tmp_path / "runs")
+    test_file = ensure_sample(tmp_path / "cache", 100_000, 7) / "test.h5"  # 25000 jets
+    cmd = [
+        sys.executable,
+        "-m",
+        "salt.evaluate",
+        f"run_dir={run_dir}",
+        f"data.test_file={test_file}",
+        "data.batch_size=100",
+        "progress_bar=false",
+    ]
+    proc = start(cmd, tmp_path)
+    wait_for(proc, lambda: writing_in_ckpts(tmp_path / "runs"), "the predictions' writing")
+    os.killpg(proc.pid, signum)
+    line = the_line(proc, 128 + signum)
+    how = "interrupted" if signum == signal.SIGINT else "stopped by signal 15 (SIGTERM)"
+    assert line == (
+        f"salt: {how}; no output was written (earlier results unchanged): run the evaluation again"
+    )
+    assert sorted(p.name for p in (run_dir / "ckpts").iterdir()) == sorted(
+        p.name for p in (trained_run.run_dir / "ckpts").iterdir()
+    )
+
+
+def test_the_line_names_what_to_continue_from(tmp_path: Path) -> None:
+    """The command that continues: resume=<run dir> for a run's checkpoint, ckpt_path= for a
+    file elsewhere; nothing to continue from before the first checkpoint."""
+    run_dir = tmp_path / "GN2_x"
+    (run_dir / "ckpts").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("{}")
+    kept = Kept(run_dir=run_dir)
+    assert kept.interrupted(None, again=False) == (
+        f"interrupted during set-up; nothing was saved (no checkpoint yet): remove {run_dir} "
+        "and start again"
+    )
+    kept.saved(run_dir / "ckpts" / "last.ckpt", 30)
+    kept.saving = True
+    assert kept.interrupted(37, again=True) == (
+        f"interrupted again at step 37 during the checkpoint write (dropped); the last complete "
+        f"checkpoint is {run_dir}/ckpts/last.ckpt (step 30): continue with resume={run_dir}"
+    )
+    kept.saved(tmp_path / "model.ckpt", 5)  # started from a file outside a run directory
+    line = kept.stopped(signal.SIGTERM, 5)
+    assert line.endswith(f"(step 5): continue with ckpt_path={tmp_path}/model.ckpt")
+    assert Kept().stopped(signal.SIGINT, 0) == (
+        "stopped by signal 2 (SIGINT) before the first step; nothing was saved: start the run again"
+    )

@@ -91,6 +91,7 @@ class StagingInterrupted(BaseException):  # like KeyboardInterrupt: no `except E
 
     def __init__(self, signum: int) -> None:
         self.signum = int(signum)
+        self.reported = False  # as Interrupted's
         name = signal.Signals(self.signum).name
         super().__init__(f"data staging stopped by {name}; the copies were removed")
 

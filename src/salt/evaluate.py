@@ -18,6 +18,7 @@ earlier evaluation's files as they were; the same command runs again.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from omegaconf import DictConfig
 
 from salt.config_check import command
 from salt.data.build import DataConfig, make_loader
-from salt.errors import RERUN_ADVICE, ConfigError
+from salt.errors import RERUN_ADVICE, ConfigError, Interrupted
 from salt.evaluation.performance import (
     Performance,
     b_tagging_performance,
@@ -42,6 +43,7 @@ from salt.evaluation.run import (
     run_config,
 )
 from salt.evaluation.settings import EvaluateConfig
+from salt.signals import IF_DEFAULT, Catch
 from salt.utils import typed_config
 from salt.utils.atomic import OutputSet
 
@@ -92,9 +94,31 @@ def evaluation_data_config(run: LoadedRun, cfg: EvaluateConfig) -> DataConfig:
     return data
 
 
+def _stop(signum: int) -> None:
+    raise KeyboardInterrupt  # as Ctrl-C: the outputs being written are dropped (OutputSet)
+
+
 def evaluate(config: EvaluateConfig | DictConfig) -> EvaluationResult:
     """Write the predictions file and the performance of ``cfg.run_dir``'s checkpoint."""
     cfg = typed_config.read(EvaluateConfig, config, "")
+    # Slurm's cancel (SIGTERM) stops it as Ctrl-C does; by default it would leave the
+    # temporary predictions file, as large as the file itself
+    with Catch({"SIGTERM": IF_DEFAULT}, act=_stop) as stopped:
+        try:
+            return _evaluate(cfg)
+        except KeyboardInterrupt:
+            if cfg.debug:
+                raise
+            signum = stopped.first or signal.SIGINT
+            how = "interrupted"
+            if signum != signal.SIGINT:
+                how = f"stopped by signal {signum} ({signal.Signals(signum).name})"
+            # the outputs are written together or not at all
+            kept = "no output was written (earlier results unchanged): run the evaluation again"
+            raise Interrupted(signum, f"{how}; {kept}") from None
+
+
+def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
     f_c, working_points, num_test = cfg.f_c, cfg.working_points, cfg.data.num_test
     run_dir = Path(str(cfg.run_dir))
     # outputs are named and checked before the model is loaded: a refusal comes at once

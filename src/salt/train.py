@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from salt.config_check import command
-from salt.errors import USER_ERRORS, ConfigError, Interrupted
+from salt.errors import USER_ERRORS, ConfigError, Interrupted, StagingInterrupted
 from salt.schema import TrainConfig, read_train_config
 from salt.signals import ignore_ctrl_c
 from salt.training import checkpoint as ckpt
@@ -119,9 +119,9 @@ def _worker(rank: int, cfg: TrainConfig) -> None:
             fit(cfg, init_distributed(cfg.trainer.devices, cfg.trainer.accelerator, timeout))
         except KeyboardInterrupt:  # before fit took Ctrl-C over: nothing was written
             raise Interrupted(signal.SIGINT, Kept().interrupted(None, again=False)) from None
-    except Interrupted as err:
+    except (Interrupted, StagingInterrupted) as err:
         ignore_ctrl_c()  # the run is over: one more Ctrl-C must not turn the exit into a traceback
-        err.reported = err.reported or rank != 0  # rank 0 says what was kept
+        err.reported = getattr(err, "reported", False) or rank != 0  # rank 0 says what was kept
         if not spawned:
             raise  # reported by main()
         if not err.reported:

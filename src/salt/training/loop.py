@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from salt.data.dataset import Batch, BatchLoader
-from salt.errors import DataError, Interrupted
+from salt.errors import DataError, Interrupted, RankTimeoutError
 from salt.schema import TrainConfig
 from salt.signals import stop_request
 from salt.training import checkpoint as ckpt
@@ -225,6 +225,12 @@ def fit(cfg: TrainConfig | DictConfig, dist: DistInfo) -> Run:
             raise
         step = run.counters.step if run is not None else None
         raise Interrupted(signal.SIGINT, kept.interrupted(step, again=bool(stop.caught))) from None
+    except RankTimeoutError:
+        if stop.last is None:
+            raise
+        # another rank left on the stop signal this one got too (e.g. in the data staging)
+        step = run.counters.step if run is not None else None
+        raise Interrupted(stop.last, kept.interrupted(step, again=False)) from None
 
 
 def _fit(run: Run) -> Run:

@@ -14,7 +14,10 @@ from ranks that wait for a missing one.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -58,13 +61,31 @@ def _store() -> Any:
         return None
 
 
+def _store_answers(store: Any) -> bool:
+    """Whether the store's host still listens (its process is alive, maybe stopped). Asked
+    with a plain socket: torch's store client logs a multi-line C++ warning when the host is
+    gone."""
+    while hasattr(store, "underlying_store"):  # PrefixStore
+        store = store.underlying_store
+    host, port = getattr(store, "host", None), getattr(store, "port", None)
+    if host is None or port is None:
+        return True  # not a TCPStore: its own calls will tell
+    try:
+        socket.create_connection((host, port), timeout=2.0).close()
+    except OSError:
+        return False
+    return True
+
+
 def _exchange_notes(
     store: Any, rank: int, world: int, what: str, wait_s: float
 ) -> dict[int, str] | None:
     """``{rank: the collective it failed in}`` for every rank that left a note, this one
-    included; None when the store does not answer (its host, rank 0, is stuck or gone). Runs
-    in a thread: a store whose host is stopped never answers, and torch's store timeout does
-    not end every call."""
+    included; None when the store does not answer (its host, rank 0, is stuck or gone). The
+    exchange runs in a thread: a store whose host is stopped accepts connections but never
+    answers, and torch's store timeout does not end every call."""
+    if not _store_answers(store):
+        return None
     notes: dict[int, str] = {}
     done = threading.Event()
 
@@ -84,8 +105,26 @@ def _exchange_notes(
         with contextlib.suppress(Exception):  # the store is gone: `done` stays unset
             exchange()
 
-    threading.Thread(target=guarded, name="salt-collective-notes", daemon=True).start()
-    return dict(notes) if done.wait(wait_s + 2.0) else None
+    with _native_stderr_silenced():
+        threading.Thread(target=guarded, name="salt-collective-notes", daemon=True).start()
+        answered = done.wait(wait_s + 2.0)
+    return dict(notes) if answered else None
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null: torch's store client logs a C++ warning with a stack
+    trace for each call to a store whose host has just gone, which is what the notes find out
+    (this process only waits meanwhile: nothing else of it is lost)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _timeout_key(seconds: float) -> str:
