@@ -208,11 +208,16 @@ def test_a_stopped_evaluation_leaves_no_partial_file(
         "salt.evaluate",
         f"run_dir={run_dir}",
         f"data.test_file={test_file}",
-        "data.batch_size=100",
+        "data.batch_size=10",  # 2500 batches: seconds of writing
         "progress_bar=false",
     ]
     proc = start(cmd, tmp_path)
-    wait_for(proc, lambda: writing_in_ckpts(tmp_path / "runs"), "the predictions' writing")
+    predictions = run_dir / "ckpts"
+    wait_for(
+        proc,
+        lambda: any(is_temp_name(p.name) and "__test_" in p.name for p in predictions.iterdir()),
+        "the predictions' writing",
+    )
     os.killpg(proc.pid, signum)
     line = the_line(proc, 128 + signum)
     how = "interrupted" if signum == signal.SIGINT else "stopped by signal 15 (SIGTERM)"

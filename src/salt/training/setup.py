@@ -143,12 +143,9 @@ def data_parallel(tagger: nn.Module, dist: DistInfo) -> nn.Module:
     be a collective in validation too, where ranks may have different numbers of batches."""
     ids = [dist.device.index] if dist.device.type == "cuda" else None
     ddp = nn.parallel.DistributedDataParallel
-    # torch 2.13 renamed the option
-    no_sync = (
-        "forward_sync_buffers"
-        if "forward_sync_buffers" in signature(ddp).parameters
-        else ("broadcast_buffers")
-    )
+    # torch 2.13 renamed the option (the old name warns there)
+    params = signature(ddp).parameters
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
     with collective("the model's first broadcast (DDP set-up)"):
         return ddp(tagger, device_ids=ids, **{no_sync: False})
 
