@@ -356,3 +356,37 @@ def test_two_srun_tasks_rendezvous_over_tcp() -> None:
     for r, (p, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
         assert p.returncode == 0, err
         assert json.loads(out.strip().splitlines()[-1]) == {"rank": r, "world": 2, "sum": 3.0}
+
+
+ALONE = """
+import datetime
+from salt.errors import RankTimeoutError
+from salt.training.distributed import init_distributed
+try:
+    init_distributed("cpu", timeout=datetime.timedelta(seconds=2))
+except RankTimeoutError as err:
+    print(err)
+"""
+
+
+def test_a_rank_that_never_starts_ends_the_rendezvous_in_one_line() -> None:
+    """Rank 0 of two, alone (rank 1's node never started its task): it waits
+    trainer.ddp_timeout_s, not forever, and says what it waited for."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    launch = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    out = subprocess.run(
+        [sys.executable, "-c", ALONE],
+        env={**env, **launch, "MASTER_PORT": str(d._free_port())},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip()  # torch's words in the middle ("... 1/2 clients joined")
+    assert line.startswith("the 2 ranks did not all join the process group (env://): "), line
+    assert line.endswith(
+        "; a rank did not start, or cannot reach rank 0's host (the wait is "
+        "trainer.ddp_timeout_s=2)"
+    ), line
+    assert "\n" not in line

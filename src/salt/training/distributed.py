@@ -328,12 +328,13 @@ def init_distributed(
             backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs
         )
     except RuntimeError as err:  # DistStoreError: "... waiting for clients. 1/2 clients joined"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        said = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else repr(err)
+        wait = f"={timeout.total_seconds():g}" if timeout is not None else ""
         raise RankTimeoutError(
             rank,
             f"the {world_size} ranks did not all join the process group ({init_method}): "
-            f"{first}; a rank did not start, or cannot reach rank 0's host (the wait is "
-            "trainer.ddp_timeout_s)",
+            f"{said}; a rank did not start, or cannot reach rank 0's host (the wait is "
+            f"trainer.ddp_timeout_s{wait})",
         ) from err
     logger.info(
         "rank %d/%d (local %d) on %s, backend %s, via %s",
