@@ -6,11 +6,19 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import weakref
 from collections.abc import Iterator
 
 import pytest
 
-from salt.signals import ALWAYS, IF_DEFAULT, UNLESS_IGNORED, Catch, stop_request
+from salt.signals import (
+    ALWAYS,
+    IF_DEFAULT,
+    UNLESS_IGNORED,
+    Catch,
+    lost_interrupts_quiet,
+    stop_request,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +76,26 @@ def test_a_second_interrupt_raises() -> None:
         assert stop.caught == [signal.SIGUSR2]  # the second Ctrl-C is not recorded
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.last == signal.SIGTERM
+
+
+def test_a_second_interrupt_lost_in_a_callback_is_still_seen(capsys) -> None:
+    """Python drops an exception raised in a weakref's callback (with a printed traceback): a
+    second Ctrl-C's KeyboardInterrupt that lands there is lost. `again` keeps it, quietly."""
+
+    class Thing:
+        pass
+
+    def callback(_: object) -> None:  # where a Ctrl-C's KeyboardInterrupt can land
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with stop_request() as stop, lost_interrupts_quiet():
+        os.kill(os.getpid(), signal.SIGINT)  # the first: a stop request
+        thing = Thing()
+        ref = weakref.ref(thing, callback)
+        del thing  # the callback runs, the second Ctrl-C's KeyboardInterrupt is lost in it
+        assert ref() is None
+        assert stop.again and stop.caught == [signal.SIGINT]
+    assert "KeyboardInterrupt" not in capsys.readouterr().err
 
 
 def test_act_once_and_not_inside_held_sections() -> None:

@@ -19,6 +19,7 @@ earlier evaluation's files as they were; the same command runs again.
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from omegaconf import DictConfig
 
 from salt.config_check import command
 from salt.data.build import DataConfig, make_loader
+from salt.data.dataset import Batch
 from salt.errors import RERUN_ADVICE, ConfigError, Interrupted
 from salt.evaluation.performance import (
     Performance,
@@ -43,7 +45,7 @@ from salt.evaluation.run import (
     run_config,
 )
 from salt.evaluation.settings import EvaluateConfig
-from salt.signals import IF_DEFAULT, Catch
+from salt.signals import ALWAYS, IF_DEFAULT, Catch, lost_interrupts_quiet
 from salt.utils import typed_config
 from salt.utils.atomic import OutputSet
 
@@ -94,18 +96,17 @@ def evaluation_data_config(run: LoadedRun, cfg: EvaluateConfig) -> DataConfig:
     return data
 
 
-def _stop(signum: int) -> None:
-    raise KeyboardInterrupt  # as Ctrl-C: the outputs being written are dropped (OutputSet)
-
-
 def evaluate(config: EvaluateConfig | DictConfig) -> EvaluationResult:
     """Write the predictions file and the performance of ``cfg.run_dir``'s checkpoint."""
     cfg = typed_config.read(EvaluateConfig, config, "")
-    # Slurm's cancel (SIGTERM) stops it as Ctrl-C does; by default it would leave the
-    # temporary predictions file, as large as the file itself
-    with Catch({"SIGTERM": IF_DEFAULT}, act=_stop) as stopped:
+    # Ctrl-C and Slurm's cancel (SIGTERM) stop it at the next batch (a second Ctrl-C at once):
+    # a KeyboardInterrupt raised anywhere can land in a callback that ignores it (1 in 8 did,
+    # in h5py's weakrefs), and SIGTERM's default action would leave the temporary predictions
+    # file, as large as the file itself
+    signals = Catch({"SIGINT": ALWAYS, "SIGTERM": IF_DEFAULT}, interrupt_twice=True)
+    with signals as stopped, lost_interrupts_quiet():
         try:
-            return _evaluate(cfg)
+            return _evaluate(cfg, stopped)
         except KeyboardInterrupt:
             if cfg.debug:
                 raise
@@ -118,7 +119,17 @@ def evaluate(config: EvaluateConfig | DictConfig) -> EvaluationResult:
             raise Interrupted(signum, f"{how}; {kept}") from None
 
 
-def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
+def _until_stopped(batches: Iterable[Batch], stopped: Catch) -> Iterator[Batch]:
+    """``batches`` until a signal is caught (then KeyboardInterrupt: the outputs being written
+    are dropped, OutputSet). Raised here, between batches, not from the signal handler: an
+    exception raised there can land in a callback that ignores it (a weakref's)."""
+    for batch in batches:
+        if stopped.first is not None:
+            raise KeyboardInterrupt
+        yield batch
+
+
+def _evaluate(cfg: EvaluateConfig, stopped: Catch) -> EvaluationResult:
     f_c, working_points, num_test = cfg.f_c, cfg.working_points, cfg.data.num_test
     run_dir = Path(str(cfg.run_dir))
     # outputs are named and checked before the model is loaded: a refusal comes at once
@@ -150,7 +161,7 @@ def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
         with outputs.file(paths[0]) as tmp:
             scores = write_predictions(
                 run,
-                loader,
+                _until_stopped(loader, stopped),
                 test_file,
                 tmp,
                 num_jets,
@@ -185,6 +196,8 @@ def _evaluate(cfg: EvaluateConfig) -> EvaluationResult:
             )
         with outputs.file(paths[2]) as tmp:
             plot_roc(perf, tmp, title=f"{run.name} on {test_file.name}, f_c = {f_c:g}")
+        if stopped.first is not None:
+            raise KeyboardInterrupt  # as between batches
         outputs.commit()
     print(f"salt: predictions written to {paths[0]}", flush=True)
     print(f"salt: performance written to {paths[1]} and {paths[2]}", flush=True)

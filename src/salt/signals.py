@@ -39,6 +39,7 @@ __all__ = [
     "ctrl_c_ignored",
     "ctrl_c_interrupts",
     "ignore_ctrl_c",
+    "lost_interrupts_quiet",
     "stop_request",
 ]
 
@@ -62,7 +63,9 @@ class Catch:
     recorded in `caught`, then:
 
     * ``interrupt_twice=True``: a SIGINT after any caught signal raises KeyboardInterrupt
-      (a second Ctrl-C stops now) and is not recorded;
+      (a second Ctrl-C stops now) and is not recorded, but sets `again`: a KeyboardInterrupt
+      raised in a callback that ignores exceptions (a weakref's, a ``__del__``) is lost, so
+      the caller also checks `again` where it can stop (see `lost_interrupts_quiet`);
     * ``act(signum)``: an immediate action (it may raise), called once, for the first signal
       caught; inside `held` sections it waits until the outermost one ends. A forked child
       that inherited the handler does not act: it ends by the signal's default action, as it
@@ -92,6 +95,7 @@ class Catch:
         self._held = 0
         self._acted = False
         self._pid = os.getpid()
+        self.again = False  # a second Ctrl-C came (interrupt_twice)
 
     @property
     def first(self) -> int | None:
@@ -105,7 +109,7 @@ class Catch:
 
     def __enter__(self) -> Catch:
         self.caught, self._replaced, self._installed = [], {}, set()
-        self._held, self._acted, self._pid = 0, False, os.getpid()
+        self._held, self._acted, self._pid, self.again = 0, False, os.getpid(), False
         if threading.current_thread() is not threading.main_thread():
             return self  # signal handlers can only be set from the main thread
         for name, when in self._when.items():
@@ -144,6 +148,7 @@ class Catch:
             signal.raise_signal(signum)
             return
         if self._interrupt_twice and self.caught and signum == signal.SIGINT:
+            self.again = True
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.caught.append(signum)
         if self._act is not None and self._held == 0 and not self._acted:
@@ -210,6 +215,24 @@ def ignore_ctrl_c() -> None:
     what it kept; one more would turn its exit into a traceback."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def lost_interrupts_quiet() -> Iterator[None]:
+    """No "Exception ignored in ... KeyboardInterrupt" traceback while the block runs: Python
+    prints one when a Ctrl-C's KeyboardInterrupt lands in a callback that cannot raise (a
+    weakref's); the block acts on the Ctrl-C itself (`Catch.again`)."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 def stop_request() -> Catch:

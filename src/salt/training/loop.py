@@ -4,7 +4,10 @@
 (`salt.training.state.Run`: the parts and what a checkpoint holds); each epoch trains, then
 validates (`salt.training.report` for the rejections and what is printed) and saves. A stop
 signal (Slurm's cancel or pre-timeout signal, Ctrl-C) saves at the next step boundary and
-ends with `Interrupted`. No step syncs with the host: losses stay on the device until the
+ends with `Interrupted`; a second Ctrl-C ends at once, with one line naming the last complete
+checkpoint (`salt.training.kept`). Under DDP every rank makes the same collectives with the
+same shapes whatever its share of the data (`salt.training.rank_failure` names a rank that
+does not come). No step syncs with the host: losses stay on the device until the
 `LossWindow` is read every `logger.log_every_n_steps`.
 """
 
@@ -24,7 +27,7 @@ from torch import Tensor, nn
 from salt.data.dataset import Batch, BatchLoader
 from salt.errors import DataError, Interrupted, RankTimeoutError
 from salt.schema import TrainConfig
-from salt.signals import stop_request
+from salt.signals import lost_interrupts_quiet, stop_request
 from salt.training import checkpoint as ckpt
 from salt.training.config import autocast
 from salt.training.device_batches import DeviceBatch
@@ -132,6 +135,7 @@ def train_epoch(run: Run) -> bool:
             save(run, ckpt.LAST, also_last=False)
         if 0 < max_steps <= c.step or stop_requested(run):
             break
+        ctrl_c_again(run)
     else:  # every rank has the same number of batches; one left short would hang the others
         if not fast and run.train_batches.consumed < total:
             raise DataError(
@@ -158,6 +162,7 @@ def validate(run: Run) -> dict[str, float]:
     scores: list[Tensor] = []  # the jet flavour probabilities and classes, for rejections
     classes: list[Tensor] = []
     for device_batch in limited(run.val_batches, fast):
+        ctrl_c_again(run)
         batch, n = device_batch.tensors, device_batch.num_jets
         # the tagger, not the DDP wrapper: no rank waits for another in a forward pass
         outputs, losses = forward(run, batch, device_batch.jets_per_size, run.tagger)
@@ -180,6 +185,13 @@ def validate(run: Run) -> dict[str, float]:
         metrics["val/jet_accuracy"] = totals[-2] / max(totals[-1], 1.0)
         metrics |= rejections_at(jet_task.class_names, scores, classes)
     return metrics
+
+
+def ctrl_c_again(run: Run) -> None:
+    """A second Ctrl-C raises KeyboardInterrupt at once; one raised in a callback that ignores
+    exceptions (a weakref's) is lost: stop here then, between steps."""
+    if run.stop is not None and run.stop.again:
+        raise KeyboardInterrupt
 
 
 STOP_CHECK_EVERY_N_STEPS = 10
@@ -216,7 +228,7 @@ def fit(cfg: TrainConfig | DictConfig, dist: DistInfo) -> Run:
     kept, stop, run = Kept(), stop_request(), None
     try:
         # the staged copies (a resource) are removed before the signal handlers are restored
-        with stop, contextlib.ExitStack() as resources:
+        with stop, lost_interrupts_quiet(), contextlib.ExitStack() as resources:
             run = setup(cfg, dist, resources, kept)
             run.stop = stop
             return _fit(run)
