@@ -265,6 +265,31 @@ def test_resume_at_epoch_boundary_is_bitwise_identical(tmp_path: Path, sample_ca
     assert_bitwise_equal(final, weights(from_epoch0 / "ckpts/last.ckpt"))
 
 
+def test_a_requeued_job_reads_the_dicts_its_first_attempt_copied(
+    tmp_path: Path, sample_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slurm requeues a job (the same SLURM_JOB_ID, SLURM_RESTART_COUNT >= 1) with its original
+    command line: it continues its run directory with the norm dict copied there, not the
+    original, which was edited in between."""
+    mine = tmp_path / "my_norms.yaml"
+    shutil.copyfile(resolve_files(make_cfg(tmp_path, sample_cache).data).norm_dict, mine)
+    cfg = make_cfg(tmp_path, sample_cache, "trainer.max_epochs=1", f"data.norm_dict={mine}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    first = fit(cfg, cpu()).run_dir
+    assert first is not None
+    copy = first / "norm_dict.yaml"
+    assert copy.read_text() == mine.read_text()
+    norms = yaml.safe_load(mine.read_text())
+    norms["jets"]["pt_btagJes"]["mean"] += 1000.0  # the original changes after the first attempt
+    mine.write_text(yaml.safe_dump(norms))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    run = setup(cfg, cpu())
+    assert run.run_dir == first
+    assert run.cfg.data.norm_dict == str(copy)
+    assert copy.read_text() != mine.read_text()  # the copy was not refreshed from the original
+
+
 def test_resume_with_more_epochs_extends_the_run(
     tmp_path: Path, sample_cache: Path, one_epoch: Path
 ) -> None:

@@ -51,6 +51,7 @@ from salt.training.run_dir import (
     create_run_dir,
     remember_job,
     requeued_run_dir,
+    run_copy,
     write_run_files,
 )
 from salt.training.state import Counters, Run, check_model_config
@@ -167,6 +168,14 @@ def setup(
     if not fast_dev_run:
         check_clean(state, cfg.force)
         check_log_dir(cfg.log_dir)  # before the sample, staging or a checkpoint is touched
+    # a job requeued by Slurm (preemption, time limit) continues its own run directory, with
+    # the dicts its first attempt copied there (an edited original must not change the run)
+    requeued = None if fast_dev_run else requeued_run_dir(cfg)
+    if requeued is not None:
+        for key in RUN_COPIES:
+            copy = run_copy(requeued, key, getattr(cfg.data, key))
+            if copy is not None:
+                setattr(cfg.data, key, str(copy))
     seed_everything(cfg.seed)
 
     if dist.is_main:
@@ -207,8 +216,6 @@ def setup(
 
     counters = Counters()
     resume_from = cfg.ckpt_path
-    # a job requeued by Slurm (preemption, time limit) continues its own run directory
-    requeued = None if fast_dev_run else requeued_run_dir(cfg)
     if requeued is not None:
         resume_from = ckpt.latest_checkpoint(requeued / "ckpts") or resume_from
         if dist.is_main:  # the killed attempt's partial writes only hold disk space
