@@ -675,13 +675,12 @@ def test_a_job_that_can_never_start_is_cancelled_with_one_line(
     assert time.monotonic() - started < 60  # noticed at the first looks at the queue
 
 
-@pytest.mark.slurm
-def test_a_waiting_job_is_announced_and_ctrl_c_leaves_it_queued(
-    tmp_path: Path, slurm_cluster: int, job_name: str, start: Callable
-) -> None:
-    """A job that waits for Resources is announced once; Ctrl-C stops the waiting command
-    (exit 130) and the job keeps its place in the queue."""
-    occupy(job_name, slurm_cluster)
+def submit_behind_a_full_node(
+    tmp_path: Path, cpus: int, job_name: str, start: Callable
+) -> tuple[Lines, str]:
+    """A sweep submitted while `occupy` holds the node: the running command's output lines
+    (`Lines.proc` is the command) and its job's id, once it said it submitted it."""
+    occupy(job_name, cpus)
     proc = start(
         salt_train(
             "-m", *SLURM_CPU, f"hydra.launcher.name={job_name}", *TINY, f"log_dir={tmp_path}"
@@ -689,12 +688,22 @@ def test_a_waiting_job_is_announced_and_ctrl_c_leaves_it_queued(
     )
     lines = Lines(proc)
     job_id = lines.wait_for(r"^salt: submitted Slurm job (\d+) on partition ", 60).group(1)
+    return lines, job_id
+
+
+@pytest.mark.slurm
+def test_a_waiting_job_is_announced_and_ctrl_c_leaves_it_queued(
+    tmp_path: Path, slurm_cluster: int, job_name: str, start: Callable
+) -> None:
+    """A job that waits for Resources is announced once; Ctrl-C stops the waiting command
+    (exit 130) and the job keeps its place in the queue."""
+    lines, job_id = submit_behind_a_full_node(tmp_path, slurm_cluster, job_name, start)
     lines.wait_for(
         rf"^salt: Slurm job {job_id}: 1 pending \(Resources: the CPUs, GPUs or memory it needs "
         r"are in use by other jobs\); waiting \(Ctrl-C stops waiting",
         60,
     )
-    proc.send_signal(signal.SIGINT)
+    lines.proc.send_signal(signal.SIGINT)
     assert lines.end(30) == 130, "\n".join(lines.lines)
     assert lines.lines[-1] == (
         f"salt: stopped waiting; Slurm job {job_id} stays queued or running (scancel {job_id} "
@@ -711,14 +720,7 @@ def test_a_job_cancelled_by_hand_ends_the_wait(
 ) -> None:
     """A job that leaves the queue without a result (here: scancel while it waits) ends the
     wait with one line; without accounting, submitit alone would have waited for ever."""
-    occupy(job_name, slurm_cluster)
-    proc = start(
-        salt_train(
-            "-m", *SLURM_CPU, f"hydra.launcher.name={job_name}", *TINY, f"log_dir={tmp_path}"
-        )
-    )
-    lines = Lines(proc)
-    job_id = lines.wait_for(r"^salt: submitted Slurm job (\d+) on partition ", 60).group(1)
+    lines, job_id = submit_behind_a_full_node(tmp_path, slurm_cluster, job_name, start)
     subprocess.run(["scancel", job_id], check=True, timeout=30)
     assert lines.end(120) == 1, "\n".join(lines.lines)
     errors = [line for line in lines.lines if line.startswith("salt: error:")]

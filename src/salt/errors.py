@@ -151,13 +151,18 @@ def os_errno(err: BaseException) -> int | None:
     return None
 
 
-def free_space(directory: object) -> str:
-    """``12.3 MiB free`` in ``directory`` (its nearest existing parent), for messages."""
-    path = Path(str(directory))
+def existing_parent(path: object) -> Path:
+    """``path``, or the nearest of its parents that exists (where it would be made)."""
+    path = Path(str(path))
     while not path.exists() and path != path.parent:
         path = path.parent
+    return path
+
+
+def free_space(directory: object) -> str:
+    """``12.3 MiB free`` in ``directory`` (its nearest existing parent), for messages."""
     try:
-        free = shutil.disk_usage(path).free
+        free = shutil.disk_usage(existing_parent(directory)).free
     except OSError:
         return "unknown free space"
     mib = free / 2**20
@@ -168,9 +173,7 @@ def write_failure(path: object, err: BaseException, elsewhere: str = "") -> str:
     """One line for an output ``path`` that could not be written: the file, the reason, what
     it needs and what to do. ``elsewhere``: how this command writes to another place."""
     path = Path(str(path))
-    directory = path.parent
-    while not directory.exists() and directory != directory.parent:
-        directory = directory.parent  # the output's directory was to be made in there
+    directory = existing_parent(path.parent)  # the output's directory was to be made in there
     code = os_errno(err)
     # the system's words for a known errno, not a library's wrapping of them (HDF5's are long)
     reason = os.strerror(code) if code is not None else " ".join(str(err).split())

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from salt.errors import ConfigError
+from salt.errors import ConfigError, existing_parent
 from salt.utils.atomic import atomic_path, atomic_write_text, atomic_write_yaml
 from salt.utils.typed_config import as_plain
 
@@ -53,10 +53,7 @@ def check_log_dir(log_dir: str) -> None:
     """Refuse a ``log_dir`` that cannot hold a run directory, before anything is written: the
     first part of the path that exists must be a writable directory on a writable file system.
     (Root passes permission checks, not a read-only mount: both are looked at.)"""
-    path = Path(log_dir).expanduser()
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = existing_parent(Path(log_dir).expanduser())
     if not existing.is_dir():
         raise ConfigError(
             f"log_dir={log_dir}: {existing} is not a directory; expected a directory (or a path "
