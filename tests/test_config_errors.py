@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 import salt.train
 from salt.config_check import check_command_line, check_overrides
 from salt.errors import ConfigError
-from salt.evaluation.settings import EvaluateConfig, ExportConfig
+from salt.evaluation.settings import EvaluateConfig
+from salt.onnx.settings import ExportConfig
 from salt.schema import read_train_config
 from salt.training.run_dir import config_to_save
 from salt.utils import typed_config

@@ -21,7 +21,6 @@ from salt.data.labels import LabelSpec, class_indices
 from salt.data.sample import write_sample
 from salt.errors import ConfigError
 from salt.evaluate import evaluate
-from salt.evaluation.onnx_model import INPUT_NAMES, MASK_NAME, ONNXTagger, raw_features
 from salt.evaluation.performance import (
     b_tagging_performance,
     discriminant,
@@ -31,11 +30,12 @@ from salt.evaluation.predictions import (
     JetScores,
     predictions_path,
     sample_name,
-    vertex_groups,
 )
 from salt.evaluation.run import load_run
 from salt.models import build_tagger
 from salt.models.tagger import ModelConfig
+from salt.onnx.model import OnnxTagger
+from salt.onnx.parity import raw_features
 from salt.training import checkpoint as ckpt
 from salt.training.run_dir import config_to_save
 from tests.conftest import (
@@ -144,22 +144,25 @@ def test_predictions_file_layout_and_row_order(trained, evaluated) -> None:
 
 
 def test_each_row_holds_its_own_jets_prediction(trained, evaluated) -> None:
-    """Rows far apart, recomputed from the raw file with the model: the right jet in each row."""
+    """Rows far apart, recomputed jet by jet from the raw file with the model (its ONNX
+    wrapper, in torch): the right jet in each row."""
     run_dir, test_file = trained
     run = load_run(run_dir)
-    wrapper = ONNXTagger(run)
+    wrapper = OnnxTagger(run)
     rows = slice(437, 449)
-    with h5py.File(test_file) as f, torch.no_grad():
-        feed = {
-            INPUT_NAMES[t]: torch.from_numpy(raw_features(f, t, wrapper.variables[t], rows))
-            for t in ("jets", "tracks")
-        }
-        feed[MASK_NAME] = torch.from_numpy(~f["tracks"].fields("valid")[rows])
-        expected = wrapper(*(feed[name] for name in wrapper.input_names))
+    with h5py.File(test_file) as f:
+        jets = raw_features(f, "jets", wrapper.jet_columns, rows)
+        tracks = raw_features(f, "tracks", wrapper.variables["tracks"], rows)
+        valid = f["tracks"].fields("valid")[rows]
     with h5py.File(evaluated.predictions) as out:
-        jets = out["jets"][rows]
-    for i, cls in enumerate(["b", "c", "u", "tau"]):
-        np.testing.assert_allclose(jets[f"GN2_p{cls}"], expected[i].numpy(), atol=1e-5)
+        predicted = out["jets"][rows]
+    with torch.no_grad():
+        for i in range(len(jets)):
+            expected = wrapper(
+                torch.from_numpy(jets[i : i + 1]), torch.from_numpy(tracks[i][valid[i]])
+            )
+            for j, cls in enumerate(["b", "c", "u", "tau"]):
+                assert abs(predicted[f"GN2_p{cls}"][i] - float(expected[j])) <= 1e-5
 
 
 def test_probabilities_sum_to_one(evaluated) -> None:
@@ -314,22 +317,6 @@ def test_output_names() -> None:
     )
     assert path == Path("logs/r/ckpts/epoch=003-val_loss=0.61234__test_zprime_v2.h5")
     assert predictions_path("a/last.ckpt", "t.h5", "_b").name == "last__test_t_b.h5"
-
-
-def test_vertex_groups_are_connected_components() -> None:
-    # tracks 0-1 and 1-3 joined (0, 1, 3 one vertex, by transitivity), 2 alone, 4 padded
-    p = torch.zeros(1, 5, 5)
-    for i, j in ((0, 1), (1, 3), (2, 4)):
-        p[0, i, j] = p[0, j, i] = 0.9
-    p[0, 2, 3] = 0.8  # one direction only: symmetrised (0.8 + 0) / 2 < 0.5
-    mask = torch.tensor([[False, False, False, False, True]])
-    assert vertex_groups(p, mask).tolist() == [[0, 0, 1, 0, -1]]
-    # a chain through the slots in scrambled order needs several propagation rounds
-    n = 12
-    line = torch.zeros(1, n, n)
-    order = torch.tensor([5, 0, 9, 3, 11, 1, 7, 2, 10, 4, 8, 6])
-    line[0, order[:-1], order[1:]] = line[0, order[1:], order[:-1]] = 1.0
-    assert vertex_groups(line, torch.zeros(1, n, dtype=torch.bool)).tolist() == [[0] * n]
 
 
 def test_discriminant_and_rejections() -> None:

@@ -1,58 +1,63 @@
-r"""``python -m salt.export``: an ONNX model of a trained run, checked against torch.
+r"""``python -m salt.export``: an ONNX model of a trained run for ATLAS's inference code.
 
 Examples::
 
-    python -m salt.export run_dir=logs/GN2_20260101-120000      # -> ckpts/<best ckpt>.onnx
-    python -m salt.export run_dir=logs/<run> ckpt_path=logs/<run>/ckpts/last.ckpt \
-        output=GN2.onnx parity.file=/data/pp_output_test_ttbar.h5
+    python -m salt.export run_dir=logs/GN2_20260101-120000          # -> logs/<run>/network.onnx
+    python -m salt.export run_dir=logs/<run> tasks=[jet_classification,track_origin,track_vertexing]
+    python -m salt.export run_dir=logs/<run> name=GN2v01 track_selection=r22default \
+        combine_outputs=["plight,pu,ptau"] rename_outputs=["pu:plight"] output=GN2v01.onnx
 
-The model takes raw (unnormalised) jet and track features and the track padding mask, applies
-the run's normalisation inside the graph and returns named probabilities; the variable lists
-and the normalisation are in its metadata (see `salt.evaluation.onnx_model`). Before the file
-is written, onnxruntime's outputs are compared with torch's on real jets of the test file (or
-``parity.file``); the largest difference is printed, and above ``parity.tolerance`` nothing is
-written. Needs ``pip install onnx onnxruntime``.
+The model takes one jet at a time, as the old tool's does (`salt.onnx.interface`): raw jet
+features and the jet's tracks, normalisation inside the graph; its outputs are
+``<name>_pb``... and, for the track tasks asked for, ``<name>_TrackOrigin`` and
+``<name>_VertexIndex``. Before the file is written, onnxruntime is run jet by jet on real jets of
+the test file (or ``parity.file``) and compared with the batched torch evaluation; the largest
+difference of each output is printed, and above ``parity.tolerance`` nothing is written.
+Needs ``pip install onnx onnxruntime``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import yaml
 from omegaconf import DictConfig
 
 from salt.config_check import command
 from salt.data.build import DataConfig
 from salt.data.ftag import open_h5
-from salt.errors import RERUN_ADVICE, ConfigError
-from salt.evaluation.onnx_model import (
-    ExportError,
-    ONNXTagger,
-    export_bytes,
-    parity,
-    require_onnx,
-)
+from salt.errors import RERUN_ADVICE, ConfigError, ExportError
 from salt.evaluation.run import (
+    LoadedRun,
     choose_checkpoint,
     load_run,
     resolve_test_file,
     run_config,
     single_file,
 )
-from salt.evaluation.settings import ExportConfig
+from salt.onnx import interface
+from salt.onnx.model import OnnxTagger, export_bytes, require_onnx
+from salt.onnx.parity import Parity, compare
+from salt.onnx.settings import ExportConfig
+from salt.provenance import git_state
 from salt.utils import typed_config
 from salt.utils.atomic import OutputSet
 
 # where else a read-only output directory lets an export write its model
 ELSEWHERE = "pass output=<path in a writable directory>"
+DEFAULT_NAME = "network.onnx"  # the old tool's, in the run directory
 
 
 @dataclass
 class ExportResult:
     path: Path
-    max_difference: float
-    parity_file: Path
-    parity_jets: int
+    parity: Parity
+
+    @property
+    def max_difference(self) -> float:
+        return self.parity.max_difference
 
 
 def parity_file(run_data: DataConfig, given: str | None) -> Path:
@@ -70,11 +75,39 @@ def parity_file(run_data: DataConfig, given: str | None) -> Path:
         ) from None
 
 
-def _jets_in(path: Path, dataset: str) -> int:
+def jets_in(path: Path, dataset: str) -> int:
     with open_h5(path) as f:
         if dataset not in f:
             raise ConfigError(f"{path}: no dataset '{dataset}' for the parity check.")
         return len(f[dataset])
+
+
+def _yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def metadata(wrapper: OnnxTagger, run: LoadedRun, options: dict[str, Any]) -> dict[str, Any]:
+    """The model's ``gnn_config``: the old tool's keys, the run's config.yaml and
+    metadata.yaml (secret-free copies written by training), salt's commit."""
+    state = git_state()
+    extra = {
+        "config.yaml": _yaml(run.run_dir / "config.yaml"),
+        "metadata.yaml": _yaml(run.run_dir / "metadata.yaml"),
+        "export_options": options,  # what salt.onnx_compare rebuilds the wrapper from
+    }
+    return wrapper.gnn_config(run, state.commit, state.dirty, extra)
+
+
+def build_wrapper(run: LoadedRun, options: dict[str, Any]) -> OnnxTagger:
+    """The wrapper for ``options`` (the export keys that shape the graph)."""
+    return OnnxTagger(
+        run,
+        name=options.get("name"),
+        tasks=options.get("tasks"),
+        track_selection=options.get("track_selection", interface.DEFAULT_TRACK_SELECTION),
+        combine=[interface.parse_combination(c) for c in options.get("combine_outputs", [])],
+        rename=dict(interface.parse_rename(r) for r in options.get("rename_outputs", [])),
+    )
 
 
 def export(config: ExportConfig | DictConfig) -> ExportResult:
@@ -83,40 +116,45 @@ def export(config: ExportConfig | DictConfig) -> ExportResult:
     run_dir = Path(str(cfg.run_dir))
     run_data = run_config(run_dir).data
     ckpt_path = choose_checkpoint(run_dir, cfg.ckpt_path)
-    out = Path(cfg.output) if cfg.output else ckpt_path.with_suffix(".onnx")
+    out = Path(cfg.output) if cfg.output else run_dir / DEFAULT_NAME
     if out.exists() and not cfg.overwrite:
         raise ConfigError(f"{out} exists; pass overwrite=true to replace it, or output=...")
-    tolerance, num_jets, batch_size = (
-        cfg.parity.tolerance,
-        cfg.parity.num_jets,
-        cfg.parity.batch_size,
-    )
     require_onnx()  # before the model is built: a missing package is reported at once
     OutputSet(ELSEWHERE).check_writable(out)  # so is a directory salt cannot write
 
     run = load_run(run_dir, ckpt_path, "cpu")  # export and reference both on the CPU
-    wrapper = ONNXTagger(run, run_data.input_map)
-    model_bytes = export_bytes(wrapper, ckpt_path, cfg.opset)
+    options = {
+        "name": cfg.name,
+        "tasks": list(cfg.tasks) if cfg.tasks else None,
+        "track_selection": cfg.track_selection,
+        "combine_outputs": list(cfg.combine_outputs),
+        "rename_outputs": list(cfg.rename_outputs),
+    }
+    wrapper = build_wrapper(run, options)
+    model_bytes = export_bytes(wrapper, metadata(wrapper, run, options), cfg.opset)
 
     check_file = parity_file(run_data, cfg.parity.file)
-    num_jets = min(num_jets, _jets_in(check_file, wrapper.input_map["jets"]))
-    diffs = parity(wrapper, model_bytes, run, check_file, num_jets, batch_size)
-    worst_name = max(diffs, key=lambda k: diffs[k])
-    worst = diffs[worst_name]
-    print(f"salt: ONNX parity on {num_jets} jets of {check_file}:", flush=True)
-    for name, value in diffs.items():
-        print(f"  {name:<40} max |onnxruntime - torch| = {value:.3g}", flush=True)
-    if not worst <= tolerance:  # also catches nan
+    num_jets = min(cfg.parity.num_jets, jets_in(check_file, run.data_config().input_map["jets"]))
+    result = compare(
+        wrapper, model_bytes, run, check_file, num_jets, cfg.parity.batch_size, cfg.parity.tolerance
+    )
+    print(f"salt: {result.report()}", flush=True)
+    if failures := result.failures():
         raise ExportError(
-            f"ONNX parity check failed: largest difference {worst:.3g} (output {worst_name}) "
-            f"exceeds parity.tolerance={tolerance:g}; {out} was not written."
+            f"ONNX parity check failed for {', '.join(f.name for f in failures)} "
+            f"({failures[0].describe()}; parity.tolerance={cfg.parity.tolerance:g}); "
+            f"{out} was not written."
         )
     with OutputSet(ELSEWHERE) as outputs:  # a failed write leaves no partial model
         with outputs.file(out) as tmp:
             tmp.write_bytes(model_bytes)
         outputs.commit()
-    print(f"salt: largest difference {worst:.3g}; ONNX model written to {out}", flush=True)
-    return ExportResult(out, worst, check_file, num_jets)
+    print(
+        f"salt: ONNX model {wrapper.model_name} written to {out} (inputs "
+        f"{', '.join(wrapper.input_names)}; outputs {', '.join(wrapper.output_names)})",
+        flush=True,
+    )
+    return ExportResult(out, result)
 
 
 main = command("export", export, (ExportError,), disk_full_advice=RERUN_ADVICE)

@@ -18,8 +18,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from salt.data.build import DataConfig
-from salt.evaluation.settings import EvaluateConfig, ExportConfig
+from salt.evaluation.settings import EvaluateConfig
 from salt.models.tagger import ModelConfig
+from salt.onnx.settings import ExportConfig
 from salt.tracking.factory import LoggerConfig
 from salt.training.config import TrainerConfig
 from salt.training.optim import OptimizerConfig

@@ -4,7 +4,6 @@
   and dicts;
 - `predictions`: the predictions HDF5 file in the test file's row order;
 - `performance`: the b-tagging discriminant, rejections at working points and the ROC plot;
-- `onnx_model`: the ONNX wrapper (raw inputs, normalisation in the graph), export and parity.
 
-Entry points: ``python -m salt.evaluate`` and ``python -m salt.export``.
+Entry point: ``python -m salt.evaluate`` (ONNX export: `salt.onnx`).
 """

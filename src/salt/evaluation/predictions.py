@@ -42,6 +42,7 @@ from salt.data.labels import LabelSpec, class_indices
 from salt.errors import ConfigError
 from salt.evaluation.run import LoadedRun
 from salt.models.tasks import ClassificationTask, RegressionTask, Task, VertexingTask
+from salt.models.vertices import vertex_groups
 from salt.utils.h5_output import H5Output
 from salt.utils.names import closest_available
 
@@ -50,7 +51,6 @@ log = logging.getLogger("salt")
 PROBABILITY_DTYPE = np.float32
 TRACK_PROBABILITY_DTYPE = np.float16  # (n_jets x n_slots x classes): half the size, ample precision
 VERTEX_INDEX_DTYPE = np.int16
-VERTEX_THRESHOLD = 0.5
 
 
 def sample_name(test_file: str | Path) -> str:
@@ -73,36 +73,6 @@ def predictions_path(ckpt_path: str | Path, test_file: str | Path, suffix: str =
 def class_field(model: str, class_name: str, task: str | None = None) -> str:
     """``GN2_pb`` (the main task of its kind) or ``GN2_<task>_pb``."""
     return f"{model}_p{class_name}" if task is None else f"{model}_{task}_p{class_name}"
-
-
-def vertex_groups(
-    pair_probs: Tensor, pad_mask: Tensor, threshold: float = VERTEX_THRESHOLD
-) -> Tensor:
-    """Vertex index per track from same-vertex pair probabilities ``[B, T, T]``.
-
-    Connected components of the real tracks, joined where ``(p_ij + p_ji) / 2 > threshold``;
-    numbered 0, 1, ... per jet in the order of their first track; padded slots get -1.
-    """
-    batch, slots = pad_mask.shape
-    real = ~pad_mask
-    sym = 0.5 * (pair_probs + pair_probs.transpose(1, 2))
-    eye = torch.eye(slots, dtype=torch.bool, device=pad_mask.device)
-    adjacent = ((sym > threshold) | eye) & real[:, :, None] & real[:, None, :]
-    index = torch.arange(slots, device=pad_mask.device).expand(batch, slots)
-    # Minimum-label propagation with pointer jumping: every real track ends with the lowest
-    # slot index of its component (at most `slots` rounds, usually a few).
-    label = torch.where(real, index, slots)
-    for _ in range(slots):
-        # adjacency holds the self loop, so a real track's minimum is at most its own label
-        new = torch.where(adjacent, label[:, None, :], slots).amin(dim=2)
-        new = torch.where(real, new.gather(1, new.clamp(max=slots - 1)), slots)
-        if torch.equal(new, label):
-            break
-        label = new
-    roots = real & (label == index)
-    number = roots.long().cumsum(dim=1) - 1  # component number of each root
-    groups = number.gather(1, label.clamp(max=slots - 1))
-    return torch.where(real, groups, torch.full_like(groups, -1))
 
 
 @dataclass

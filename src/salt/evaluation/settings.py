@@ -58,33 +58,3 @@ class EvaluateConfig:
         check_settings(self.f_c, self.working_points)
         self.data.check("data")
         _run_dir(self.run_dir)
-
-
-@dataclass
-class ParityConfig:
-    """onnxruntime against torch on real jets, before anything is written."""
-
-    file: str | None = None  # default: the run's test file (else its validation file)
-    num_jets: int = 1000
-    batch_size: int = 250
-    tolerance: float = 1.0e-4  # largest allowed |onnxruntime - torch| of any output
-
-    def check(self, where: str) -> None:
-        check.positive(self.num_jets, f"{where}.num_jets")
-        check.positive(self.batch_size, f"{where}.batch_size")
-
-
-@dataclass
-class ExportConfig:
-    run_dir: str | None = None
-    ckpt_path: str | None = None
-    output: str | None = None  # default: beside the checkpoint, <checkpoint stem>.onnx
-    opset: int = 17
-    parity: ParityConfig = field(default_factory=ParityConfig)
-    overwrite: bool = False
-    debug: bool = False
-
-    def check(self, where: str) -> None:
-        self.parity.check("parity")
-        check.positive(self.opset, "opset")
-        _run_dir(self.run_dir)
