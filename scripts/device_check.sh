@@ -147,7 +147,7 @@ DATA=(data=sample "data.sample.dir=$SAMPLE_ROOT" "data.sample.num_jets=$SAMPLE_J
 step "write a $SAMPLE_JETS-jet sample" 150 "$PY" -c "
 from salt.data.build import ensure_sample
 print(ensure_sample('$SAMPLE_ROOT', $SAMPLE_JETS, 42))"
-SAMPLE="$SAMPLE_ROOT/${SAMPLE_JETS}jets_seed42"
+SAMPLE="$SAMPLE_ROOT/${SAMPLE_JETS}jets_seed42_v2"
 
 step "training throughput: every attention backend, eager and compiled" 330 \
     "$PY" scripts/bench_train.py --matrix --backends packed,varlen,padded \

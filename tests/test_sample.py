@@ -22,6 +22,7 @@ from salt.data.sample import (
     TRACK_VARIABLES,
     write_sample,
 )
+from salt.data.sample_objects import ELECTRON_VARIABLES, FLOW_VARIABLES
 from tests.conftest import small_tmpfs
 
 SRC = Path(sample.__file__).resolve().parents[2]
@@ -230,11 +231,18 @@ def test_norm_dict_matches_direct_computation(tmp_path: Path) -> None:
     text = paths["norm_dict"].read_text()
     assert "!!" not in text  # plain YAML floats, no python/numpy tags
     norm = yaml.safe_load(text)
-    assert list(norm) == ["jets", "tracks"]
+    assert list(norm) == ["jets", "tracks", "flows", "electrons"]
     assert list(norm["jets"]) == JET_VARIABLES
     assert list(norm["tracks"]) == TRACK_VARIABLES
     real = tracks[tracks["valid"]]
-    for group, rows, names in (("jets", jets, JET_VARIABLES), ("tracks", real, TRACK_VARIABLES)):
+    with h5py.File(paths["train"]) as f:
+        flows, electrons = f["flows"][:], f["electrons"][:]
+    for group, rows, names in (
+        ("jets", jets, JET_VARIABLES),
+        ("tracks", real, TRACK_VARIABLES),
+        ("flows", flows[flows["valid"]], FLOW_VARIABLES),
+        ("electrons", electrons[electrons["valid"]], ELECTRON_VARIABLES),
+    ):
         for name in names:
             values = rows[name].astype(np.float64)
             entry = norm[group][name]
@@ -376,3 +384,33 @@ def test_full_disk_is_one_error_and_leaves_nothing(tmp_path: Path) -> None:
         assert message.startswith(f"{disk / 'sample'}: could not write the built-in sample")
         assert "No space left on device" in message and "MiB free there" in message
         assert list((disk / "sample").iterdir()) == []
+
+
+def test_flows_and_electrons_carry_the_jets_physics(written: dict[str, Path]) -> None:
+    """Charged flows are the tracks, neutral ones carry the rest of the jet's energy; real
+    electrons come from b, c and tau decays, displaced and electron-like, fakes in every jet."""
+    with h5py.File(written["train"]) as f:
+        jets, tracks = f["jets"][:], f["tracks"][:]
+        flows, electrons = f["flows"][:], f["electrons"][:]
+    n_tracks = tracks["valid"].sum(1)
+    charged = (flows["valid"] & flows["isCharged"]).sum(1)
+    assert np.array_equal(charged, np.minimum(n_tracks, flows.shape[1]))
+    neutral_pt = np.where(flows["valid"] & ~flows["isCharged"], flows["pt"], 0).sum(1)
+    share = np.median(neutral_pt / jets["pt_btagJes"])
+    assert 0.25 < share < 0.42  # 40% minus the objects below threshold
+    # flows are pt-ordered within a jet, real ones first
+    pt = np.where(flows["valid"], flows["pt"], -1)
+    assert (np.diff(pt, axis=1) <= 0).all()
+    origin = electrons["ftagTruthOriginLabel"]
+    real = electrons["valid"] & (origin >= 1) & (origin <= 4)  # from B, B->D, D, tau
+    per_flavour = [real[jets["flavour_label"] == k].any(1).mean() for k in range(4)]
+    b, c, light, tau = per_flavour
+    assert 0.08 < b < 0.25 and 0.02 < c < 0.12 and light == 0 and 0.05 < tau < 0.2
+    fake = electrons["valid"] & (origin == 0)
+    assert fake[jets["flavour_label"] == 2].any(1).mean() > 0.05  # light jets have candidates
+    sig = np.abs(electrons["d0RelativeToBeamspotSignificance"])
+    from_b = electrons["valid"] & (origin == 1)
+    assert np.median(sig[from_b]) > 3 * np.median(sig[fake])
+    assert np.median(electrons["eProbabilityHT"][real]) > 3 * np.median(
+        electrons["eProbabilityHT"][fake]
+    )

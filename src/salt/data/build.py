@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from salt.data.dataset import BatchLoader, H5BatchDataset, expand_files
-from salt.data.ftag import DEFAULT_INPUT_MAP, DataError, LabelsConfig, load_yaml_dict, open_h5
+from salt.data.ftag import (
+    DEFAULT_INPUT_MAP,
+    DataError,
+    LabelsConfig,
+    ObjectOptions,
+    load_yaml_dict,
+    open_h5,
+)
+from salt.data.selections import parse_selections
 from salt.errors import ConfigError
 from salt.utils import typed_config as check
 
@@ -53,6 +61,10 @@ class DataConfig:
     num_test: int = -1
     chunk_batches: int = 10  # batches read per contiguous chunk ("weak shuffling")
     trim_tracks: bool = True  # cut each batch to its longest jet
+    num_inputs: dict[str, int] = field(default_factory=dict)  # per object type: first N stored
+    selections: dict[str, list[str]] = field(default_factory=dict)  # e.g. {tracks: ["d0 < 3.5"]}
+    # training-time augmentation: {type: {variable: std}} multiplies by N(1, std)
+    noise: dict[str, dict[str, float]] = field(default_factory=dict)
     allow_truth_inputs: list[str] = field(default_factory=list)
     nan_policy: NanPolicy = NanPolicy.error
     num_workers: int | str = "auto"  # a count or auto
@@ -96,8 +108,26 @@ class DataConfig:
             )
         if self.sample is not None:
             self.sample.check(f"{where}.sample")
+        for input_type, count in self.num_inputs.items():
+            check.positive(count, f"{where}.num_inputs.{input_type}")
+        parse_selections(self.selections, f"{where}.selections")
+        for input_type, per_var in self.noise.items():
+            for var, std in per_var.items():
+                if not std >= 0:
+                    raise ConfigError(
+                        f"{where}.noise.{input_type}.{var}={std}: expected a std >= 0"
+                    )
+
+    def object_options(self) -> ObjectOptions:
+        """How the reader reads each object type (num_inputs, selections, noise)."""
+        return ObjectOptions(
+            num_inputs=dict(self.num_inputs),
+            selections=parse_selections(self.selections),
+            noise={k: dict(v) for k, v in self.noise.items()},
+        )
 
 
+SAMPLE_VERSION = 2
 SAMPLE_FILES = ("train.h5", "val.h5", "test.h5", "norm_dict.yaml", "class_dict.yaml")
 
 
@@ -118,7 +148,9 @@ def ensure_sample(root: str | Path, num_jets: int, seed: int) -> Path:
     """The built-in sample under ``root``, written once; concurrent callers do not collide."""
     from salt.data.sample import write_sample  # only needed when the sample is used
 
-    target = Path(root).expanduser() / f"{num_jets}jets_seed{seed}"
+    # the version names what the files hold (v2: flows and electrons), so an older cache is
+    # not taken for a newer sample
+    target = Path(root).expanduser() / f"{num_jets}jets_seed{seed}_v{SAMPLE_VERSION}"
     if all((target / name).exists() for name in SAMPLE_FILES):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -293,6 +325,7 @@ def make_loader(
         input_map=dict(data.input_map),
         rank=rank,
         world_size=world_size,
+        options=data.object_options(),
     )
     if num_workers is None:
         num_workers = data.num_workers if isinstance(data.num_workers, int) else 0

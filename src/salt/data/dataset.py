@@ -31,7 +31,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from salt.data.ftag import Chunk, DataError, FTAGReader, LabelsConfig, load_yaml_dict
+from salt.data.ftag import (
+    Chunk,
+    DataError,
+    FTAGReader,
+    LabelsConfig,
+    ObjectOptions,
+    load_yaml_dict,
+)
 from salt.data.workers import die_with_parent
 
 Batch = dict[str, Any]
@@ -98,6 +105,7 @@ class H5BatchDataset(IterableDataset):
         input_map: Mapping[str, str] | None = None,
         rank: int = 0,
         world_size: int = 1,
+        options: ObjectOptions | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or chunk_batches < 1:
@@ -108,9 +116,11 @@ class H5BatchDataset(IterableDataset):
             norm_dict = load_yaml_dict(norm_dict, "norm_dict")
         self.files = expand_files(files)
         self.readers = [
-            FTAGReader(f, variables, norm_dict, labels, input_map, nan_policy, trim_tracks)
+            FTAGReader(f, variables, norm_dict, labels, input_map, nan_policy, trim_tracks, options)
             for f in self.files
         ]
+        # data.noise augments training batches only, drawn from (seed, epoch, chunk, batch)
+        self.noise = bool(options and options.noise) and shuffle
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
@@ -220,7 +230,9 @@ class H5BatchDataset(IterableDataset):
             _, chunk, perm = cached
             # sorted rows: the same jets, gathered in memory order (faster)
             rows = np.sort(perm[index * self.batch_size : (index + 1) * self.batch_size])
-            yield self._batch(self.chunks[chunk_id].file, chunk, rows)
+            # the batch's own stream: the same noise after a resume, on any worker count
+            rng = np.random.default_rng([self.seed, epoch, chunk_id, index]) if self.noise else None
+            yield self._batch(self.chunks[chunk_id].file, chunk, rows, rng)
 
     def _load_chunk(self, chunk_id: int, epoch: int) -> tuple[Chunk, np.ndarray]:
         ref = self.chunks[chunk_id]
@@ -232,14 +244,16 @@ class H5BatchDataset(IterableDataset):
             perm = np.arange(n)
         return chunk, perm
 
-    def _batch(self, file: int, chunk: Chunk, rows: np.ndarray) -> Batch:
+    def _batch(
+        self, file: int, chunk: Chunk, rows: np.ndarray, rng: np.random.Generator | None = None
+    ) -> Batch:
         if not self.shuffle:
             rows = slice(int(rows[0]), int(rows[-1]) + 1)  # contiguous: a view, no gather
-        # one width for all per-track inputs of the batch: its longest jet (real tracks first)
-        width = None
-        if self.trim_tracks and chunk.num_real:
-            width = max(max(int(n[rows].max(initial=0)), 1) for n in chunk.num_real.values())
-        inputs, masks, labels = self.readers[file].batch(chunk, rows, width)
+        # each object dataset cut to the batch's longest jet in it (real objects come first)
+        widths = None
+        if self.trim_tracks:
+            widths = {k: max(int(n[rows].max(initial=0)), 1) for k, n in chunk.num_real.items()}
+        inputs, masks, labels = self.readers[file].batch(chunk, rows, widths, rng)
         return {
             "inputs": {k: torch.from_numpy(v) for k, v in inputs.items()},
             "pad_masks": {k: torch.from_numpy(v) for k, v in masks.items()},

@@ -1,8 +1,10 @@
 """FTAG HDF5 files: variables by name, normalisation, labels, and the checks around them.
 
-A file holds structured datasets (``jets``: one row per jet; ``tracks``: ``(n_jets, n_slots)``
-with a ``valid`` flag). Each *input type* of the model (``jets``, ``tracks``, ``global``) reads
-its variables from one dataset (``input_map``). Everything that is read from one dataset is read
+A file holds structured datasets (``jets``: one row per jet; ``tracks``, ``flows``,
+``electrons``...: ``(n_jets, n_slots)`` with a ``valid`` flag). Each *input type* of the model
+reads its variables from one dataset (``input_map``; by default the dataset of its own name):
+``jets`` and ``global`` one row per jet, every other type (an *object type*) a sequence of
+objects per jet. Everything that is read from one dataset is read
 in a single HDF5 call into a packed float32 record, so HDF5 does the type conversion in C and the
 result is viewed as a plain ``float32`` array without another copy.
 """
@@ -14,7 +16,7 @@ import logging
 import os
 import pwd
 import stat
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,13 +27,14 @@ import numpy as np
 import yaml
 
 from salt.data.labels import LabelsConfig, LabelSpec, class_indices
+from salt.data.selections import Cut
 from salt.errors import DataError
 from salt.utils.names import closest_available
 
 DEFAULT_INPUT_MAP: dict[str, str] = {"jets": "jets", "tracks": "tracks", "global": "jets"}
-# input types the model reads as a sequence per jet; every other one (jets, global) is one row
-# per jet. Their datasets must have the matching shape: (n_jets, n_slots) or (n_jets,).
-PER_SLOT_INPUTS: tuple[str, ...] = ("tracks",)
+# input types read as one row per jet; every other one is an object type, read as a sequence
+# per jet. Their datasets must have the matching shape: (n_jets,) or (n_jets, n_slots).
+JET_INPUTS: tuple[str, ...] = ("jets", "global")
 VALID = "valid"
 FLOAT32_EXACT = 2**24  # float32 holds every integer up to this exactly
 NO_TRACKS_PROBE = 100  # jets read at open to warn about a file without any real track
@@ -47,6 +50,27 @@ YAML_LAYOUT = {
     "class_dict": "a mapping of input -> label -> [weight per class]",
 }
 MAX_YAML_BYTES = 64 << 20  # a norm/class dict is kilobytes; a larger file is the wrong file
+
+
+def is_object_type(input_type: str) -> bool:
+    """Tracks, flows, electrons...: a sequence of objects per jet (not jets or global)."""
+    return input_type not in JET_INPUTS
+
+
+def dataset_of(input_map: Mapping[str, str], input_type: str) -> str:
+    """The dataset an input type reads: ``input_map``'s entry, else the type's own name."""
+    return input_map.get(input_type, input_type)
+
+
+@dataclass(frozen=True)
+class ObjectOptions:
+    """How the objects of each type are read (``data.num_inputs``, ``data.selections``,
+    ``data.noise``), by object type."""
+
+    num_inputs: Mapping[str, int] = field(default_factory=dict)  # keep the first N as stored
+    selections: Mapping[str, Sequence[Cut]] = field(default_factory=dict)  # drop failing ones
+    # variable -> std of the multiplicative Gaussian noise N(1, std), at training time
+    noise: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
 def file_error(
@@ -278,6 +302,7 @@ class _InputPlan:
     mean: np.ndarray
     inv_std: np.ndarray
     variables: list[str]
+    noise: np.ndarray | None = None  # per variable: std of the N(1, std) factor (0: none)
 
 
 @dataclass
@@ -291,6 +316,8 @@ class _DatasetPlan:
     valid_column: int | None = None
     valid_is_bool: bool = True  # a 0/1 integer or float flag is checked for other values
     per_slot: bool | None = None  # the layout the model needs: (n_jets, n_slots) or (n_jets,)
+    max_slots: int | None = None  # data.num_inputs: read only the first slots
+    cuts: list[tuple[int, Cut]] = field(default_factory=list)  # (column, cut): data.selections
     input_types: list[str] = field(default_factory=list)  # what reads it, for messages
     needed_by: dict[str, str] = field(default_factory=dict)  # field -> config key, for messages
 
@@ -355,7 +382,7 @@ class FTAGReader:
         input_map: Mapping[str, str] | None = None,
         nan_policy: str = "error",
         compact_tracks: bool = True,
-        per_slot_inputs: Collection[str] = PER_SLOT_INPUTS,
+        options: ObjectOptions | None = None,
     ) -> None:
         if nan_policy not in ("error", "replace"):
             raise DataError(f"nan_policy must be 'error' or 'replace', got '{nan_policy}'.")
@@ -365,32 +392,53 @@ class FTAGReader:
         self.input_map = {**DEFAULT_INPUT_MAP, **dict(input_map or {})}
         self._file: h5py.File | None = None
         _ = self.file  # fail early, naming the file, if it is missing or unreadable
+        options = options or ObjectOptions()
         self.plans: dict[str, _DatasetPlan] = {}
         for input_type, var_list in variables.items():
             if not var_list:
                 continue
             dataset = self._dataset_for(input_type)
             plan = self.plans.setdefault(dataset, _DatasetPlan(dataset))
-            plan.expect(input_type, input_type in per_slot_inputs, self.input_map)
+            plan.expect(input_type, is_object_type(input_type), self.input_map)
             cols = _as_slice([plan.column(v, f"model.variables.{input_type}") for v in var_list])
             mean, inv_std = norm_arrays(norm_dict, input_type, dataset, var_list, str(self.path))
-            plan.inputs.append(_InputPlan(input_type, cols, mean, inv_std, list(var_list)))
+            noise = _noise_factors(options.noise.get(input_type), var_list, input_type)
+            plan.inputs.append(_InputPlan(input_type, cols, mean, inv_std, list(var_list), noise))
         for input_type, label_specs in (labels or {}).items():
             dataset = self._dataset_for(input_type)
             plan = self.plans.setdefault(dataset, _DatasetPlan(dataset))
-            plan.expect(input_type, input_type in per_slot_inputs, self.input_map)
+            plan.expect(input_type, is_object_type(input_type), self.input_map)
             for name, spec in label_specs.items():
                 spec = _as_spec(spec)
                 source = f"model.tasks.{spec.task}.label" if spec.task else f"a {input_type} label"
                 plan.labels.append(_LabelPlan(input_type, name, plan.column(name, source), spec))
+        self._plan_options(options, variables)
         self.num_jets, self.num_slots = self._validate()
 
+    def _plan_options(self, options: ObjectOptions, variables: Mapping[str, Sequence[str]]) -> None:
+        """Attach data.num_inputs and data.selections to the datasets of their types."""
+        for key, per_type in (
+            ("num_inputs", options.num_inputs),
+            ("selections", options.selections),
+        ):
+            for input_type in per_type:
+                if input_type not in variables or not is_object_type(input_type):
+                    objects = [t for t in variables if is_object_type(t)]
+                    raise DataError(
+                        f"data.{key}.{input_type}: the model reads no objects of type "
+                        f"'{input_type}'; its object types are {objects}"
+                    )
+        for input_type, count in options.num_inputs.items():
+            plan = self.plans[self._dataset_for(input_type)]
+            plan.max_slots = int(count)
+        for input_type, cuts in options.selections.items():
+            plan = self.plans[self._dataset_for(input_type)]
+            for cut in cuts:
+                column = plan.column(cut.variable, f"data.selections.{input_type} ({cut.text})")
+                plan.cuts.append((column, cut))
+
     def _dataset_for(self, input_type: str) -> str:
-        if input_type not in self.input_map:
-            raise DataError(
-                f"input type '{input_type}' has no dataset in input_map {self.input_map}."
-            )
-        return self.input_map[input_type]
+        return dataset_of(self.input_map, input_type)
 
     @property
     def file(self) -> h5py.File:
@@ -407,10 +455,11 @@ class FTAGReader:
         # h5py handles cannot cross process boundaries; workers reopen the file.
         return {**self.__dict__, "_file": None}
 
-    def _validate(self) -> tuple[int, int | None]:
-        """Check datasets, variables and shapes once, up front; return (n_jets, n_slots)."""
+    def _validate(self) -> tuple[int, dict[str, int]]:
+        """Check datasets, variables and shapes once, up front; return (n_jets, slots read per
+        object dataset)."""
         lengths: dict[str, int] = {}
-        num_slots = None
+        num_slots: dict[str, int] = {}
         for name, plan in self.plans.items():
             if name not in self.file:
                 raise DataError(
@@ -426,7 +475,7 @@ class FTAGReader:
             self._check_layout(name, plan, ds.shape, available)
             if plan.per_slot:
                 plan.valid_column = plan.column(VALID)
-                num_slots = ds.shape[1]
+                num_slots[name] = min(ds.shape[1], plan.max_slots or ds.shape[1])
             for var in plan.fields:
                 if var not in available:
                     raise DataError(
@@ -448,7 +497,7 @@ class FTAGReader:
                 "one jet."
             )
         for name, plan in self.plans.items():
-            if plan.per_slot:
+            if plan.per_slot and "tracks" in plan.input_types:  # rarer objects may be absent
                 self._warn_if_no_tracks(name)
         return n, num_slots
 
@@ -531,9 +580,13 @@ class FTAGReader:
         raw, valid, num_real, exact = {}, {}, {}, {}
         for name, plan in self.plans.items():
             ds = self.file[name]
-            records = np.empty((stop - start, *ds.shape[1:]), dtype=ds.dtype)
+            shape, where = (stop - start, *ds.shape[1:]), np.s_[start:stop]
+            if plan.per_slot:  # data.num_inputs: the first slots as stored
+                shape = (shape[0], self.num_slots[name])
+                where = np.s_[start:stop, : self.num_slots[name]]
+            records = np.empty(shape, dtype=ds.dtype)
             try:
-                ds.read_direct(records, np.s_[start:stop])
+                ds.read_direct(records, where, np.s_[...])
             except (OSError, RuntimeError) as err:
                 raise DataError(
                     f"{self.path}: reading dataset '{name}' rows {start}:{stop} failed (corrupt "
@@ -550,6 +603,8 @@ class FTAGReader:
                 if not plan.valid_is_bool:
                     self._check_valid_values(name, flag, start)
                 mask = flag != 0
+                for column, cut in plan.cuts:  # data.selections: failing objects are padding
+                    mask &= cut.passes(flat[..., column])
                 if self.compact_tracks and not _is_prefix(mask):
                     order = np.argsort(~mask, axis=1, kind="stable")
                     flat = np.take_along_axis(flat, order[..., None], axis=1)
@@ -580,11 +635,16 @@ class FTAGReader:
         return self.batch(self.read(start, stop), slice(None))
 
     def batch(
-        self, chunk: Chunk, rows: np.ndarray | slice, width: int | None = None
+        self,
+        chunk: Chunk,
+        rows: np.ndarray | slice,
+        widths: Mapping[str, int] | None = None,
+        rng: np.random.Generator | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
         """Inputs (normalised float32, padded slots 0), pad masks and labels of ``rows``.
 
-        ``width`` keeps only the first slots of per-slot datasets (real tracks come first).
+        ``widths`` keeps only the first slots of object datasets (real objects come first), by
+        dataset; ``rng`` (training only) draws the ``data.noise`` factors.
         """
         inputs: dict[str, np.ndarray] = {}
         masks: dict[str, np.ndarray] = {}
@@ -592,10 +652,14 @@ class FTAGReader:
         index = np.arange(len(chunk))[rows] + chunk.start  # file rows, for messages
         for name, plan in self.plans.items():
             per_slot = plan.valid_column is not None
+            width = (widths or {}).get(name)
             flat = chunk.raw[name][rows, :width] if per_slot else chunk.raw[name][rows]
             mask = chunk.valid[name][rows, :width] if per_slot else None
             for ip in plan.inputs:
-                x = np.subtract(flat[..., ip.columns], ip.mean, dtype=np.float32)
+                x = flat[..., ip.columns]
+                if rng is not None and ip.noise is not None:  # on the raw values, a copy
+                    x = x * rng.normal(1.0, ip.noise, size=x.shape).astype(np.float32)
+                x = np.subtract(x, ip.mean, dtype=np.float32)
                 x *= ip.inv_std
                 if mask is not None:
                     np.copyto(x, 0.0, where=~mask[..., None])
@@ -689,6 +753,24 @@ class FTAGReader:
         if mask is not None:
             mapped[~real] = -1
         return mapped
+
+
+def _noise_factors(
+    noise: Mapping[str, float] | None, variables: Sequence[str], input_type: str
+) -> np.ndarray | None:
+    """The std of the N(1, std) factor of each variable (0 for none), or None without noise."""
+    if not noise:
+        return None
+    for var, std in noise.items():
+        if var not in variables:
+            raise DataError(
+                f"data.noise.{input_type}.{var}: '{var}' is not an input of {input_type}; noise "
+                f"applies to model.variables.{input_type}: {list(variables)}"
+                f"{closest_available(var, list(variables))}"
+            )
+        if not (np.isfinite(std) and std >= 0):
+            raise DataError(f"data.noise.{input_type}.{var}={std}: expected a std >= 0")
+    return np.array([float(noise.get(v, 0.0)) for v in variables], dtype=np.float32)
 
 
 def not_numeric(dtype: np.dtype) -> str | None:

@@ -1,8 +1,9 @@
 """The built-in physics-like sample: FTAG-style HDF5 files of b, c, light and tau jets.
 
-The files have the layout of the flavour-tagging preprocessing output (datasets ``jets`` and
-``tracks``, ``norm_dict.yaml``, ``class_dict.yaml``), so everything that trains on real files can be
-run and tested on them. The physics is a toy, but the kind of toy a tagger has to work for:
+The files have the layout of the flavour-tagging preprocessing output (datasets ``jets``,
+``tracks``, ``flows`` and ``electrons``, ``norm_dict.yaml``, ``class_dict.yaml``), so everything
+that trains on real files can be run and tested on them (flows and electrons:
+`salt.data.sample_objects`). The physics is a toy, but the kind of toy a tagger has to work for:
 
 * b-jets carry a secondary (B) and usually a tertiary (B -> D) vertex, c-jets a D vertex, tau jets
   one or three prongs from a short-lived tau; light jets are prompt plus occasional V0s / material
@@ -28,10 +29,22 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 
+from salt.data.sample_objects import (
+    ELECTRON_DTYPE,
+    ELECTRON_VARIABLES,
+    FLOW_DTYPE,
+    FLOW_VARIABLES,
+    N_ELECTRON_SLOTS,
+    N_FLOW_SLOTS,
+    JetTruth,
+    make_electrons,
+    make_flows,
+)
 from salt.errors import DISK_FULL, DataError, SampleInterrupted, free_space, os_errno
 from salt.signals import Catch
 from salt.utils.atomic import temp_name
@@ -143,9 +156,11 @@ _PILEUP_Z0_SIGMA, _FAKE_D0_SIGMA, _FAKE_Z0_SIGMA = 1.5, 0.5, 1.0
 _TAIL_FRACTION, _TAIL_SCALE = 0.08, 3.0
 
 
-def _block_rng(seed: int, split: int, block: int) -> np.random.Generator:
-    """Independent PCG64 stream for one block of one split."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, split, block])))
+def _block_rng(seed: int, split: int, block: int, stream: int = 0) -> np.random.Generator:
+    """Independent PCG64 stream for one block of one split (stream 0: jets and tracks, 1: the
+    other objects, so these came without changing the jets and tracks)."""
+    key = [seed, split, block] if stream == 0 else [seed, split, block, stream]
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(key)))
 
 
 def _segment_rank(keys: np.ndarray, n_keys: int) -> np.ndarray:
@@ -160,8 +175,11 @@ def _soft_cone(x: np.ndarray) -> np.ndarray:
     return _CONE * np.tanh(x / _CONE)
 
 
-def _generate(rng: np.random.Generator, n_jets: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Generate ``n_jets`` jets: (jets, padded tracks, real tracks only in jet order)."""
+def _generate(
+    rng: np.random.Generator, n_jets: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, JetTruth]:
+    """Generate ``n_jets`` jets: (jets, padded tracks, real tracks only in jet order, the truth
+    the other objects are made from)."""
     # ---- jets ----
     flavour = np.searchsorted(np.cumsum(_FLAVOUR_FRACTIONS)[:-1], rng.random(n_jets), "right")
     span = 1.0 - (_PT_MAX / _PT_MIN) ** -_PT_INDEX
@@ -372,7 +390,21 @@ def _generate(rng: np.random.Generator, n_jets: int) -> tuple[np.ndarray, np.nda
     record_bytes = (-1, TRACK_DTYPE.itemsize)
     slots = tracks.reshape(-1).view(np.uint8).reshape(record_bytes)
     slots[jet * N_TRACK_SLOTS + slot] = real.view(np.uint8).reshape(record_bytes)
-    return jets, tracks, real
+    light = flavour == _LIGHT
+    truth = JetTruth(
+        flavour=flavour,
+        pt=pt,
+        eta=eta,
+        parent_p=np.where(light, 0.0, p_parent),
+        flight_xy=np.stack([np.where(light, 0.0, xa), np.where(light, 0.0, ya)], axis=1),
+        cascade_xy=np.stack([xd, yd], axis=1),
+        parent_dir=np.stack([np.where(light, 0.0, deta_a), np.where(light, 0.0, dphi_a)], 1),
+        track_jet=jet,
+        track_pt=trk_pt,
+        track_deta=deta,
+        track_dphi=dphi,
+    )
+    return jets, tracks, real, truth
 
 
 class _RunningMoments:
@@ -430,6 +462,8 @@ class _SplitSummary:
 
     jets: _RunningMoments = field(default_factory=lambda: _RunningMoments(JET_VARIABLES))
     tracks: _RunningMoments = field(default_factory=lambda: _RunningMoments(TRACK_VARIABLES))
+    flows: _RunningMoments = field(default_factory=lambda: _RunningMoments(FLOW_VARIABLES))
+    electrons: _RunningMoments = field(default_factory=lambda: _RunningMoments(ELECTRON_VARIABLES))
     flavours: np.ndarray = field(default_factory=lambda: np.zeros(len(FLAVOUR_NAMES), np.int64))
     origins: np.ndarray = field(default_factory=lambda: np.zeros(_N_ORIGINS, np.int64))
 
@@ -449,19 +483,26 @@ def _write_split(path: Path, n_jets: int, seed: int, split: int) -> _SplitSummar
     """Write one split to ``path`` block by block; return its summary (real tracks only)."""
     summary = _SplitSummary()
 
-    def make_block(block: int) -> tuple[np.ndarray, np.ndarray, tuple, tuple, np.ndarray]:
+    def make_block(block: int) -> dict[str, Any]:
         start = block * _BLOCK_JETS
-        jets, tracks, real = _generate(
+        jets, tracks, real, truth = _generate(
             _block_rng(seed, split, block), min(_BLOCK_JETS, n_jets - start)
         )
-        origins = np.bincount(real["ftagTruthOriginLabel"], minlength=_N_ORIGINS)
-        return (
-            jets,
-            tracks,
-            summary.jets.block_moments(jets),
-            summary.tracks.block_moments(real),
-            origins,
-        )
+        objects = _block_rng(seed, split, block, stream=1)
+        flows, electrons = make_flows(objects, truth), make_electrons(objects, truth)
+        return {
+            "jets": jets,
+            "tracks": tracks,
+            "flows": flows,
+            "electrons": electrons,
+            "moments": {
+                "jets": summary.jets.block_moments(jets),
+                "tracks": summary.tracks.block_moments(real),
+                "flows": summary.flows.block_moments(flows[flows["valid"]]),
+                "electrons": summary.electrons.block_moments(electrons[electrons["valid"]]),
+            },
+            "origins": np.bincount(real["ftagTruthOriginLabel"], minlength=_N_ORIGINS),
+        }
 
     # H5Output: a full disk is an OSError here, not a half-closed HDF5 file (and a crash at exit)
     with H5Output(path) as out:
@@ -474,13 +515,20 @@ def _write_split(path: Path, n_jets: int, seed: int, split: int) -> _SplitSummar
             "jets", shape=(n_jets,), dtype=JET_DTYPE, chunks=(min(_JET_CHUNK, n_jets),), **common
         )
         jets_ds.attrs["flavour_label"] = FLAVOUR_NAMES
-        tracks_ds = f.create_dataset(
-            "tracks",
-            shape=(n_jets, N_TRACK_SLOTS),
-            dtype=TRACK_DTYPE,
-            chunks=(min(_TRACK_CHUNK_JETS, n_jets), N_TRACK_SLOTS),
-            **common,
-        )
+        objects = {
+            name: f.create_dataset(
+                name,
+                shape=(n_jets, slots),
+                dtype=dtype,
+                chunks=(min(_TRACK_CHUNK_JETS, n_jets), slots),
+                **common,
+            )
+            for name, slots, dtype in (
+                ("tracks", N_TRACK_SLOTS, TRACK_DTYPE),
+                ("flows", N_FLOW_SLOTS, FLOW_DTYPE),
+                ("electrons", N_ELECTRON_SLOTS, ELECTRON_DTYPE),
+            )
+        }
         # Generate the next block on a second thread while this one is compressed and written
         # (numpy releases the GIL in its loops); write and merge in block order, so the result
         # does not depend on timing. More generator threads did not help: the rest is GIL-bound.
@@ -488,18 +536,20 @@ def _write_split(path: Path, n_jets: int, seed: int, split: int) -> _SplitSummar
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(make_block, 0)
             for block in range(n_blocks):
-                jets, tracks, jet_moments, track_moments, origins = pending.result()
+                made = pending.result()
                 _stop_if_signalled()
                 if block + 1 < n_blocks:
                     pending = pool.submit(make_block, block + 1)
                 out.check()  # stop at the first failed write, not after the whole split
-                start = block * _BLOCK_JETS
-                jets_ds[start : start + len(jets)] = jets
-                tracks_ds[start : start + len(jets)] = tracks
-                summary.jets.merge(jet_moments)
-                summary.tracks.merge(track_moments)
+                jets = made["jets"]
+                rows = slice(block * _BLOCK_JETS, block * _BLOCK_JETS + len(jets))
+                jets_ds[rows] = jets
+                for name, ds in objects.items():
+                    ds[rows] = made[name]
+                for name, moments in made["moments"].items():
+                    getattr(summary, name).merge(moments)
                 summary.flavours += np.bincount(jets["flavour_label"], minlength=len(FLAVOUR_NAMES))
-                summary.origins += origins
+                summary.origins += made["origins"]
     return summary
 
 
@@ -551,7 +601,9 @@ def write_sample(out_dir: str | Path, num_jets: int, seed: int = 42) -> dict[str
         header = (
             f"# salt.data.sample (seed {seed}): from {final['train'].name}, real tracks only.\n"
         )
-        norm_dict = {"jets": train.jets.result(), "tracks": train.tracks.result()}
+        norm_dict = {
+            name: getattr(train, name).result() for name in ("jets", "tracks", "flows", "electrons")
+        }
         _write_yaml(
             temps["norm_dict"],
             header + "# Population mean and std; a constant variable gets std 1.\n",
