@@ -32,7 +32,10 @@ def train_outputs(tagger, backend: str) -> list[torch.Tensor]:
         tagger.zero_grad(set_to_none=True)
         _, losses = tagger(batch["inputs"], batch["pad_masks"], batch["labels"])
         losses["loss"].backward()
-        results += [losses["loss"].detach(), tagger.init_net.first.linear.weight.grad.clone()]
+        results += [
+            losses["loss"].detach(),
+            tagger.init_nets["tracks"].first.linear.weight.grad.clone(),
+        ]
         if i == 1:
             results.append(torch.tensor(graphs()))  # graphs after two shapes
     return results

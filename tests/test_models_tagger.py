@@ -240,8 +240,8 @@ def test_derived_sizes_follow_the_variable_lists() -> None:
     tagger = build_tagger(cfg)
     out_dim, n_global = cfg.encoder.out_dim, 3
     # init net: 3 track variables with 1 jet variable appended to every track
-    assert tagger.init_net.first.in_sizes == [3, 1]
-    assert tagger.init_net.first.linear.in_features == 4
+    assert tagger.init_nets["tracks"].first.in_sizes == [3, 1]
+    assert tagger.init_nets["tracks"].first.linear.in_features == 4
     # global concatenation after the encoder widens pooling and all task inputs
     assert tagger.pooling.input_size == out_dim + n_global
     tasks = tagger.tasks
@@ -263,7 +263,7 @@ def test_derived_sizes_follow_the_variable_lists() -> None:
 
     # GN2 without global inputs
     tagger = build_tagger(model_cfg("GN2"))
-    assert tagger.init_net.first.in_sizes == [19, 2]
+    assert tagger.init_nets["tracks"].first.in_sizes == [19, 2]
     assert tagger.pooling.input_size == 128
 
 

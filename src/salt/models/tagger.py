@@ -1,17 +1,21 @@
-"""The tagger: init net -> transformer encoder -> (global concat) -> pooling -> task heads.
+"""The tagger: init nets -> transformer encoder -> (global concat) -> pooling -> task heads.
 
 `build_tagger` assembles it from the `model` config node; every layer size follows from the
 variable lists and the chosen parts:
 
-- init net input: tracks variables, with the jets variables appended to every track;
+- one init net per object type (`tracks`, `flows`, `electrons`...: every input type but
+  `jets` and `global`): its variables, with the jets variables appended to every object;
+  with several types, a learned embedding of the type is added, and the objects of a jet form
+  one sequence (types in the order of `model.variables`);
 - encoder: `embed_dim` -> `encoder.out_dim`, with its register tokens appended to every
-  jet's tracks (the pooling sees them, the track tasks do not);
+  jet's objects (the pooling sees them, the object tasks do not);
 - track representations: encoder out_dim + len(global variables) (global appended after
   the encoder);
 - pooled jet vector: the track representation size (global_attention) or the pooling's
   out_dim (cross_attention, default the encoder out_dim);
-- jet tasks see the pooled vector; track tasks the track representations, with the pooled
-  vector appended as context when `context: true`.
+- jet tasks see the pooled vector; object tasks (`input: tracks`, `flows`...) the
+  representations of their type's objects, with the pooled vector appended as context when
+  `context: true`.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from salt.models.tasks import (
 from salt.models.transformer import EncoderConfig, TransformerEncoder
 from salt.utils import typed_config
 
-INPUT_TYPES = ("jets", "tracks", "global")
+JET_INPUTS = ("jets", "global")  # one row per jet; every other input type is an object type
 ModelNode = DictConfig | Mapping[str, Any]  # a `model` node as composed or saved
 
 
@@ -81,10 +85,10 @@ class ModelConfig:
         self.attention.check(f"{where}.attention")
         self.pooling.check(f"{where}.pooling")
         for input_type, names in self.variables.items():
-            if input_type not in INPUT_TYPES:
+            if not str(input_type).isidentifier():
                 raise ModelConfigError(
-                    f"{where}.variables: unknown input type {input_type!r}; allowed are "
-                    f"{list(INPUT_TYPES)}"
+                    f"{where}.variables: {input_type!r} is not an input type name (jets, "
+                    "global, or an object type such as tracks, flows, electrons)"
                 )
             names = names or []
             doubled = sorted({n for n in names if names.count(n) > 1})
@@ -93,8 +97,12 @@ class ModelConfig:
                     f"{where}.variables.{input_type}: duplicated variable(s) {doubled}"
                 )
         self.variables = {k: list(v) for k, v in self.variables.items() if v}  # type: ignore[misc]
-        if "tracks" not in self.variables:
-            raise ModelConfigError(f"{where}.variables.tracks must list at least one variable")
+        objects = object_types(self.variables)
+        if not objects:
+            raise ModelConfigError(
+                f"{where}.variables must list the variables of at least one object type "
+                "(tracks, flows, ...) besides jets and global"
+            )
         if not self.tasks:
             raise ModelConfigError(f"{where}.tasks must map task names to task settings")
         for name, task in self.tasks.items():
@@ -104,6 +112,11 @@ class ModelConfig:
                     "(the total loss key)"
                 )
             task.check(f"{where}.tasks.{name}")
+            if task.input != "jets" and task.input not in objects:
+                raise ModelConfigError(
+                    f"{where}.tasks.{name}.input: {task.input!r} is not an input of the model; "
+                    f"its object types are {objects} (and jets)"
+                )
 
     def plain(self) -> dict[str, Any]:
         """As plain dicts and lists (the checkpoint's `config`)."""
@@ -130,7 +143,7 @@ class Tagger(nn.Module):
         self,
         name: str,
         variables: Mapping[str, list[str]],
-        init_net: Dense,
+        init_nets: Mapping[str, Dense],
         encoder: TransformerEncoder,
         pooling: nn.Module,
         tasks: Mapping[str, Task],
@@ -140,10 +153,18 @@ class Tagger(nn.Module):
         self.name = name
         self.backend = check_backend(backend, encoder.attention_type)
         self.variables = {k: list(v) for k, v in variables.items()}
-        self.init_net = init_net
+        self.object_types = object_types(self.variables)
+        self.init_nets = nn.ModuleDict({t: init_nets[t] for t in self.object_types})
+        # which type each object is: only needed to tell several types apart
+        self.type_embedding = (
+            nn.Parameter(torch.zeros(len(self.object_types), encoder.embed_dim))
+            if len(self.object_types) > 1
+            else None
+        )
         self.encoder = encoder
         self.pooling = pooling
         self.tasks = nn.ModuleDict(tasks)
+        self._register_load_state_dict_pre_hook(_rename_single_init_net)
 
     def _input(self, inputs: Mapping[str, Tensor], input_type: str) -> Tensor:
         """The batch input `input_type`, checked against its variable list."""
@@ -175,40 +196,76 @@ class Tagger(nn.Module):
         `jets_per_multiplicity` of the tracks mask, counted on the host (spares the packed
         layouts their one host sync on a GPU).
         """
-        tracks = self._input(inputs, "tracks")
-        pad_mask = pad_masks["tracks"]
+        objects = {t: self._input(inputs, t) for t in self.object_types}
+        masks = {t: self._mask(pad_masks, t) for t in self.object_types}
         jets = self._input(inputs, "jets") if "jets" in self.variables else None
         glob = self._input(inputs, "global") if "global" in self.variables else None
-        layout = self.layout(tracks.device)
+        layout = self.layout(next(iter(objects.values())).device)
         if layout == "padded":
-            outputs = self._forward_padded(tracks, jets, glob, pad_mask)
+            outputs = self._forward_padded(objects, jets, glob, masks)
         else:
-            packing = Packing.from_mask(pad_mask, jets_per_size)
-            outputs = self._forward_packed(tracks, jets, glob, packing, layout == "varlen")
+            counts = _counts_by_type(jets_per_size, self.object_types)
+            outputs = self._forward_packed(objects, jets, glob, masks, counts, layout == "varlen")
         if labels is None:
             return outputs, {}
         losses: dict[str, Tensor] = {}
         total: Tensor | None = None
+        first = masks[self.object_types[0]]
         for name, task in self.tasks.items():
-            losses[name] = task.loss(outputs[name], task.target(labels), pad_mask)
+            mask = masks.get(task.input_type, first)
+            losses[name] = task.loss(outputs[name], task.target(labels), mask)
             term = task.weight * losses[name]
             total = term if total is None else total + term
         assert total is not None  # build_tagger requires at least one task
         losses["loss"] = total
         return outputs, losses
 
+    def _mask(self, pad_masks: Mapping[str, Tensor], input_type: str) -> Tensor:
+        if input_type not in pad_masks:
+            raise KeyError(
+                f"model {self.name}: the batch has no pad mask for {input_type!r}; it has "
+                f"{sorted(pad_masks)}"
+            )
+        return pad_masks[input_type]
+
+    def _embed(self, k: int, input_type: str, x: Tensor, jets: Tensor | None, packing=None):
+        """The init net of one object type (+ its type embedding)."""
+        h = self.init_nets[input_type](x, jets, packing)
+        if self.type_embedding is not None:
+            h = h + self.type_embedding[k].to(h.dtype)
+        return h
+
     def _forward_padded(
-        self, tracks: Tensor, jets: Tensor | None, glob: Tensor | None, pad_mask: Tensor
+        self,
+        objects: Mapping[str, Tensor],
+        jets: Tensor | None,
+        glob: Tensor | None,
+        masks: Mapping[str, Tensor],
     ) -> dict[str, Tensor]:
-        """The task outputs, computing on every track slot (the reference path)."""
-        # x: the tracks, then the encoder's registers (seen by the pooling, not the tasks)
-        x, seq_mask = self.encoder(self.init_net(tracks, jets), pad_mask)
+        """The task outputs, computing on every object slot (the reference path)."""
+        types = self.object_types
+        parts = [self._embed(k, t, objects[t], jets) for k, t in enumerate(types)]
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        pad_mask = masks[types[0]] if len(types) == 1 else torch.cat([masks[t] for t in types], 1)
+        # x: the objects, then the encoder's registers (seen by the pooling, not the tasks)
+        x, seq_mask = self.encoder(x, pad_mask)
         if glob is not None:
             glob = glob.to(x.dtype)
             x = _concat_masked(x, glob[:, None, :].expand(-1, x.shape[1], -1), seq_mask)
         pooled = self.pooling(x, seq_mask)
-        x = x[:, : pad_mask.shape[1]]
-        return {name: task(pooled, x, pad_mask) for name, task in self.tasks.items()}
+        per_type, start = {}, 0
+        for t in types:
+            width = masks[t].shape[1]
+            per_type[t] = x[:, start : start + width]
+            start += width
+        return {
+            name: task(
+                pooled,
+                per_type.get(task.input_type, per_type[types[0]]),
+                masks.get(task.input_type, masks[types[0]]),
+            )
+            for name, task in self.tasks.items()
+        }
 
     def layout(self, device: torch.device) -> str:
         """The layout a forward on `device` runs now: padded, packed or varlen (`backend`)."""
@@ -237,7 +294,8 @@ class Tagger(nn.Module):
         if layout == "padded":
             self.compile(dynamic=True, backend=backend)
             return
-        self.init_net.compile_tail(backend)
+        for init_net in self.init_nets.values():
+            init_net.compile_tail(backend)
         for layer in self.encoder.layers:
             layer.compile_feed_forward(backend)
         for task in self.tasks.values():
@@ -245,24 +303,58 @@ class Tagger(nn.Module):
 
     def _forward_packed(
         self,
-        tracks: Tensor,
+        objects: Mapping[str, Tensor],
         jets: Tensor | None,
         glob: Tensor | None,
-        packing: Packing,
+        masks: Mapping[str, Tensor],
+        counts: Mapping[str, Sequence[int]],
         varlen: bool,
     ) -> dict[str, Tensor]:
-        """The same outputs, computing per-track parts on the real tracks only."""
+        """The same outputs, computing per-object parts on the real objects only.
+
+        All objects of a jet form one packed sequence (`packing`); each type's rows in it are
+        `rows[type]`, in the order of the type's own packing (`packings[type]`), which its
+        init net and tasks use.
+        """
+        types = self.object_types
+        packings = {t: Packing.from_mask(masks[t], counts.get(t)) for t in types}
+        if len(types) == 1:
+            packing, rows = packings[types[0]], None
+        else:
+            packing = Packing.from_mask(
+                torch.cat([masks[t] for t in types], dim=1), counts.get(ALL_OBJECTS)
+            )
+            rows = _rows_by_type(packing, packings, masks, types)
         if packing.num_tracks == 0:
             # nothing to pack; the padded path keeps every parameter in the autograd graph
             # (zero gradients, not None), as the same function must
-            return self._forward_padded(tracks, jets, glob, packing.pad_mask)
-        x = self.init_net(packing.pack(tracks), jets, packing)
-        x, seq = self.encoder.forward_packed(x, packing, varlen)  # seq: tracks and registers
+            return self._forward_padded(objects, jets, glob, masks)
+        x: Tensor | None = None
+        for k, t in enumerate(types):
+            if packings[t].num_tracks == 0:
+                continue
+            h = self._embed(k, t, packings[t].pack(objects[t]), jets, packings[t])
+            if rows is None:
+                x = h
+            else:
+                x = h.new_zeros(packing.num_tracks, h.shape[-1]) if x is None else x
+                x = x.index_copy(0, rows[t], h)
+        assert x is not None
+        x, seq = self.encoder.forward_packed(x, packing, varlen)  # seq: objects and registers
         if glob is not None:
             x = torch.cat([x, seq.per_track(glob.to(x.dtype))], dim=-1)
         pooled = self.pooling.forward_packed(x, seq)
         x = seq.tracks(x)
-        return {name: task.forward_packed(pooled, x, packing) for name, task in self.tasks.items()}
+        outputs = {}
+        for name, task in self.tasks.items():
+            t = task.input_type if task.input_type in packings else types[0]
+            if rows is None:
+                outputs[name] = task.forward_packed(pooled, x, packings[t])
+            elif packings[t].num_tracks == 0:  # no object of the type: all padded
+                outputs[name] = task(pooled, x.new_zeros(*masks[t].shape, x.shape[-1]), masks[t])
+            else:
+                outputs[name] = task.forward_packed(pooled, x.index_select(0, rows[t]), packings[t])
+        return outputs
 
     def flavour_task(self) -> ClassificationTask | None:
         """The jet flavour task: ``jet_classification`` if present, else the first jet
@@ -300,13 +392,64 @@ def check_backend(backend: str, attention_type: str) -> str:
     return str(backend)
 
 
+ALL_OBJECTS = "objects"  # the key of the combined sequence's counts (see `_counts_by_type`)
+
+
+def object_types(variables: Mapping[str, Sequence[str] | None]) -> list[str]:
+    """The object types of a variable map (every input type but jets and global), in order."""
+    return [t for t, names in variables.items() if t not in JET_INPUTS and names]
+
+
+def _counts_by_type(
+    jets_per_size: Mapping[str, Sequence[int]] | Sequence[int] | None, types: Sequence[str]
+) -> dict[str, Sequence[int]]:
+    """`jets_per_multiplicity` by object type (and `ALL_OBJECTS` for their sequence), as the
+    loop counted them on the host; a plain list is the single object type's."""
+    if jets_per_size is None:
+        return {}
+    if isinstance(jets_per_size, Mapping):
+        return dict(jets_per_size)
+    return {types[0]: jets_per_size} if len(types) == 1 else {}
+
+
+def _rows_by_type(
+    packing: Packing,
+    packings: Mapping[str, Packing],
+    masks: Mapping[str, Tensor],
+    types: Sequence[str],
+) -> dict[str, Tensor]:
+    """For each type, the rows of the joint `packing` that hold its objects, in the order of
+    the type's own packing."""
+    batch, width = packing.pad_mask.shape
+    row_of_slot = torch.zeros(batch * width, dtype=torch.long, device=packing.slot.device)
+    row_of_slot.index_copy_(
+        0, packing.slot, torch.arange(packing.num_tracks, device=packing.slot.device)
+    )
+    rows, start = {}, 0
+    for t in types:
+        slots = masks[t].shape[1]
+        own = packings[t].slot
+        jet = torch.div(own, slots, rounding_mode="floor")
+        rows[t] = row_of_slot.index_select(0, jet * width + start + own % slots)
+        start += slots
+    return rows
+
+
+def _rename_single_init_net(state: dict, prefix: str, *args: Any) -> None:
+    """Checkpoints from before several object types named the one init net `init_net`."""
+    old = f"{prefix}init_net."
+    for key in [k for k in state if k.startswith(old)]:
+        state[f"{prefix}init_nets.tracks.{key[len(old) :]}"] = state.pop(key)
+
+
 def _concat_masked(x: Tensor, extra: Tensor, pad_mask: Tensor) -> Tensor:
     """Concatenate `extra` to `x` along features; padded slots stay zero."""
     return torch.cat([x, extra], dim=-1).masked_fill(pad_mask.unsqueeze(-1), 0.0)
 
 
 def input_variables(model_cfg: ModelConfig | ModelNode) -> dict[str, list[str]]:
-    """The input variable lists by input type ("jets", "tracks", "global"), for the loader."""
+    """The input variable lists by input type (jets, global, tracks, flows...), for the
+    loader."""
     return {k: list(v) for k, v in ModelConfig.read(model_cfg).variables.items()}
 
 
@@ -329,7 +472,7 @@ def label_specs(model_cfg: ModelConfig | ModelNode) -> dict[str, dict[str, Label
         mapping = dict(task.label_map) if task.label_map is not None else None
         reads.append((name, task.input, task.label, mapping, classes, kind == TaskType.regression))
         if kind == TaskType.vertexing and task.origin_label:  # pair weights, unmapped
-            reads.append((name, "tracks", task.origin_label, None, None, False))
+            reads.append((name, task.input, task.origin_label, None, None, False))
     for name, input_type, label, mapping, classes, continuous in reads:
         key = (input_type, label)
         spec = LabelSpec(
@@ -449,6 +592,7 @@ def _task(
             weight=spec.weight,
             origin_label=spec.origin_label,
             reduction=str(spec.reduction),
+            input_type=spec.input,
             **dense,
         )
     return RegressionTask(
@@ -478,12 +622,15 @@ def build_tagger(
     cfg = ModelConfig.read(model_cfg)
     label_specs(cfg)  # the label_map consistency check
     variables = {k: list(v) for k, v in cfg.variables.items()}
-    init_net = Dense(
-        len(variables["tracks"]),
-        cfg.embed_dim,
-        context_size=len(variables.get("jets", [])),
-        **cfg.init_net.layers(),
-    )
+    init_nets = {
+        t: Dense(
+            len(variables[t]),
+            cfg.embed_dim,
+            context_size=len(variables.get("jets", [])),
+            **cfg.init_net.layers(),
+        )
+        for t in object_types(variables)
+    }
     encoder = _encoder(cfg)
     track_size = encoder.out_dim + len(variables.get("global", []))
     pooling = _pooling(cfg.pooling, track_size, encoder.out_dim)
@@ -492,4 +639,4 @@ def build_tagger(
         for name, spec in cfg.tasks.items()
     }
     backend = backend or str(cfg.attention.backend)
-    return Tagger(cfg.name, variables, init_net, encoder, pooling, tasks, backend)
+    return Tagger(cfg.name, variables, init_nets, encoder, pooling, tasks, backend)

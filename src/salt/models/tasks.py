@@ -45,12 +45,10 @@ class TaskType(enum.StrEnum):
 
 VERTEXING_REDUCTIONS = ("positive_pairs", "pairs")
 REGRESSION_LOSSES = ("mse", "huber")
-# the objects each task type acts on
-TASK_INPUTS: dict[str, tuple[str, ...]] = {
-    "classification": ("jets", "tracks"),
-    "vertexing": ("tracks",),
-    "regression": ("jets",),
-}
+# what each task type acts on: the jet, and/or the objects of one type (tracks, flows, ...:
+# any object type of the model, checked against model.variables)
+ON_JETS = {"classification": True, "vertexing": False, "regression": True}
+ON_OBJECTS = {"classification": True, "vertexing": True, "regression": False}
 # keys that only one task type takes, with their defaults
 TYPE_KEYS: dict[str, dict[str, Any]] = {
     "classification": {"class_names": None, "label_map": None, "use_class_weights": False},
@@ -65,7 +63,7 @@ class TaskConfig(DenseConfig):
     loss weight, then the keys of its type (null where the type has none: checked)."""
 
     type: TaskType = MISSING
-    input: str = MISSING  # the objects it acts on: jets or tracks
+    input: str = MISSING  # what it acts on: jets, or an object type (tracks, flows, ...)
     label: str = MISSING  # the label variable of those objects
     weight: float = 1.0  # of its loss in the total
     context: bool = False  # track tasks: append the pooled jet vector to every track
@@ -93,15 +91,19 @@ class TaskConfig(DenseConfig):
         for key, default in TYPE_KEYS[kind].items():
             if getattr(self, key) is None:
                 setattr(self, key, default)
-        if self.input not in TASK_INPUTS[kind]:
+        on_jets = self.input == "jets"
+        if (on_jets and not ON_JETS[kind]) or (not on_jets and not ON_OBJECTS[kind]):
+            takes = "jets" if ON_JETS[kind] else "an object type (tracks, flows, ...)"
+            if ON_JETS[kind] and ON_OBJECTS[kind]:
+                takes = "jets or an object type"
             raise ModelConfigError(
-                f"{where}.input: a {kind} task takes input "
-                f"{' or '.join(TASK_INPUTS[kind])}, got {self.input!r}"
+                f"{where}.input: a {kind} task takes {takes}, got {self.input!r}"
             )
         check.at_least(self.weight, f"{where}.weight", 0.0)
-        if self.context and self.input != "tracks":
+        if self.context and on_jets:
             raise ModelConfigError(
-                f"{where}.context: only track tasks take the pooled jet vector as context"
+                f"{where}.context: only object tasks (tracks, ...) take the pooled jet vector "
+                "as context"
             )
         if kind == "classification":
             if not self.class_names or len(self.class_names) < 2:
@@ -280,8 +282,9 @@ class VertexingTask(Task):
         weight: float = 1.0,
         origin_label: str | None = None,
         reduction: str = "positive_pairs",
+        input_type: str = "tracks",
     ) -> None:
-        super().__init__(name, "tracks", label, weight)
+        super().__init__(name, input_type, label, weight)
         if reduction not in VERTEXING_REDUCTIONS:
             raise ValueError(f"task {name}: reduction must be one of {VERTEXING_REDUCTIONS}")
         self.origin_label = origin_label
@@ -297,10 +300,10 @@ class VertexingTask(Task):
         if self.origin_label is None:
             return vertex
         try:
-            origin = labels["tracks"][self.origin_label]
+            origin = labels[self.input_type][self.origin_label]
         except KeyError:
             raise KeyError(
-                f"task {self.name}: the batch has no label labels['tracks']"
+                f"task {self.name}: the batch has no label labels[{self.input_type!r}]"
                 f"[{self.origin_label!r}] (its origin_label)"
             ) from None
         return torch.stack([vertex, origin.to(vertex.dtype)], dim=-1)

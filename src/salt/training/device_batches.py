@@ -21,6 +21,7 @@ from torch import Tensor
 
 from salt.data.dataset import Batch, BatchLoader
 from salt.models.packing import jets_per_multiplicity
+from salt.models.tagger import ALL_OBJECTS
 
 
 @dataclass
@@ -29,7 +30,22 @@ class DeviceBatch:
 
     tensors: Batch  # inputs, pad_masks, labels: tensors on the device
     num_jets: int
-    jets_per_size: list[int] | None  # jets per track multiplicity (see salt.models.packing)
+    # jets per object multiplicity (see salt.models.packing): a list for one object type, by
+    # type (and "objects" for their joint sequence) for several
+    jets_per_size: list[int] | dict[str, list[int]] | None
+
+
+def object_counts(masks: Mapping[str, Tensor]) -> list[int] | dict[str, list[int]] | None:
+    """`jets_per_multiplicity` of each object type's pad mask and of their joint sequence,
+    counted on the host before the batch goes to the device (the packing then needs no sync)."""
+    if not masks:
+        return None
+    if len(masks) == 1:
+        return jets_per_multiplicity(next(iter(masks.values())))
+    counts = {t: jets_per_multiplicity(m) for t, m in masks.items()}
+    # the joint sequence's multiplicity is the total per jet, whatever the order of the types
+    counts[ALL_OBJECTS] = jets_per_multiplicity(torch.cat(list(masks.values()), dim=1))
+    return counts
 
 
 def _map(x: Any, fn: Any) -> Any:
@@ -95,8 +111,7 @@ class DeviceBatches:
         """Read the host facts, then start the copy (on the side stream)."""
         inputs = host["inputs"]
         num_jets = len(next(iter(inputs.values())))
-        mask = host.get("pad_masks", {}).get("tracks")
-        counts = jets_per_multiplicity(mask) if mask is not None else None
+        counts = object_counts(host.get("pad_masks", {}))
         if stream is None:
             return DeviceBatch(host, num_jets, counts)
         with torch.cuda.stream(stream):
