@@ -550,6 +550,23 @@ def test_output_names() -> None:
     assert predictions_path("a/last.ckpt", "t.h5", "_b").name == "last__test_t_b.h5"
 
 
+def test_ftags_writer_takes_no_file_object(tmp_path: Path) -> None:
+    """Why the predictions are written with h5py, not atlas-ftag-tools' H5Writer: it opens the
+    file by its path itself, so it cannot write through `H5Output`'s file object, which keeps
+    a full disk from ending the process in a segmentation fault. If this fails, H5Writer takes
+    one now: salt.evaluation.predictions could write through it."""
+    from ftag.hdf5 import H5Writer
+
+    # h5py itself writes to any binary file object (H5Output's is one)
+    with open(tmp_path / "out.h5", "w+b") as sink, pytest.raises(TypeError, match="PathLike"):
+        H5Writer(
+            dst=sink,
+            dtypes={"jets": np.dtype([("GN2_pb", "f4")])},
+            shapes={"jets": (10,)},
+            shuffle=False,
+        )
+
+
 def test_vertex_groups_are_connected_components() -> None:
     # tracks 0-1 and 1-3 joined (0, 1, 3 one vertex, by transitivity), 2 alone, 4 padded
     p = torch.zeros(1, 5, 5)
