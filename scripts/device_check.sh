@@ -5,7 +5,8 @@
 #
 # For a machine with one NVIDIA GPU, Python with a CUDA build of torch, h5py, numpy, PyYAML,
 # tqdm, matplotlib (onnx, onnxruntime) and no network. What it lacks (hydra-core, omegaconf,
-# antlr4-python3-runtime, submitit, GitPython, gitdb, smmap) comes as wheels from --wheels DIR
+# antlr4-python3-runtime, submitit, GitPython, gitdb, smmap; atlas-ftag-tools with scipy,
+# hdf5plugin and requests) comes as wheels from --wheels DIR
 # (`bash scripts/device_wheels.sh DIR` fetches them where there is a network), installed with
 # `pip install --no-index --target`. Salt itself runs from this checkout (src/).
 #
@@ -34,7 +35,7 @@ while [ $# -gt 0 ]; do
         --wheels) WHEELS="$2"; shift ;;
         --out) OUT_DIR="$2"; shift ;;
         --budget) BUDGET="$2"; shift ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "device_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -129,9 +130,9 @@ else:
     print("gpu: none (CUDA not available)")
 from salt.models.attention import varlen_kernel
 print("varlen kernel (torch.nn.attention.varlen):", varlen_kernel() is not None)
-import importlib.util, hydra, omegaconf, submitit  # the packages the wheels bring
+import importlib.util, hydra, omegaconf, submitit, ftag  # the packages the wheels bring
 print("hydra", hydra.__version__, "omegaconf", omegaconf.__version__,
-      "gitpython", importlib.util.find_spec("git") is not None)
+      "gitpython", importlib.util.find_spec("git") is not None, "atlas-ftag-tools", ftag.__version__)
 import salt
 print("salt from", salt.__file__)
 EOF

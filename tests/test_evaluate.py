@@ -1,5 +1,6 @@
-"""Evaluation: the predictions file (layout, row order, tracks), the b-tagging performance, the
-entry point's choices and errors. On the session's trained run (a tiny GN2 trained once on the
+"""Evaluation: the predictions file (layout, row order, tracks, copied variables, precision), the
+b-tagging performance (atlas-ftag-tools' numbers), the entry point's choices and errors. On the
+session's trained run (a tiny GN2 trained once on the
 built-in sample, tests/conftest.py), copied: evaluations write into their run directory."""
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from ftag import Flavours
+from ftag.hdf5 import H5Reader
+from ftag.utils.metrics import calculate_rejection, get_discriminant
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from salt.data.ftag import DataError
 from salt.data.labels import LabelSpec, class_indices
@@ -24,16 +28,19 @@ from salt.evaluate import evaluate
 from salt.evaluation.performance import (
     b_tagging_performance,
     discriminant,
+    flavour_of,
     rejections,
 )
 from salt.evaluation.predictions import (
     JetScores,
+    class_field,
     predictions_path,
     sample_name,
 )
 from salt.evaluation.run import load_run
 from salt.models import build_tagger
 from salt.models.tagger import ModelConfig
+from salt.models.tasks import TaskConfig
 from salt.onnx.model import OnnxTagger
 from salt.onnx.parity import raw_features
 from salt.training import checkpoint as ckpt
@@ -86,11 +93,17 @@ def compose_evaluate(run_dir: Path, *overrides: str) -> DictConfig:
         )
 
 
-def make_run_dir(tmp: Path, sample: Path, *overrides: str) -> Path:
-    """A run directory without training: the composed config, the sample's dicts and a
-    checkpoint of a freshly initialised tagger (seeded)."""
+def make_run_dir(
+    tmp: Path, sample: Path, *overrides: str, tasks: dict[str, dict] | None = None
+) -> Path:
+    """A run directory without training: the composed config (``tasks`` added to the model's:
+    a command line cannot add one), the sample's dicts and a checkpoint of a freshly
+    initialised tagger (seeded)."""
     files = [f"data.{split}_file={sample / f'{split}.h5'}" for split in ("train", "val", "test")]
     cfg = compose_train(*files, *overrides)
+    with open_dict(cfg.model.tasks):
+        for name, task in (tasks or {}).items():
+            cfg.model.tasks[name] = OmegaConf.merge(OmegaConf.structured(TaskConfig), task)
     torch.manual_seed(0)
     tagger = build_tagger(cfg.model, loss_weights=False)
     run_dir = tmp / f"{cfg.model.name}_run"
@@ -206,18 +219,70 @@ def test_light_rejection_well_above_a_random_taggers(evaluated) -> None:
     assert evaluated.roc_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_performance_recomputed_from_the_predictions_file(evaluated) -> None:
-    """The written file alone gives the printed rejections (what puma would compute)."""
-    with h5py.File(evaluated.predictions) as out:
-        jets = out["jets"][:]
-    d_b = np.log(jets["GN2_pb"] / (0.2 * jets["GN2_pc"] + 0.8 * jets["GN2_pu"]))
-    b, light = d_b[jets["flavour_label"] == 0], d_b[jets["flavour_label"] == 2]
-    cut = np.quantile(b, 0.3)
-    assert (b > cut).mean() == pytest.approx(0.7, abs=0.01)
-    expected = len(light) / (light > cut).sum()
-    assert evaluated.performance.working_points[70]["light_rejection"] == pytest.approx(
-        expected, rel=1e-6
+PROBS = ["GN2_pb", "GN2_pc", "GN2_pu", "GN2_ptau"]
+FLAVOURS = {"light": "ujets", "c": "cjets", "tau": "taujets"}  # salt's result names
+
+
+def ftag_numbers(
+    path: Path, f_c: float = 0.2, f_tau: float = 0.0, wps: tuple[float, ...] = (60, 70, 77, 85)
+) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
+    """(rejections per background, cuts, discriminant per flavour) as a puma user computes
+    them from the predictions file alone: ftag's reader, discriminant, flavour cuts and
+    rejection."""
+    jets = H5Reader(path, batch_size=100, shuffle=False).load({"jets": None})["jets"]
+    fractions = {"fc": f_c, "fu": round(1 - f_c - f_tau, 12), "ftau": f_tau}
+    single = Flavours.by_category("single-btag")
+    disc = get_discriminant(jets, "GN2", Flavours["bjets"], single, fractions)
+    per = {name: disc[Flavours[f].cuts(jets).idx] for name, f in {"b": "bjets", **FLAVOURS}.items()}
+    effs = np.array(wps) / 100
+    rej, cuts = {}, None
+    for name in FLAVOURS:
+        with np.errstate(over="ignore"):  # float16 scores: see salt.evaluation.performance
+            rej[name], cuts = calculate_rejection(per["b"], per[name], effs, return_cuts=True)
+    assert cuts is not None
+    return rej, cuts, per
+
+
+def test_performance_is_ftags_on_the_written_file(evaluated) -> None:
+    """The rejections and cuts printed and saved are what atlas-ftag-tools computes from the
+    predictions file (what puma shows); the uncertainties are binomial."""
+    rej, cuts, per = ftag_numbers(evaluated.predictions)
+    perf = evaluated.performance
+    saved = yaml.safe_load(evaluated.performance_file.read_text())
+    assert saved["fraction_values"] == {"fc": 0.2, "fu": 0.8, "ftau": 0.0}
+    assert saved["computed_with"].startswith("atlas-ftag-tools")
+    assert saved["num_jets"] == {name: len(d) for name, d in per.items()}
+    for i, wp in enumerate((60, 70, 77, 85)):
+        row = perf.working_points[wp]
+        assert row == saved["working_points"][wp]
+        assert row["cut"] == cuts[i]
+        for name in FLAVOURS:
+            assert row[f"{name}_rejection"] == rej[name][i]
+            # binomial, by hand: k of the N jets of the flavour pass the cut
+            background = per[name]
+            k, n = int((background >= cuts[i]).sum()), len(background)
+            err = row[f"{name}_rejection_err"]
+            if k == 0:
+                assert row[f"{name}_rejection"] == np.inf and err is None
+                continue
+            eff = k / n
+            assert row[f"{name}_rejection"] == pytest.approx(1 / eff, rel=1e-12)
+            assert err == pytest.approx(np.sqrt(eff * (1 - eff) / n) / eff**2, rel=1e-9)
+    assert evaluated.disc_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predictions_read_with_the_plotting_stacks_reader(trained, evaluated) -> None:
+    """atlas-ftag-tools' H5Reader (what puma's users load with) reads the file written by h5py
+    as plain h5py does, in the test file's row order."""
+    _, test_file = trained
+    read = H5Reader(evaluated.predictions, batch_size=100, shuffle=False).load(
+        {"jets": None, "tracks": None}
     )
+    with h5py.File(evaluated.predictions) as out, h5py.File(test_file) as src:
+        assert out["jets"].compression == "lzf"  # built into h5py: no hdf5plugin needed
+        np.testing.assert_array_equal(read["jets"], out["jets"][:])
+        np.testing.assert_array_equal(read["tracks"], out["tracks"][:])
+        np.testing.assert_array_equal(read["jets"]["pt_btagJes"], src["jets"]["pt_btagJes"])
 
 
 def test_refuses_to_overwrite_then_overwrites(trained, evaluated) -> None:
@@ -277,6 +342,12 @@ def test_gn1_three_classes_and_raw_truth(tmp_path: Path) -> None:
         "c": int((labels == 4).sum()),
     }
     assert "tau_rejection" not in result.performance.working_points[60]
+    # a tau fraction without a tau class: refused before the model predicts anything
+    test_file = f"data.test_file={sample / 'test.h5'}"
+    cfg = compose_evaluate(run_dir, test_file, "f_tau=0.1", "data.test_suffix=tau")
+    with pytest.raises(ConfigError, match=r"f_tau=0\.1: the model's jet classes \['b', 'c', 'u'\]"):
+        evaluate(cfg)
+    assert not list((run_dir / "ckpts").glob("*_tau*"))
 
 
 def test_user_errors(trained, tmp_path: Path) -> None:
@@ -289,6 +360,11 @@ def test_user_errors(trained, tmp_path: Path) -> None:
         evaluate(compose_evaluate(run_dir, f"ckpt_path={tmp_path / 'nope.ckpt'}"))
     with pytest.raises(ConfigError, match=r"f_c=1\.5"):
         evaluate(compose_evaluate(run_dir, "f_c=1.5"))
+    with pytest.raises(ConfigError, match=r"f_c=0\.5, f_tau=0\.6: .* more than 1"):
+        evaluate(compose_evaluate(run_dir, "f_c=0.5", "f_tau=0.6"))
+    # OmegaConf reads [1] as ['1']: a number is no variable name
+    with pytest.raises(ConfigError, match=r"extra_track_vars: '1' is not a variable name"):
+        evaluate(compose_evaluate(run_dir, "extra_track_vars=[1]"))
     with pytest.raises(DataError, match="file not found"):
         evaluate(compose_evaluate(run_dir, f"data.test_file={tmp_path / 'missing.h5'}"))
     assert not list((run_dir / "ckpts").glob("*__test_test_x*"))
@@ -308,6 +384,164 @@ def test_entry_point_reports_user_errors_in_one_line(
     assert "'nope'" in err
 
 
+# ---- what the predictions file holds: variables, precision, names ------------------------
+@pytest.fixture(scope="module")
+def wide_test_file(tmp_path_factory: pytest.TempPathFactory, trained_run: TrainedRun) -> Path:
+    """The session's test file with more jet variables than the sample has: a float64 event
+    weight, an int8 flag and ``GN2_pb``, another training's score named like this run's."""
+    path = tmp_path_factory.mktemp("wide") / "pp_output_test_wide.h5"
+    with h5py.File(trained_run.test_file) as src, h5py.File(path, "w") as dst:
+        jets = src["jets"][:]
+        extra = [("mcEventWeight", "f8"), ("GN2_pb", "f4"), ("isolated", "i1")]
+        wide = np.zeros(len(jets), dtype=[*jets.dtype.descr, *extra])
+        for name in jets.dtype.names:
+            wide[name] = jets[name]
+        rng = np.random.default_rng(5)
+        wide["mcEventWeight"] = rng.normal(1.0, 0.1, len(jets))
+        wide["GN2_pb"] = -1.0
+        wide["isolated"] = rng.integers(0, 2, len(jets))
+        dst.create_dataset("jets", data=wide)
+        dst["jets"].attrs.update(dict(src["jets"].attrs))
+        dst.create_dataset("tracks", data=src["tracks"][:])
+    return path
+
+
+def test_every_jet_variable_by_default_and_a_list_narrows_it(
+    trained, wide_test_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir, _ = trained
+    args = (f"data.test_file={wide_test_file}", "data.num_test=200")
+    with h5py.File(wide_test_file) as f:
+        src = f["jets"][:200]
+    with caplog.at_level("WARNING", logger="salt"):
+        result = evaluate(compose_evaluate(run_dir, *args))
+    jets = jets_of(result.predictions)
+    # the truth label first, then the file's variables in its order, types kept; the file's
+    # GN2_pb is not copied over this run's prediction
+    assert list(jets.dtype.names) == [
+        *PROBS,
+        "flavour_label",
+        "pt_btagJes",
+        "eta_btagJes",
+        "HadronConeExclTruthLabelID",
+        "n_tracks",
+        "mcEventWeight",
+        "isolated",
+    ]
+    for name in jets.dtype.names[len(PROBS) :]:
+        assert jets.dtype[name] == src.dtype[name]
+        np.testing.assert_array_equal(jets[name], src[name])
+    assert (jets["GN2_pb"] >= 0).all()
+    assert "GN2_pb" in caplog.text
+    narrow = evaluate(
+        compose_evaluate(run_dir, *args, "extra_jet_vars=[mcEventWeight]", "data.test_suffix=n")
+    )
+    jets = jets_of(narrow.predictions)
+    assert list(jets.dtype.names) == [*PROBS, "flavour_label", "mcEventWeight"]
+    np.testing.assert_array_equal(jets["mcEventWeight"], src["mcEventWeight"])
+    with pytest.raises(ConfigError, match="variable 'GN2_pb' has the name of a prediction"):
+        evaluate(compose_evaluate(run_dir, *args, "extra_jet_vars=[GN2_pb]", "data.test_suffix=c"))
+
+
+def test_track_variables_copied_slot_by_slot(trained) -> None:
+    """extra_track_vars writes the tracks dataset (without write_tracks); a variable the file
+    lacks is one error before the model runs, and the earlier results stay as they were."""
+    run_dir, test_file = trained
+    args = ("data.num_test=200", "data.test_suffix=trk")
+    result = evaluate(
+        compose_evaluate(run_dir, *args, "extra_track_vars=[d0,numberOfPixelHits,valid]")
+    )
+    with h5py.File(result.predictions) as out, h5py.File(test_file) as f:
+        tracks, src = out["tracks"][:], f["tracks"][:200]
+    names = list(tracks.dtype.names)
+    assert names[-5:] == [
+        "ftagTruthOriginLabel",
+        "ftagTruthVertexIndex",
+        "valid",
+        "d0",
+        "numberOfPixelHits",
+    ]
+    assert "GN2_VertexIndex" in names and "GN2_pfromB" in names
+    assert tracks.shape == src.shape  # every slot, padded ones too
+    for name in ("d0", "numberOfPixelHits", "valid"):
+        assert tracks.dtype[name] == src.dtype[name]
+        np.testing.assert_array_equal(tracks[name], src[name])
+    outputs = [p for p in outputs_of(run_dir, test_file, "trk") if p.exists()]
+    saved = {p: p.read_bytes() for p in outputs}
+    bad = compose_evaluate(
+        run_dir, *args, "overwrite=true", "extra_track_vars=[d0,numberOfPixelHitz]"
+    )
+    with pytest.raises(
+        DataError,
+        match=r"test\.h5: dataset 'tracks' has no variable 'numberOfPixelHitz' "
+        r"\(extra_track_vars\)\. Closest available: numberOfPixelHits",
+    ):
+        evaluate(bad)
+    assert {p: p.read_bytes() for p in outputs} == saved
+    assert not [p for p in (run_dir / "ckpts").iterdir() if p.name.startswith(".")]
+
+
+def test_half_precision_outputs_and_their_performance(trained, evaluated) -> None:
+    """Predicted values as float16, copied variables in their own type; the performance is
+    ftag's on the half-precision file."""
+    run_dir, _ = trained
+    result = evaluate(
+        compose_evaluate(
+            run_dir,
+            "half_precision=true",
+            "extra_track_vars=[d0]",
+            "data.num_test=300",
+            "data.test_suffix=half",
+        )
+    )
+    with h5py.File(result.predictions) as out, h5py.File(evaluated.predictions) as full:
+        jets, tracks = out["jets"][:], out["tracks"][:]
+        full_jets = full["jets"][:300]
+    assert all(jets.dtype[p] == np.float16 for p in PROBS)
+    assert jets.dtype["pt_btagJes"] == np.float32 and jets.dtype["flavour_label"] == np.int32
+    assert tracks.dtype["GN2_pfromB"] == np.float16 and tracks.dtype["d0"] == np.float32
+    assert tracks.dtype["GN2_VertexIndex"] == np.int16
+    for p in PROBS:
+        np.testing.assert_allclose(jets[p], full_jets[p], atol=1e-3)
+    np.testing.assert_array_equal(jets["pt_btagJes"], full_jets["pt_btagJes"])
+    rej, cuts, _ = ftag_numbers(result.predictions)
+    for i, wp in enumerate((60, 70, 77, 85)):
+        row = result.performance.working_points[wp]
+        assert row["cut"] == cuts[i] and row["light_rejection"] == rej["light"][i]
+
+
+def test_tau_fraction(trained) -> None:
+    run_dir, _ = trained
+    result = evaluate(
+        compose_evaluate(run_dir, "f_tau=0.05", "data.num_test=300", "data.test_suffix=ftau")
+    )
+    saved = yaml.safe_load(result.performance_file.read_text())
+    assert saved["f_tau"] == 0.05
+    assert saved["fraction_values"] == {"fc": 0.2, "fu": 0.75, "ftau": 0.05}
+    rej, cuts, _ = ftag_numbers(result.predictions, f_tau=0.05)
+    assert rej["light"][1] != ftag_numbers(result.predictions)[0]["light"][1]  # p_tau counts
+    for i, wp in enumerate((60, 70, 77, 85)):
+        row = result.performance.working_points[wp]
+        assert row["cut"] == cuts[i] and row["tau_rejection"] == rej["tau"][i]
+
+
+def test_regression_outputs_keep_their_target_names(tmp_path: Path) -> None:
+    """``<model>_<target>``, as the old tool wrote them; two tasks of one target get
+    ``<model>_<task>``."""
+    sample = tmp_path / "sample"
+    write_sample(sample, 200, seed=4)
+    tasks = {
+        name: {"type": "regression", "input": "jets", "label": label, "hidden_layers": [8]}
+        for name, label in (("ntrk", "n_tracks"), ("ntrk_huber", "n_tracks"), ("pt", "pt_btagJes"))
+    }
+    run_dir = make_run_dir(tmp_path, sample, tasks=tasks)
+    result = evaluate(compose_evaluate(run_dir, "half_precision=true"))
+    jets = jets_of(result.predictions)
+    names = [n for n in jets.dtype.names if n.startswith("GN2_") and n not in PROBS]
+    assert names == ["GN2_ntrk", "GN2_ntrk_huber", "GN2_pt_btagJes"]
+    assert all(jets.dtype[n] == np.float16 and np.isfinite(jets[n]).all() for n in names)
+
+
 # ---- the pieces ---------------------------------------------------------------------------
 def test_output_names() -> None:
     assert sample_name("pp_output_test_ttbar.h5") == "ttbar"
@@ -319,12 +553,47 @@ def test_output_names() -> None:
     assert predictions_path("a/last.ckpt", "t.h5", "_b").name == "last__test_t_b.h5"
 
 
+def test_ftags_writer_takes_no_file_object(tmp_path: Path) -> None:
+    """Why the predictions are written with h5py, not atlas-ftag-tools' H5Writer: it opens the
+    file by its path itself, so it cannot write through `H5Output`'s file object, which keeps
+    a full disk from ending the process in a segmentation fault. If this fails, H5Writer takes
+    one now: salt.evaluation.predictions could write through it."""
+    from ftag.hdf5 import H5Writer
+
+    # h5py itself writes to any binary file object (H5Output's is one)
+    with open(tmp_path / "out.h5", "w+b") as sink, pytest.raises(TypeError, match="PathLike"):
+        H5Writer(
+            dst=sink,
+            dtypes={"jets": np.dtype([("GN2_pb", "f4")])},
+            shapes={"jets": (10,)},
+            shuffle=False,
+        )
+
+
 def test_discriminant_and_rejections() -> None:
-    d = discriminant(np.array([0.5]), np.array([0.25]), np.array([0.25]), 0.2)
-    assert d[0] == pytest.approx(np.log(0.5 / 0.25))
-    background = np.arange(100.0)  # 10 of 100 lie above 89.5
-    assert rejections(background, np.array([89.5, 200.0])).tolist() == [10.0, np.inf]
-    assert np.isnan(rejections(np.array([]), np.array([0.0]))).all()
+    probs = np.array([[0.5, 0.25, 0.15, 0.1]], dtype=np.float32)
+    d = discriminant(probs, ["b", "c", "u", "tau"], 0.2)  # p_tau left out with f_tau = 0
+    assert d[0] == pytest.approx(np.log(0.5 / (0.2 * 0.25 + 0.8 * 0.15)), rel=1e-6)
+    d = discriminant(probs, ["bjets", "cjets", "ujets", "taujets"], 0.2, 0.1)  # ftag's names
+    assert d[0] == pytest.approx(np.log(0.5 / (0.2 * 0.25 + 0.7 * 0.15 + 0.1 * 0.1)), rel=1e-6)
+    signal, background = np.arange(1000.0), np.arange(100.0)
+    rej, err, cuts = rejections(signal, background, np.array([0.91, 0.5]))
+    assert cuts[0] == pytest.approx(90.0, abs=0.5)  # 9% of the signal lies below
+    k = (background >= cuts[0]).sum()  # 10 of 100
+    assert rej[0] == 100 / k and rej[1] == np.inf and np.isnan(err[1])
+    assert err[0] == pytest.approx(np.sqrt(0.1 * 0.9 / 100) / 0.1**2)
+    empty = rejections(signal, np.array([]), np.array([0.5]))
+    assert np.isnan(empty[0]).all() and np.isnan(empty[1]).all() and np.isfinite(empty[2]).all()
+
+
+def test_class_names_map_to_ftag_flavours() -> None:
+    assert flavour_of("b") is Flavours["bjets"] and flavour_of("bjets") is Flavours["bjets"]
+    assert flavour_of("u").name == "ujets" and flavour_of("tau").px == "ptau"
+    assert flavour_of("fromB") is None
+    # the predictions file names a class as puma looks for it
+    assert class_field("GN2", "b") == class_field("GN2", "bjets") == "GN2_pb"
+    assert class_field("GN2", "taujets") == "GN2_ptau"
+    assert class_field("GN2", "fromB", "track_origin") == "GN2_track_origin_pfromB"
 
 
 def test_performance_of_a_perfect_and_a_useless_tagger() -> None:
@@ -338,6 +607,14 @@ def test_performance_of_a_perfect_and_a_useless_tagger() -> None:
     assert perf.working_points[70]["light_rejection"] == pytest.approx(1 / 0.7, rel=0.1)
     with pytest.raises(ValueError, match="needs jet classes"):
         b_tagging_performance(JetScores(["b", "light"], useless[:, :2], labels))
+    # ftag's class names give the same numbers
+    named = b_tagging_performance(JetScores(["bjets", "cjets", "ujets"], perfect, labels))
+    assert (
+        named.working_points
+        == b_tagging_performance(JetScores(["b", "c", "u"], perfect, labels)).working_points
+    )
+    with pytest.raises(ConfigError, match=r"f_tau=0\.1: .* no tau class"):
+        b_tagging_performance(JetScores(["b", "c", "u"], perfect, labels), 0.2, [70], 0.1)
 
 
 def test_map_labels() -> None:

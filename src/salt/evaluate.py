@@ -8,10 +8,10 @@ Examples::
     python -m salt.evaluate run_dir=logs/<run> ckpt_path=logs/<run>/ckpts/last.ckpt
 
 Writes, beside the checkpoint (``logs/<run>/ckpts/``): ``<ckpt stem>__test_<sample><suffix>.h5``
-(see `salt.evaluation.predictions`), ``...__performance.yaml`` and ``...__roc.png`` (see
-`salt.evaluation.performance`). Runs on one device.
+(see `salt.evaluation.predictions`), ``...__performance.yaml``, ``...__roc.png`` and
+``...__disc.png`` (see `salt.evaluation.performance`). Runs on one device.
 
-The three files are written under temporary names and renamed into place together at the end:
+The files are written under temporary names and renamed into place together at the end:
 a failed evaluation (full disk, no permission, an error, Ctrl-C) leaves no new file and an
 earlier evaluation's files as they were; the same command runs again.
 """
@@ -32,11 +32,13 @@ from salt.errors import RERUN_ADVICE, ConfigError, Interrupted
 from salt.evaluation.performance import (
     Performance,
     b_tagging_performance,
+    check_tau_fraction,
     format_table,
+    plot_discriminant,
     plot_roc,
     write_performance,
 )
-from salt.evaluation.predictions import predictions_path, write_predictions
+from salt.evaluation.predictions import check_variables, predictions_path, write_predictions
 from salt.evaluation.run import (
     LoadedRun,
     choose_checkpoint,
@@ -63,15 +65,17 @@ class EvaluationResult:
     performance: Performance | None = None
     performance_file: Path | None = None
     roc_file: Path | None = None
+    disc_file: Path | None = None
 
 
-def output_paths(predictions: Path) -> tuple[Path, Path, Path]:
-    """The predictions file, its performance YAML and its ROC plot."""
+def output_paths(predictions: Path) -> tuple[Path, Path, Path, Path]:
+    """The predictions file, its performance YAML, its ROC plot and its discriminant plot."""
     stem = predictions.stem
     return (
         predictions,
         predictions.with_name(f"{stem}__performance.yaml"),
         predictions.with_name(f"{stem}__roc.png"),
+        predictions.with_name(f"{stem}__disc.png"),
     )
 
 
@@ -91,7 +95,7 @@ def evaluation_data_config(run: LoadedRun, cfg: EvaluateConfig) -> DataConfig:
         data.batch_size = cfg.data.batch_size
     # One process reads in file order: the rows of the output follow the test file.
     data.num_workers = 0
-    if cfg.write_tracks:
+    if cfg.tracks:
         data.trim_tracks = False  # keep the file's track slots, so outputs align with them
     return data
 
@@ -130,7 +134,7 @@ def _until_stopped(batches: Iterable[Batch], stopped: Catch) -> Iterator[Batch]:
 
 
 def _evaluate(cfg: EvaluateConfig, stopped: Catch) -> EvaluationResult:
-    f_c, working_points, num_test = cfg.f_c, cfg.working_points, cfg.data.num_test
+    f_c, f_tau, working_points, num_test = cfg.f_c, cfg.f_tau, cfg.working_points, cfg.data.num_test
     run_dir = Path(str(cfg.run_dir))
     # outputs are named and checked before the model is loaded: a refusal comes at once
     run_data = run_config(run_dir).data
@@ -139,7 +143,11 @@ def _evaluate(cfg: EvaluateConfig, stopped: Catch) -> EvaluationResult:
     paths = output_paths(predictions_path(ckpt_path, test_file, cfg.data.test_suffix))
     refuse_overwrite(paths, cfg.overwrite)
     OutputSet(ELSEWHERE).check_writable(paths[0])  # before the long part
+    check_variables(test_file, run_data.input_map, cfg.extra_jet_vars, cfg.extra_track_vars)
     run = load_run(run_dir, ckpt_path, cfg.device)
+    jet_task = run.tagger.flavour_task()
+    if jet_task is not None:  # a tau fraction without a tau class: before the long part
+        check_tau_fraction(list(jet_task.class_names or []), f_tau)
 
     data = evaluation_data_config(run, cfg)
     loader = make_loader(
@@ -165,16 +173,18 @@ def _evaluate(cfg: EvaluateConfig, stopped: Catch) -> EvaluationResult:
                 test_file,
                 tmp,
                 num_jets,
-                extra_jet_vars=list(cfg.extra_jet_vars),
+                extra_jet_vars=cfg.extra_jet_vars,
                 write_tracks=cfg.write_tracks,
                 input_map=dict(data.input_map),
+                extra_track_vars=cfg.extra_track_vars,
+                half_precision=cfg.half_precision,
                 show_progress=cfg.progress_bar,
             )
         result = EvaluationResult(paths[0], num_jets)
         try:
             if scores is None:
                 raise ValueError("the model has no jet classification task")
-            perf = b_tagging_performance(scores, f_c, working_points)
+            perf = b_tagging_performance(scores, f_c, working_points, f_tau)
         except ValueError as err:
             print(f"salt: no b-tagging performance: {err}", flush=True)
             # an earlier evaluation's (overwrite=true) performance is not this one's
@@ -194,14 +204,19 @@ def _evaluate(cfg: EvaluateConfig, stopped: Catch) -> EvaluationResult:
                     "predictions": str(paths[0]),
                 },
             )
+        fractions = f"$f_c$ = {f_c:g}" + (f", $f_\\tau$ = {f_tau:g}" if f_tau else "")
+        plot_title = f"{run.name} on {test_file.name}, {fractions}"
         with outputs.file(paths[2]) as tmp:
-            plot_roc(perf, tmp, title=f"{run.name} on {test_file.name}, f_c = {f_c:g}")
+            plot_roc(perf, tmp, title=plot_title)
+        with outputs.file(paths[3]) as tmp:
+            plot_discriminant(perf, tmp, title=plot_title)
         if stopped.first is not None:
             raise KeyboardInterrupt  # as between batches
         outputs.commit()
     print(f"salt: predictions written to {paths[0]}", flush=True)
-    print(f"salt: performance written to {paths[1]} and {paths[2]}", flush=True)
-    result.performance, result.performance_file, result.roc_file = perf, paths[1], paths[2]
+    print(f"salt: performance written to {paths[1]}, {paths[2]} and {paths[3]}", flush=True)
+    result.performance, result.performance_file = perf, paths[1]
+    result.roc_file, result.disc_file = paths[2], paths[3]
     return result
 
 

@@ -3,7 +3,8 @@
 - `run`: a run directory -> its config, checkpoint (lowest validation loss by default), tagger
   and dicts;
 - `predictions`: the predictions HDF5 file in the test file's row order;
-- `performance`: the b-tagging discriminant, rejections at working points and the ROC plot;
+- `performance`: the b-tagging discriminant, rejections at working points (atlas-ftag-tools),
+  the ROC and discriminant plots;
 
 Entry point: ``python -m salt.evaluate`` (ONNX export: `salt.onnx`).
 """

@@ -3,23 +3,39 @@
 ``<ckpt dir>/<checkpoint stem>__test_<sample><suffix>.h5`` holds
 
 - ``jets`` (n_jets,): ``<model>_p<class>`` (float32) for every class of the jet classification
-  task (``GN2_pb, GN2_pc, GN2_pu, GN2_ptau``), ``<model>_<task>_p<class>`` for any other jet
-  classification task and ``<model>_<task>`` for jet regression tasks; then the task's truth
-  label and the extra jet variables, copied unchanged (raw values, not label-mapped) from the
-  test file's jets dataset. puma and atlas-ftag-tools read it as it is.
-- ``tracks`` (n_jets, n_slots), with ``write_tracks``: the test file's slot layout;
-  ``<model>_p<origin class>`` (float16) of the track origin task (``<model>_<task>_p<class>``
-  for other track classification tasks), ``<model>_VertexIndex`` (int16), and the track tasks'
-  truth labels and ``valid``, copied from the test file. Padded slots have probabilities 0 and
-  vertex index -1.
+  task (``GN2_pb, GN2_pc, GN2_pu, GN2_ptau``; a class named as an ftag flavour gets that
+  flavour's name, ``bjets`` -> ``GN2_pb``), ``<model>_<task>_p<class>`` for any other jet
+  classification task and ``<model>_<target>`` (float32) for each jet regression task, as the
+  old tool named them (``<model>_<task>`` where two tasks regress the same target); then the
+  task's truth label and the extra jet variables, copied unchanged (raw values and types, not
+  label-mapped) from the test file's jets dataset: by default every variable it has (but one
+  named like a prediction), else those of ``extra_jet_vars``. puma and atlas-ftag-tools read
+  it as it is.
+- ``tracks`` (n_jets, n_slots), with ``write_tracks`` or ``extra_track_vars``: the test file's
+  slot layout; ``<model>_p<origin class>`` (float16) of the track origin task
+  (``<model>_<task>_p<class>`` for other track classification tasks), ``<model>_VertexIndex``
+  (int16), the track tasks' truth labels and ``valid``, then the ``extra_track_vars``, copied
+  slot by slot from the test file. Padded slots have probabilities 0 and vertex index -1.
+
+With ``half_precision`` every predicted value is float16 (copied variables keep their type);
+the performance is computed from the values as written.
 
 Predicted vertices are the connected components of the graph of real tracks joined where the
 symmetrised same-vertex probability ``(p_ij + p_ji) / 2`` exceeds 0.5, numbered 0, 1, ... per
 jet in the order of their first track.
 
 Everything is written batch by batch, so memory stays bounded; `salt.evaluate` writes the file
-under a temporary name and renames it into place with the performance and plot at the end
+under a temporary name and renames it into place with the performance and plots at the end
 (`salt.utils.atomic.OutputSet`), so a failed evaluation leaves no partial file.
+
+The file is written here with h5py, not with atlas-ftag-tools' ``H5Writer`` (which the old
+tool used): ``H5Writer`` opens ``h5py.File(Path(dst), "w")`` itself, so it cannot take the file
+object of `salt.utils.h5_output.H5Output` (``Path()`` refuses it), and on a full disk a file
+it opened that way ends the process in a segmentation fault after "Exception ignored ...
+Can't close file" tracebacks (checked with ftag 0.3.6 on a full tmpfs). Its layout is kept:
+one row per jet in the test file's order (``H5Writer(shuffle=False)``), float16 outputs with
+``half_precision`` (its ``precision="half"``), and lzf compression, which h5py reads without
+hdf5plugin (``H5Writer`` defaults to lz4, which plain h5py cannot read).
 """
 
 from __future__ import annotations
@@ -34,6 +50,7 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+from ftag import Flavours
 from torch import Tensor
 
 import salt
@@ -48,7 +65,8 @@ from salt.utils.names import closest_available
 
 log = logging.getLogger("salt")
 
-PROBABILITY_DTYPE = np.float32
+PROBABILITY_DTYPE = np.float32  # and regression outputs
+HALF_DTYPE = np.float16  # every predicted value with half_precision
 TRACK_PROBABILITY_DTYPE = np.float16  # (n_jets x n_slots x classes): half the size, ample precision
 VERTEX_INDEX_DTYPE = np.int16
 
@@ -71,8 +89,10 @@ def predictions_path(ckpt_path: str | Path, test_file: str | Path, suffix: str =
 
 
 def class_field(model: str, class_name: str, task: str | None = None) -> str:
-    """``GN2_pb`` (the main task of its kind) or ``GN2_<task>_pb``."""
-    return f"{model}_p{class_name}" if task is None else f"{model}_{task}_p{class_name}"
+    """``GN2_pb`` (the main task of its kind) or ``GN2_<task>_pb``; a class named as an ftag
+    flavour gets that flavour's name (``bjets`` -> ``pb``), the one puma looks for."""
+    px = Flavours[class_name].px if class_name in Flavours else f"p{class_name}"
+    return f"{model}_{px}" if task is None else f"{model}_{task}_{px}"
 
 
 @dataclass
@@ -80,7 +100,7 @@ class JetScores:
     """The jet classification task's probabilities and truth classes, for the performance."""
 
     class_names: list[str]
-    probs: np.ndarray  # [N, C] float32
+    probs: np.ndarray  # [N, C] as the file holds them: float32 (float16 with half_precision)
     labels: np.ndarray  # [N] class index (the task's label_map applied); -1: no class
 
 
@@ -109,19 +129,40 @@ def _unique(names: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _regression_names(model: str, tasks: Sequence[Task]) -> dict[str, str]:
+    """Task name -> output name of the jet regression tasks: ``<model>_<target>`` as the old
+    tool wrote them, ``<model>_<task>`` for tasks that share a target."""
+    regressions = [t for t in tasks if isinstance(t, RegressionTask)]
+    targets = [t.label for t in regressions]
+    return {
+        t.name: f"{model}_{t.label}" if targets.count(t.label) == 1 else f"{model}_{t.name}"
+        for t in regressions
+    }
+
+
 def _prediction_fields(
-    model: str, tasks: Sequence[Task], main: Task | None, dtype: type
+    model: str, tasks: Sequence[Task], main: Task | None, dtype: type, value_dtype: type
 ) -> list[_Field]:
+    """The output columns of ``tasks``: class probabilities in ``dtype``, regression values
+    in ``value_dtype``, vertex indices."""
     fields: list[_Field] = []
+    regression = _regression_names(model, tasks)
     for task in tasks:
         if isinstance(task, ClassificationTask):
             prefix = None if task is main else task.name
             for i, cls in enumerate(task.class_names or []):
                 fields.append(_Field(class_field(model, cls, prefix), np.dtype(dtype), task, i))
         elif isinstance(task, RegressionTask):
-            fields.append(_Field(f"{model}_{task.name}", np.dtype(np.float32), task))
+            fields.append(_Field(regression[task.name], np.dtype(value_dtype), task))
         elif isinstance(task, VertexingTask):
             fields.append(_Field(f"{model}_VertexIndex", np.dtype(VERTEX_INDEX_DTYPE), task))
+    names = [f.name for f in fields]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(
+            f"model {model}: two outputs would be named {twice[0]} in the predictions file "
+            "(two classes of one task naming the same flavour, e.g. b and bjets?); rename one."
+        )
     return fields
 
 
@@ -139,6 +180,50 @@ def _layout(
     return fields
 
 
+def _jet_sources(
+    ds: h5py.Dataset, truth: Sequence[str], extra: Sequence[str] | None, predicted: set[str]
+) -> list[str]:
+    """The jet variables to copy: the truth labels, then ``extra`` (None: every variable of
+    the file, but those named like a prediction: a test file may hold another training's)."""
+    if extra is not None:
+        return _unique([*truth, *extra])
+    names = list(ds.dtype.names or ())
+    skipped = [n for n in names if n in predicted]
+    if skipped:
+        log.warning(
+            "salt: %s: not copying jet variables %s of dataset '%s': this run's predictions "
+            "have their names",
+            Path(ds.file.filename),
+            ", ".join(skipped),
+            ds.name.lstrip("/"),
+        )
+    return _unique([*truth, *(n for n in names if n not in predicted)])
+
+
+def check_variables(
+    test_file: Path,
+    input_map: Mapping[str, str] | None,
+    extra_jet_vars: Sequence[str] | None,
+    extra_track_vars: Sequence[str],
+) -> None:
+    """Whether the test file has the variables asked for: a DataError naming the file, dataset
+    and closest names before the model is loaded (`PredictionWriter` checks them again)."""
+    imap = {**DEFAULT_INPUT_MAP, **dict(input_map or {})}
+    with open_h5(test_file) as src:
+        for input_type, names, key in (
+            ("jets", extra_jet_vars or [], "extra_jet_vars"),
+            ("tracks", extra_track_vars, "extra_track_vars"),
+        ):
+            if names:
+                _check_source(_dataset(src, imap[input_type], test_file), names, key, test_file)
+
+
+def _dataset(src: h5py.File, name: str, path: Path) -> h5py.Dataset:
+    if name not in src:
+        raise DataError(f"{path}: no dataset '{name}'; datasets: {sorted(src)}.")
+    return src[name]
+
+
 class PredictionWriter:
     """Writes the ``jets`` (and ``tracks``) datasets batch by batch, in the test file's order."""
 
@@ -148,9 +233,11 @@ class PredictionWriter:
         src: h5py.File,
         dst: h5py.File,
         num_jets: int,
-        extra_jet_vars: Sequence[str],
+        extra_jet_vars: Sequence[str] | None,
         write_tracks: bool,
         input_map: Mapping[str, str] | None,
+        extra_track_vars: Sequence[str] = (),
+        half_precision: bool = False,
     ) -> None:
         self.run, self.src, self.dst = run, src, dst
         self.path = Path(src.filename)
@@ -166,14 +253,18 @@ class PredictionWriter:
         )
         jet_tasks = [t for t in tasks if t.input_type == "jets"]
         truth = [t.label for t in jet_tasks if not isinstance(t, RegressionTask)]
-        self.jets_src = self._dataset(imap["jets"])
+        self.jets_src = _dataset(src, imap["jets"], self.path)
+        dtype = HALF_DTYPE if half_precision else PROBABILITY_DTYPE
+        predicted = _prediction_fields(run.name, jet_tasks, self.jet_task, dtype, dtype)
         self.jet_fields = _layout(
-            _prediction_fields(run.name, jet_tasks, self.jet_task, PROBABILITY_DTYPE),
+            predicted,
             self.jets_src,
-            _unique([*truth, *extra_jet_vars]),
+            _jet_sources(self.jets_src, truth, extra_jet_vars, {f.name for f in predicted}),
             "extra_jet_vars",
             self.path,
         )
+        # the scores for the performance as the file holds them: puma computes from those
+        self.score_dtype = np.dtype(dtype)
         if self.jet_task is not None:  # its truth becomes class indices for the performance
             label = self.jet_task.label
             problem = not_numeric(self.jets_src.dtype.fields[label][0])
@@ -185,21 +276,33 @@ class PredictionWriter:
         self.jets = self._create("jets", self.jet_fields, (num_jets,), self.jets_src)
         self.track_fields: list[_Field] = []
         self.tracks: h5py.Dataset | None = None
-        if write_tracks:
+        if write_tracks or extra_track_vars:
             track_tasks = [t for t in tasks if t.input_type == "tracks"]
             # the first track classification task is "the" origin task: <model>_p<class>
             origin = next((t for t in track_tasks if isinstance(t, ClassificationTask)), None)
-            self.tracks_src = self._dataset(imap["tracks"])
+            self.tracks_src = _dataset(src, imap["tracks"], self.path)
             if self.tracks_src.ndim != 2:
                 raise DataError(
                     f"{self.path}: dataset '{imap['tracks']}' has shape {self.tracks_src.shape}; "
-                    "write_tracks needs (n_jets, n_slots)."
+                    "the predictions' tracks (write_tracks, extra_track_vars) need "
+                    "(n_jets, n_slots)."
                 )
+            value_dtype = HALF_DTYPE if half_precision else PROBABILITY_DTYPE
+            track_truth = _unique([*(t.label for t in track_tasks), VALID])
             self.track_fields = _layout(
-                _prediction_fields(run.name, track_tasks, origin, TRACK_PROBABILITY_DTYPE),
+                _prediction_fields(
+                    run.name, track_tasks, origin, TRACK_PROBABILITY_DTYPE, value_dtype
+                ),
                 self.tracks_src,
-                _unique([*(t.label for t in track_tasks), VALID]),
+                track_truth,
                 "write_tracks (track truth)",
+                self.path,
+            )
+            self.track_fields = _layout(
+                self.track_fields,
+                self.tracks_src,
+                [v for v in _unique(extra_track_vars) if v not in track_truth],
+                "extra_track_vars",
                 self.path,
             )
             shape = (num_jets, self.tracks_src.shape[1])
@@ -208,11 +311,6 @@ class PredictionWriter:
         self.offset = 0
         self._probs: list[np.ndarray] = []
         self._truth: list[np.ndarray] = []
-
-    def _dataset(self, name: str) -> h5py.Dataset:
-        if name not in self.src:
-            raise DataError(f"{self.path}: no dataset '{name}'; datasets: {sorted(self.src)}.")
-        return self.src[name]
 
     def _create(
         self, name: str, fields: list[_Field], shape: tuple[int, ...], like: h5py.Dataset
@@ -245,7 +343,8 @@ class PredictionWriter:
                 self.track_fields, self.tracks_src, rows, probs, pad_mask
             )
         if self.jet_task is not None:
-            self._probs.append(probs[self.jet_task.name].cpu().numpy().astype(np.float32))
+            scores = probs[self.jet_task.name].float().cpu().numpy()
+            self._probs.append(scores.astype(self.score_dtype))
             assert self.jet_labels is not None
             raw = self.jets_src.fields(self.jet_task.label)[rows]
             self._truth.append(class_indices(raw, self.jet_labels)[0])
@@ -296,7 +395,7 @@ class PredictionWriter:
             return None
         return JetScores(
             list(self.jet_task.class_names or []),
-            np.concatenate(self._probs) if self._probs else np.zeros((0, 0), np.float32),
+            np.concatenate(self._probs) if self._probs else np.zeros((0, 0), self.score_dtype),
             np.concatenate(self._truth) if self._truth else np.zeros(0, np.int64),
         )
 
@@ -309,17 +408,20 @@ def write_predictions(
     out_path: Path,
     num_jets: int,
     *,
-    extra_jet_vars: Sequence[str] = (),
+    extra_jet_vars: Sequence[str] | None = (),
     write_tracks: bool = False,
     input_map: Mapping[str, str] | None = None,
+    extra_track_vars: Sequence[str] = (),
+    half_precision: bool = False,
     show_progress: bool = False,
 ) -> JetScores | None:
     """Predict every batch (in the test file's order) and write them to ``out_path`` (the
     caller's temporary name: see the module docstring).
 
     ``batches`` must cover jets ``0..num_jets`` of ``test_file`` in order; with
-    ``write_tracks`` they must keep the file's track slots (``trim_tracks=False``). A failed
-    write (full disk) raises OSError naming ``out_path`` after the batch it happened in.
+    ``write_tracks`` or ``extra_track_vars`` they must keep the file's track slots
+    (``trim_tracks=False``). ``extra_jet_vars=None`` copies every jet variable of the file. A
+    failed write (full disk) raises OSError naming ``out_path`` after the batch it happened in.
     """
     with open_h5(test_file) as src, H5Output(out_path) as out:
         dst = out.file
@@ -328,7 +430,17 @@ def write_predictions(
         dst.attrs["checkpoint"] = str(run.ckpt_path)
         dst.attrs["test_file"] = str(test_file)
         # built first: it checks the requested variables before any work is done
-        writer = PredictionWriter(run, src, dst, num_jets, extra_jet_vars, write_tracks, input_map)
+        writer = PredictionWriter(
+            run,
+            src,
+            dst,
+            num_jets,
+            extra_jet_vars,
+            write_tracks,
+            input_map,
+            extra_track_vars,
+            half_precision,
+        )
         with progress_bar(num_jets, show_progress) as bar:
             for batch in batches:
                 inputs = {k: v.to(run.device) for k, v in batch["inputs"].items()}

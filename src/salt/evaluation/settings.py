@@ -7,18 +7,19 @@ from dataclasses import dataclass, field
 from salt.errors import ConfigError
 from salt.utils import typed_config as check
 
-DEFAULT_JET_VARS = [
-    "pt_btagJes",
-    "eta_btagJes",
-    "HadronConeExclTruthLabelID",
-    "flavour_label",
-    "n_tracks",
-]
-
 
 def _run_dir(run_dir: str | None) -> None:
     if not run_dir:
         raise ConfigError("run_dir is required: e.g. run_dir=logs/GN2_20260101-120000")
+
+
+def _variable_names(names: list[str] | None, key: str) -> None:
+    """Variable names, not numbers: OmegaConf turns ``key=[1,2]`` into ['1', '2'] silently."""
+    for name in names or ():
+        if not name.strip() or name.lstrip("+-").replace(".", "", 1).isdigit():
+            raise ConfigError(
+                f"{key}: {name!r} is not a variable name; expected names such as pt_btagJes."
+            )
 
 
 @dataclass
@@ -44,17 +45,28 @@ class EvaluateConfig:
     ckpt_path: str | None = None  # default: the checkpoint with the lowest validation loss
     data: EvaluationDataConfig = field(default_factory=EvaluationDataConfig)
     write_tracks: bool = False  # add a `tracks` dataset of per-track outputs and truth
-    extra_jet_vars: list[str] = field(default_factory=lambda: list(DEFAULT_JET_VARS))
-    f_c: float = 0.2  # D_b = ln(p_b / (f_c p_c + (1 - f_c) p_u))
+    extra_jet_vars: list[str] | None = None  # None: every variable of the test file's jets
+    extra_track_vars: list[str] = field(default_factory=list)  # non-empty: writes `tracks`
+    half_precision: bool = False  # predictions as float16 (copied variables keep their type)
+    f_c: float = 0.2  # D_b = ln(p_b / (f_c p_c + f_tau p_tau + (1 - f_c - f_tau) p_u))
+    f_tau: float = 0.0
     working_points: list[float] = field(default_factory=lambda: [60.0, 70.0, 77.0, 85.0])
     overwrite: bool = False  # replace existing outputs
     device: str = "auto"  # auto | cpu | cuda | cuda:<index>
     progress_bar: bool = True
     debug: bool = False
 
+    @property
+    def tracks(self) -> bool:
+        """Whether the predictions file gets a `tracks` dataset: track variables asked for are
+        written there, so asking for them writes it (with the track outputs and truth)."""
+        return self.write_tracks or bool(self.extra_track_vars)
+
     def check(self, where: str) -> None:
         from salt.evaluation.performance import check_settings
 
-        check_settings(self.f_c, self.working_points)
+        check_settings(self.f_c, self.working_points, self.f_tau)
+        _variable_names(self.extra_jet_vars, "extra_jet_vars")
+        _variable_names(self.extra_track_vars, "extra_track_vars")
         self.data.check("data")
         _run_dir(self.run_dir)
