@@ -330,8 +330,13 @@ class Tagger(nn.Module):
             # (zero gradients, not None), as the same function must
             return self._forward_padded(objects, jets, glob, masks)
         x: Tensor | None = None
+        unused: list[Tensor] = []
         for k, t in enumerate(types):
             if packings[t].num_tracks == 0:
+                # no object of this type in the batch: its init net still joins the graph
+                # (zero gradients, not None), as on the padded path and as DDP needs
+                first_jet = jets[:1] if jets is not None else None
+                unused.append(self._embed(k, t, objects[t][:1], first_jet).sum() * 0.0)
                 continue
             h = self._embed(k, t, packings[t].pack(objects[t]), jets, packings[t])
             if rows is None:
@@ -340,6 +345,8 @@ class Tagger(nn.Module):
                 x = h.new_zeros(packing.num_tracks, h.shape[-1]) if x is None else x
                 x = x.index_copy(0, rows[t], h)
         assert x is not None
+        if unused:
+            x = x + sum(unused)  # adds zero
         x, seq = self.encoder.forward_packed(x, packing, varlen)  # seq: objects and registers
         if glob is not None:
             x = torch.cat([x, seq.per_track(glob.to(x.dtype))], dim=-1)
