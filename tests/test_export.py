@@ -264,6 +264,41 @@ def test_other_architectures_export_with_parity(sample: Path, tmp_path: Path, co
         assert list(schema["outputs"])[:3] == ["GN1_pb", "GN1_pc", "GN1_pu"]
 
 
+def test_several_object_types_export_as_athena_names_them(sample: Path, tmp_path: Path) -> None:
+    """Tracks, flows and electrons: one input per type (flow_features [n_flows, 5] ...), the
+    metadata's sequences named as the old tool names them, parity jet by jet."""
+    run_dir = make_run_dir(
+        tmp_path,
+        sample,
+        "+model.variables.flows=[pt,energy,deta,dphi,isCharged]",
+        "+model.variables.electrons=[pt,ptfrac,dr,eProbabilityHT]",
+        "model.embed_dim=32",
+        "model.init_net.hidden_layers=[32]",
+        "model.encoder.num_layers=1",
+    )
+    result = export(compose_export(run_dir, ALL_TASKS, "parity.num_jets=80"))
+    assert not result.parity.failures() and result.max_difference <= 1e-5
+    model_bytes = result.path.read_bytes()
+    schema = graph_schema(model_bytes)["inputs"]
+    assert schema == {
+        "jet_features": {"dtype": "float32", "shape": [1, 2]},
+        "track_features": {"dtype": "float32", "shape": ["n_tracks", TRACK_VARS]},
+        "flow_features": {"dtype": "float32", "shape": ["n_flows", 5]},
+        "electron_features": {"dtype": "float32", "shape": ["n_electrons", 4]},
+    }
+    meta = read_gnn_config(model_bytes, result.path)
+    names = [s["name"] for s in meta["input_sequences"]]
+    assert names == [
+        "tracks_r22default_sd0sort",
+        "flows_r22default_sd0sort",
+        "electrons_r22default",
+    ]
+    # a jet without electrons and one with: both run
+    with h5py.File(sample / "test.h5") as f:
+        has = f["electrons"]["valid"][:200].any(1)
+    assert has.any() and (~has).any()
+
+
 # ---- export options -------------------------------------------------------------------------
 def test_name_combination_rename_and_track_selection(gn2: Path, sample: Path) -> None:
     cfg = compose_export(

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 import salt
-from salt.data.ftag import DEFAULT_INPUT_MAP, norm_arrays
+from salt.data.ftag import DEFAULT_INPUT_MAP, dataset_of, norm_arrays
 from salt.errors import ConfigError, ExportError
 from salt.evaluation.run import LoadedRun
 from salt.models.tasks import ClassificationTask, RegressionTask, VertexingTask
@@ -90,11 +90,11 @@ class OnnxTagger(nn.Module):
         self.norm: dict[str, dict[str, dict[str, float]]] = {}
         for input_type, vars_ in self.variables.items():
             mean, inv_std = norm_arrays(
-                run.norm_dict, input_type, input_map[input_type], vars_, "norm_dict"
+                run.norm_dict, input_type, dataset_of(input_map, input_type), vars_, "norm_dict"
             )
             self.register_buffer(f"mean_{input_type}", torch.from_numpy(mean))
             self.register_buffer(f"inv_std_{input_type}", torch.from_numpy(inv_std))
-            key = input_type if input_type in run.norm_dict else input_map[input_type]
+            key = input_type if input_type in run.norm_dict else dataset_of(input_map, input_type)
             self.norm[input_type] = {
                 v: {"mean": float(run.norm_dict[key][v]["mean"]), "std": float(s)}
                 for v, s in ((v, run.norm_dict[key][v]["std"]) for v in vars_)
@@ -178,9 +178,9 @@ class OnnxTagger(nn.Module):
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         axes = {f.onnx: {0: f.axis} for f in self.features if f.axis}
-        track_axis = self.features[1].axis if len(self.features) > 1 else None
-        for name, _ in self.track_outputs:
-            axes[f"{self.model_name}_{name}"] = {0: track_axis or "n_tracks"}
+        object_axis = {f.salt: f.axis for f in self.features if f.axis}
+        for name, task in self.track_outputs:  # one value per object of the task's type
+            axes[f"{self.model_name}_{name}"] = {0: object_axis[self.tagger.tasks[task].input_type]}
         return axes
 
     def _normalised(self, x: Tensor, input_type: str) -> Tensor:

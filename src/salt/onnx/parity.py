@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from salt.data.build import make_loader
-from salt.data.ftag import DEFAULT_INPUT_MAP, VALID, open_h5
+from salt.data.ftag import DEFAULT_INPUT_MAP, VALID, dataset_of, open_h5
 from salt.evaluation.run import LoadedRun
 from salt.models.vertices import VERTEX_THRESHOLD, vertex_groups
 from salt.onnx import interface as names
@@ -190,8 +190,8 @@ def compare(
             jets = raw_features(f, input_map["jets"], wrapper.jet_columns, rows)
             objects = {
                 s.salt: (
-                    raw_features(f, input_map[s.salt], run.variables[s.salt], rows),
-                    f[input_map[s.salt]].fields(VALID)[rows].astype(bool),
+                    raw_features(f, dataset_of(input_map, s.salt), run.variables[s.salt], rows),
+                    f[dataset_of(input_map, s.salt)].fields(VALID)[rows].astype(bool),
                 )
                 for s in sequences
             }
