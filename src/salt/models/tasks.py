@@ -245,7 +245,7 @@ class ClassificationTask(Task):
         return packing.unpack(self.net(tracks, context, packing))
 
     def loss(self, output: Tensor, target: Tensor, pad_mask: Tensor) -> Tensor:
-        if self.input_type == "tracks":
+        if self.input_type != "jets":  # objects: padded slots carry no class
             target = target.masked_fill(pad_mask, -1)
         return weighted_cross_entropy(
             output.flatten(0, -2), target.flatten().long(), self.class_weights
