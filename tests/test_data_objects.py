@@ -146,3 +146,34 @@ def test_option_errors_name_the_key_and_the_file(sample: Path) -> None:
             {**VARS, "muons": ["pt"]},
             {**norm(sample), "muons": {"pt": {"mean": 0, "std": 1}}},
         )
+
+
+def test_class_names_come_from_the_file(sample: Path) -> None:
+    from salt.data.class_names import canonical, fill_class_names
+    from salt.models.tasks import TaskConfig
+
+    def task(names):
+        return TaskConfig(
+            type="classification", input="jets", label="flavour_label", class_names=names
+        )
+
+    tasks = {"jet_classification": task(None)}
+    fill_class_names(tasks, sample / "train.h5", {})
+    assert tasks["jet_classification"].class_names == ["bjets", "cjets", "ujets", "taujets"]
+    assert canonical("b") == canonical("bjets") == "bjets"
+    fill_class_names({"t": task(["b", "c", "u", "tau"])}, sample / "train.h5", {})  # agree
+    fill_class_names({"t": task(["b", "c", "u"])}, sample / "train.h5", {})  # no tau class
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.tasks\.t\.class_names=\['c', 'b', 'u', "
+        r"'tau'\] disagrees with .*train\.h5, whose 'jets' label "
+        r"'flavour_label' has the classes \['bjets', 'cjets', 'ujets', 'taujets'\]",
+    ):
+        fill_class_names({"t": task(["c", "b", "u", "tau"])}, sample / "train.h5", {})
+    missing = {
+        "t": TaskConfig(
+            type="classification", input="tracks", label="ftagTruthOriginLabel", class_names=None
+        )
+    }
+    with pytest.raises(ConfigError, match=r"class_names is not set and .* stores no class names"):
+        fill_class_names(missing, sample / "train.h5", {})

@@ -627,6 +627,12 @@ def build_tagger(
     `model.attention.backend` (see `Tagger`).
     """
     cfg = ModelConfig.read(model_cfg)
+    for name, spec in cfg.tasks.items():
+        if spec.type == TaskType.classification and not spec.class_names:
+            raise ModelConfigError(
+                f"model.tasks.{name}.class_names: not set (training takes them from the "
+                "training file's attributes); list the classes"
+            )
     label_specs(cfg)  # the label_map consistency check
     variables = {k: list(v) for k, v in cfg.variables.items()}
     init_nets = {

@@ -106,9 +106,15 @@ class TaskConfig(DenseConfig):
                 "as context"
             )
         if kind == "classification":
-            if not self.class_names or len(self.class_names) < 2:
+            # None: taken from the training file's class names (salt.data.class_names)
+            if self.class_names is not None and len(self.class_names) < 2:
                 raise ModelConfigError(f"{where}.class_names must list at least 2 classes")
-            _check_label_map(self.label_map, where, len(self.class_names))
+            if self.class_names is None and self.label_map is not None:
+                raise ModelConfigError(
+                    f"{where}.class_names: a task with a label_map names its own classes"
+                )
+            if self.class_names is not None:
+                _check_label_map(self.label_map, where, len(self.class_names))
         if kind == "vertexing":
             check.one_of(self.reduction, f"{where}.reduction", VERTEXING_REDUCTIONS)
         if kind == "regression":

@@ -24,6 +24,7 @@ from salt.data.build import (
     resolve_files,
     warn_about_files,
 )
+from salt.data.class_names import fill_class_names
 from salt.data.dataset import BatchLoader
 from salt.data.ftag import load_yaml_dict
 from salt.data.staging import stage, staging_root
@@ -182,6 +183,7 @@ def setup(
         files = resolve_files(cfg.data)
     barrier("the writing of the sample (rank 0)")  # the sample is written once, by rank 0
     files = source_files = resolve_files(cfg.data)
+    fill_class_names(cfg.model.tasks, files.train[0], cfg.data.input_map)
     weighted = [name for name, task in cfg.model.tasks.items() if task.use_class_weights]
     check_class_dict(files, weighted)  # before staging and before the run directory
     if dist.is_main:
