@@ -42,6 +42,7 @@ from salt.data.sample_objects import (
     N_ELECTRON_SLOTS,
     N_FLOW_SLOTS,
     JetTruth,
+    add_truth_labels,
     make_electrons,
     make_flows,
 )
@@ -97,12 +98,16 @@ JET_DTYPE = np.dtype(
         ("HadronConeExclTruthLabelID", np.int32),
         ("flavour_label", np.int32),
         ("n_tracks", np.int32),
+        # GN3's extra targets, from the objects' stream (salt.data.sample_objects)
+        ("ptFromTruthDressedWZJet", np.float32),
+        ("HadronGhostInitialTruthLabelPdgId", np.int32),
     ]
 )
 TRACK_DTYPE = np.dtype(
     [(name, np.float32) for name in TRACK_FLOAT_VARIABLES]
     + [(name, np.uint8) for name in TRACK_HIT_VARIABLES]
     + [("valid", np.bool_), ("ftagTruthOriginLabel", np.int8), ("ftagTruthVertexIndex", np.int8)]
+    + [("ftagTruthTypeLabel", np.int8)]  # from the objects' stream (salt.data.sample_objects)
 )
 
 SPLITS = ("train", "val", "test")
@@ -386,6 +391,7 @@ def _generate(
     tracks = np.zeros((n_jets, N_TRACK_SLOTS), dtype=TRACK_DTYPE)
     tracks["ftagTruthOriginLabel"] = -1
     tracks["ftagTruthVertexIndex"] = -1
+    tracks["ftagTruthTypeLabel"] = -1
     # Copy whole records as raw bytes: numpy's structured fancy assignment is several times slower.
     record_bytes = (-1, TRACK_DTYPE.itemsize)
     slots = tracks.reshape(-1).view(np.uint8).reshape(record_bytes)
@@ -400,6 +406,9 @@ def _generate(
         cascade_xy=np.stack([xd, yd], axis=1),
         parent_dir=np.stack([np.where(light, 0.0, deta_a), np.where(light, 0.0, dphi_a)], 1),
         track_jet=jet,
+        track_slot=slot,
+        track_origin=origin,
+        track_charge=charge,
         track_pt=trk_pt,
         track_deta=deta,
         track_dphi=dphi,
@@ -490,6 +499,7 @@ def _write_split(path: Path, n_jets: int, seed: int, split: int) -> _SplitSummar
         )
         objects = _block_rng(seed, split, block, stream=1)
         flows, electrons = make_flows(objects, truth), make_electrons(objects, truth)
+        add_truth_labels(objects, truth, jets, tracks, real, electrons)
         return {
             "jets": jets,
             "tracks": tracks,

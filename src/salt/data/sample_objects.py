@@ -72,6 +72,9 @@ class JetTruth:
     cascade_xy: np.ndarray  # (x, y) of the D's decay vertex in a b-jet
     parent_dir: np.ndarray  # (deta, dphi) of its flight direction
     track_jet: np.ndarray  # the jet of each real track
+    track_slot: np.ndarray  # its slot in the jet's tracks
+    track_origin: np.ndarray  # ftagTruthOriginLabel
+    track_charge: np.ndarray  # +-1
     track_pt: np.ndarray
     track_deta: np.ndarray
     track_dphi: np.ndarray
@@ -214,3 +217,62 @@ def make_electrons(rng: np.random.Generator, truth: JetTruth) -> np.ndarray:
     jet, pt, rows = jet[keep], pt[keep], rows[keep]
     order = _pt_order(jet, pt)
     return _place(n_jets, jet[order], rows[order], N_ELECTRON_SLOTS, ELECTRON_DTYPE)
+
+
+# ftagTruthTypeLabel: 0 no truth (fakes), 1 other (pileup), then signed PDG-like codes: 2 pion,
+# 3 kaon, 5 electron, 6 muon, the sign being the charge's
+_TYPE_CODES = np.array([2, 3, 5, 6])
+# per origin (pileup, fake, primary, fromB, fromBC, fromC, fromTau, otherSecondary): the share of
+# pions, kaons, electrons, muons; D decays give kaons, semileptonic decays leptons
+_TYPE_FRACTIONS = np.array(
+    [
+        [0.85, 0.12, 0.02, 0.01],
+        [0.85, 0.12, 0.02, 0.01],
+        [0.85, 0.12, 0.02, 0.01],
+        [0.70, 0.18, 0.07, 0.05],
+        [0.55, 0.35, 0.06, 0.04],
+        [0.55, 0.35, 0.06, 0.04],
+        [0.80, 0.05, 0.09, 0.06],
+        [0.90, 0.08, 0.02, 0.00],
+    ]
+)
+_B_HADRONS = np.array([511, 521, 531, 5122])
+_C_HADRONS = np.array([411, 421, 431, 4122])
+_NEUTRINO_LOSS = 0.12  # the jet's energy a semileptonic decay's neutrino takes away
+
+
+def add_truth_labels(
+    rng: np.random.Generator,
+    truth: JetTruth,
+    jets: np.ndarray,
+    tracks: np.ndarray,
+    real: np.ndarray,
+    electrons: np.ndarray,
+) -> None:
+    """GN3's extra targets, in place: the truth jet pt (a semileptonic decay's neutrino lowers
+    the measured pt, which the jet's electron reveals), the initial hadron's signed PDG ID
+    (the b quark's charge; a b -> e decay gives an electron of its sign) and each track's
+    particle type (kaons from D decays, leptons from semileptonic ones)."""
+    n_jets = truth.pt.size
+    lepton = (electrons["valid"] & np.isin(electrons["ftagTruthOriginLabel"], (1, 2, 3))).any(1)
+    response = rng.normal(0.97, 0.08, n_jets) - _NEUTRINO_LOSS * lepton
+    jets["ptFromTruthDressedWZJet"] = jets["pt_btagJes"] / np.clip(response, 0.5, 1.5)
+    # the b (c) quark's sign: a B0bar/B- (b quark) is negative here, as a b -> e- decay
+    sign = np.where(rng.random(n_jets) < 0.5, -1, 1)
+    e_charge = np.sign(electrons["qOverP"][:, 0])
+    from_b = electrons["valid"][:, 0] & (electrons["ftagTruthOriginLabel"][:, 0] == 1)
+    sign = np.where(from_b & (e_charge != 0), e_charge.astype(int), sign)
+    hadron = np.select(
+        [truth.flavour == 0, truth.flavour == 1, truth.flavour == 3],
+        [rng.choice(_B_HADRONS, n_jets), rng.choice(_C_HADRONS, n_jets), np.full(n_jets, 15)],
+        default=0,
+    )
+    jets["HadronGhostInitialTruthLabelPdgId"] = sign * hadron
+
+    origin = truth.track_origin
+    cumulative = np.cumsum(_TYPE_FRACTIONS[origin], axis=1)
+    kind = (rng.random(origin.size)[:, None] > cumulative).sum(1).clip(max=3)
+    code = _TYPE_CODES[kind] * truth.track_charge.astype(np.int64)
+    code = np.where(origin == 1, 0, np.where(origin == 0, 1, code))  # fake, pileup
+    real["ftagTruthTypeLabel"] = code
+    tracks["ftagTruthTypeLabel"][truth.track_jet, truth.track_slot] = code
