@@ -133,7 +133,7 @@ def test_a_non_finite_loss_skips_the_step_on_the_device_and_is_named_later(
         assert torch.equal(value, before[key]), key
     assert [s["step"] for s in run.optimizer.state.values()] == adam_steps
     run.losses.add(train_step(run, batches[2]), 2, 0)  # later steps train again
-    weight = "init_net.first.linear.weight"
+    weight = "init_nets.tracks.first.linear.weight"
     assert not torch.equal(run.tagger.state_dict()[weight], before[weight])
     with pytest.raises(TrainingError, match=r"non-finite loss at step 1 \(epoch 0\) in task"):
         run.losses.read()

@@ -66,10 +66,17 @@ def test_jets_layout(written: dict[str, Path]) -> None:
                 "HadronConeExclTruthLabelID",
                 "flavour_label",
                 "n_tracks",
+                "ptFromTruthDressedWZJet",
+                "HadronGhostInitialTruthLabelPdgId",
             )
             assert jets.dtype["pt_btagJes"] == np.float32
             assert jets.dtype["eta_btagJes"] == np.float32
-            for name in ("HadronConeExclTruthLabelID", "flavour_label", "n_tracks"):
+            for name in (
+                "HadronConeExclTruthLabelID",
+                "flavour_label",
+                "n_tracks",
+                "HadronGhostInitialTruthLabelPdgId",
+            ):
                 assert jets.dtype[name] == np.int32
             assert list(jets.attrs["flavour_label"]) == FLAVOUR_NAMES
             assert jets.compression == "lzf"
@@ -83,7 +90,13 @@ def test_tracks_layout(written: dict[str, Path]) -> None:
         assert tracks.compression == "lzf"
         assert tracks.chunks == (100, N_TRACK_SLOTS)
         names = tracks.dtype.names
-    assert names == (*TRACK_VARIABLES, "valid", "ftagTruthOriginLabel", "ftagTruthVertexIndex")
+    assert names == (
+        *TRACK_VARIABLES,
+        "valid",
+        "ftagTruthOriginLabel",
+        "ftagTruthVertexIndex",
+        "ftagTruthTypeLabel",
+    )
     assert TRACK_VARIABLES[0] == "d0" and TRACK_VARIABLES[-1] == "numberOfSCTHoles"
     dtype = tracks.dtype
     assert [dtype[n] for n in TRACK_VARIABLES[:10]] == [np.dtype(np.float32)] * 10
@@ -414,3 +427,24 @@ def test_flows_and_electrons_carry_the_jets_physics(written: dict[str, Path]) ->
     assert np.median(electrons["eProbabilityHT"][real]) > 3 * np.median(
         electrons["eProbabilityHT"][fake]
     )
+
+
+def test_gn3_targets_carry_physics(written: dict[str, Path]) -> None:
+    """The truth jet pt is higher when a semileptonic decay's neutrino escaped; a b -> e
+    electron has the initial b hadron's sign; kaons come more from D decays; padding is -1."""
+    with h5py.File(written["train"]) as f:
+        jets, tracks, electrons = f["jets"][:], f["tracks"][:], f["electrons"][:]
+    ratio = jets["ptFromTruthDressedWZJet"] / jets["pt_btagJes"]
+    origin = electrons["ftagTruthOriginLabel"]
+    semileptonic = (electrons["valid"] & np.isin(origin, (1, 2, 3))).any(1)
+    assert ratio[semileptonic].mean() > ratio[~semileptonic].mean() + 0.1
+    pdg = jets["HadronGhostInitialTruthLabelPdgId"]
+    assert (np.abs(pdg[jets["flavour_label"] == 2]) == 0).all()
+    lead_from_b = electrons["valid"][:, 0] & (origin[:, 0] == 1)
+    assert (np.sign(pdg[lead_from_b]) == np.sign(electrons["qOverP"][lead_from_b, 0])).all()
+    kind = np.abs(tracks["ftagTruthTypeLabel"])
+    real = tracks["valid"]
+    from_c = real & (tracks["ftagTruthOriginLabel"] == 5)
+    primary = real & (tracks["ftagTruthOriginLabel"] == 2)
+    assert (kind[from_c] == 3).mean() > 2 * (kind[primary] == 3).mean()
+    assert (tracks["ftagTruthTypeLabel"][~real] == -1).all()
