@@ -424,7 +424,7 @@ def map_old_state(old: dict, m: Model) -> dict:
             continue  # buffers: a constant mask, the class weights (from the class dict)
         if name.startswith("init_nets.0.net.net."):
             value = _context_last(name, value, len(JET_VARIABLES))
-            out[f"init_net.{_dense_index(int(parts[4]))}.{parts[5]}"] = value
+            out[f"init_nets.tracks.{_dense_index(int(parts[4]))}.{parts[5]}"] = value
         elif name.startswith("tasks."):
             value = _context_last(name, value, m.out_dim if parts[1] != "0" else 0)
             out[f"tasks.{OLD_TASKS[parts[1]]}.net.{_dense_index(int(parts[4]))}.{parts[5]}"] = value
