@@ -3,6 +3,7 @@
     python scripts/bench_train.py [--steps 20] [--warmup 3] [hydra overrides ...]
     python scripts/bench_train.py --compare [--repeat 3] [--variants a,b] [--steps 5] [...]
     python scripts/bench_train.py --matrix [--backends packed,varlen,padded] [...] [--json F]
+    python scripts/bench_train.py --models GN2,GN3 [--repeat 3] [--steps 10] [...]
 
 e.g. ``python scripts/bench_train.py model=GN2 data.batch_size=1000 trainer.precision=bf16``.
 The data come from the configured files (default: the built-in sample). jets/s is timed over
@@ -17,6 +18,8 @@ The fp32 variants are cumulative: `plain` is the model without the CPU optimisat
 track slot computed, torch's dropout), each next line adds one optimisation; the bf16 pair
 compares `plain` with the default model under bf16 autocast (``trainer.precision=bf16``).
 ``--matrix`` measures every attention backend of ``--backends``, eager and compiled.
+``--models`` measures each model config (``model=<name>``, its default layout) side by side,
+e.g. the GN3-style model (tracks, flows and electrons) beside GN2.
 Other overrides apply to every variant.
 """
 
@@ -286,6 +289,34 @@ def compare(args: argparse.Namespace, overrides: list[str], names: list[str]) ->
     return summary
 
 
+def compare_models(args: argparse.Namespace, overrides: list[str], models: list[str]) -> list:
+    """Each model config in its own process (`repeat` rounds interleaved); medians."""
+    results: dict[str, list[dict]] = {m: [] for m in models}
+    for _ in range(args.repeat):
+        for m in models:
+            results[m].append(run_variant("auto", args, [*overrides, f"model={m}"]))
+    print(f"steps {args.steps} (+{args.warmup} warm-up), medians of {args.repeat} run(s)")
+    print(
+        f"{'model':8s} {'batch':>6s} {'precision':>9s} {'layout':>7s} {'jets/s':>9s} "
+        f"{'RSS GB':>7s} {'GPU GB':>7s} {'device':>10s}"
+    )
+    summary = []
+    for m in models:
+        rs = [r for r in results[m] if "error" not in r]
+        if not rs:
+            print(f"{m:8s} failed: {results[m][0]['error']}")
+            summary.append({"model": m, **results[m][0]})
+            continue
+        row = {**rs[0], "jets_per_s": statistics.median(r["jets_per_s"] for r in rs)}
+        summary.append(row)
+        gpu = f"{row['peak_gpu_gb']:7.2f}" if row["peak_gpu_gb"] is not None else f"{'-':>7s}"
+        print(
+            f"{m:8s} {row['batch']:>6} {row['precision']:>9s} {row['layout']:>7s} "
+            f"{row['jets_per_s']:9.1f} {row['peak_rss_gb']:7.2f} {gpu} {row['device']:>10s}"
+        )
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -300,9 +331,14 @@ def main() -> None:
     parser.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend of +compile variants"
     )
+    parser.add_argument("--models", help="comma-separated model configs to measure side by side")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
-    if args.compare or args.matrix:
+    if args.models:
+        results = compare_models(args, overrides, args.models.split(","))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+    elif args.compare or args.matrix:
         if args.matrix:
             names = list(matrix_variants(args.backends.split(",")))
         else:
