@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from salt.models import Dense, build_tagger, count_parameters
-from salt.models.attention import MultiheadAttention
-from salt.models.feed_forward import GatedFeedForward, feed_forward
+from salt.models.attention import MultiheadAttention, varlen_kernel, varlen_kernel_runs
+from salt.models.feed_forward import GatedFeedForward, make_feed_forward
 from salt.models.norms import RMSNorm, make_norm
 from salt.models.tagger import ModelConfig
 from salt.models.transformer import EncoderLayer
@@ -253,8 +253,8 @@ def test_gated_feed_forward_formula_shapes_and_size(activation: str) -> None:
     weights."""
     embed, hidden = 8, 16
     torch.manual_seed(7)
-    gated = feed_forward(embed, hidden, activation, 0.0, gated=True).double()
-    plain = feed_forward(embed, hidden, activation, 0.0, gated=False).double()
+    gated = make_feed_forward(embed, hidden, activation, 0.0, gated=True).double()
+    plain = make_feed_forward(embed, hidden, activation, 0.0, gated=False).double()
     assert isinstance(gated, GatedFeedForward) and isinstance(plain, Dense)
     assert gated.in_proj.weight.shape == (2 * hidden, embed)
     assert gated.out_proj.weight.shape == (embed, hidden)
@@ -323,13 +323,50 @@ def test_bf16_autocast_agrees_with_the_plain_path() -> None:
         torch.testing.assert_close(probs[backend], probs["padded"], rtol=0.0, atol=3e-2)
 
 
+def cuda(batch: dict) -> dict:
+    return {k: cuda(v) if isinstance(v, dict) else v.cuda() for k, v in batch.items()}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_backend_agrees_on_the_gpu(dtype: torch.dtype) -> None:
+    """fp32: outputs, losses and gradients (as test_cuda for GN2); bf16 autocast: losses and
+    flavour probabilities, varlen through the flash kernel where torch has it."""
+    torch.manual_seed(0)
+    model = build_tagger(small_cfg(**GN3_STYLE)).cuda().eval()
+    batch = cuda(make_batch(model, 24, batch_size=64, seed=1))
+    if dtype == torch.float32:
+        plain = run_path(model, batch, "padded")
+        for backend in ("packed", "varlen"):
+            fast = run_path(model, batch, backend)
+            for what, a, b in zip(("output", "loss", "gradient of"), fast, plain, strict=True):
+                assert_same(a, b, 1e-4, 1e-5, f"{backend} {what}")
+        return
+    results = {}
+    for backend in ("padded", "packed", "varlen"):
+        model.backend = backend
+        with torch.autocast("cuda", dtype=dtype):
+            outputs, losses = model(batch["inputs"], batch["pad_masks"], batch["labels"])
+        results[backend] = (model.predict(outputs)["jet_classification"].float(), losses)
+    for backend in ("packed", "varlen"):
+        for key, loss in results["padded"][1].items():
+            got = results[backend][1][key].float()
+            torch.testing.assert_close(got, loss.float(), rtol=5e-2, atol=2e-3)
+        torch.testing.assert_close(results[backend][0], results["padded"][0], rtol=0, atol=3e-2)
+    if varlen_kernel() is not None:  # head_dim 8: the flash kernel takes it
+        assert varlen_kernel_runs(torch.zeros(1, device="cuda", dtype=dtype), 8)
+
+
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_compiled_gn3_style_tagger_is_the_same_function(layout: str) -> None:
     """`compile_for` (aot_eager: traced, no code generated): the whole forward on padded, the
     per-track parts (the feed-forward blocks with their norms) on packed."""
     torch._dynamo.reset()
     torch.manual_seed(10)
-    eager = build_tagger(small_cfg(**GN3_STYLE), backend=layout).train()
+    cfg = small_cfg(**GN3_STYLE)
+    cfg.encoder.num_layers = 2  # a first and a later hybrid layer: smaller graphs
+    eager = build_tagger(cfg, backend=layout).train()
     compiled = copy.deepcopy(eager)
     compiled.compile_for(layout, "aot_eager")
     batch = make_batch(eager, 7, seed=11)

@@ -33,7 +33,7 @@ class GatedFeedForward(nn.Module):
         return self.out_proj(self.dropout(self.activation(a) * g))
 
 
-def feed_forward(
+def make_feed_forward(
     embed_dim: int, hidden_dim: int, activation: str, dropout: float, gated: bool
 ) -> nn.Module:
     """The block `embed_dim -> hidden_dim -> embed_dim` (no norm inside: the encoder layer

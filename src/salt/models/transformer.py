@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from salt.models.attention import MultiheadAttention
 from salt.models.dropout import Dropout
-from salt.models.feed_forward import feed_forward
+from salt.models.feed_forward import make_feed_forward
 from salt.models.norms import Norm, make_norm
 from salt.models.packing import Packing
 from salt.utils import typed_config as check
@@ -118,7 +118,8 @@ class EncoderLayer(nn.Module):
             head_norm_affine=norm_affine,
         )
         self.ff_norm = make_norm(norm, embed_dim, norm_affine)
-        self.ff = feed_forward(embed_dim, ff_hidden_scale * embed_dim, activation, dropout, gated)
+        hidden = ff_hidden_scale * embed_dim
+        self.ff = make_feed_forward(embed_dim, hidden, activation, dropout, gated)
         self.dropout = Dropout(dropout)
         self._feed_forward = self.feed_forward  # `compile_feed_forward` swaps in a compiled one
 
