@@ -11,6 +11,10 @@ padded (a jet with no real tracks) receives a zero message instead of the NaN a 
 nothing gives; its gradients stay finite. Queries and keys may come from different sets
 (cross-attention: a class token attending to the tracks).
 
+`head_norm` (the encoder's hybrid norm placement, `salt.models.transformer`) normalises the
+queries, keys and values of every head over head_dim after their projections (QK-norm and
+V-norm, as the old tool's hybrid layers do): per row and head, so the same on every layout.
+
 Self-attention over packed tracks (`forward_packed`) has two cores computing the same math:
 per block of equal-multiplicity jets (no padding, one call per multiplicity: fast on CPU), or
 `varlen`: one call over all jets given their cumulative lengths, torch's flash varlen kernel
@@ -32,6 +36,7 @@ from omegaconf import MISSING
 from torch import Tensor, nn
 
 from salt.errors import ModelConfigError
+from salt.models.norms import make_norm
 from salt.models.packing import Packing
 from salt.utils import typed_config as check
 
@@ -200,7 +205,8 @@ class MultiheadAttention(nn.Module):
     """Multi-head attention: project, score per head, weight the values, project out.
 
     `embed_dim` is the query (and output) size and the total size of all heads
-    (`num_heads * head_dim`); keys and values may have another size (`kv_dim`).
+    (`num_heads * head_dim`); keys and values may have another size (`kv_dim`). `head_norm`
+    (a `salt.models.norms` name, or None): normalise each head's q, k and v.
     """
 
     def __init__(
@@ -211,6 +217,8 @@ class MultiheadAttention(nn.Module):
         kv_dim: int | None = None,
         dropout: float = 0.0,
         negative_slope: float = 0.2,
+        head_norm: str | None = None,
+        head_norm_affine: bool = False,
     ) -> None:
         super().__init__()
         if score not in ATTENTION_TYPES:
@@ -230,6 +238,27 @@ class MultiheadAttention(nn.Module):
         self.gatv2 = GATv2Score(num_heads, head_dim, negative_slope) if score == "gatv2" else None
         for linear in (self.linear_q, self.linear_k, self.linear_v):
             _init_in_projection(linear, 3 * embed_dim)
+        # after the projections' init: a model without them draws the same weights
+        self.head_norms = (
+            nn.ModuleList(make_norm(head_norm, head_dim, head_norm_affine) for _ in "qkv")
+            if head_norm is not None
+            else None
+        )
+
+    def _norm_heads(self, x: Tensor, which: int) -> Tensor:
+        """Projected `x[..., H*D]` with each head normalised by norm `which` (0 q, 1 k, 2 v)."""
+        if self.head_norms is None:
+            return x
+        norm = self.head_norms[which]
+        return norm(x.unflatten(-1, (self.num_heads, self.head_dim))).flatten(-2)
+
+    def _norm_joined(self, x: Tensor, first: int) -> Tensor:
+        """Joined projections (`[q; k; v]`: first=0, `[k; v]`: first=1) with each head
+        normalised."""
+        if self.head_norms is None:
+            return x
+        parts = x.chunk(3 - first, dim=-1)
+        return torch.cat([self._norm_heads(p, i) for i, p in enumerate(parts, start=first)], -1)
 
     def _heads(self, x: Tensor) -> Tensor:
         """`[B, T, H*D] -> [B, H, T, D]`."""
@@ -241,9 +270,9 @@ class MultiheadAttention(nn.Module):
         `kv_mask[B, Tk]` is True for padded keys. Returns `[B, Tq, E]`.
         """
         kv = q if kv is None else kv
-        qh = self._heads(self.linear_q(q))
-        kh = self._heads(self.linear_k(kv))
-        vh = self._heads(self.linear_v(kv))
+        qh = self._heads(self._norm_heads(self.linear_q(q), 0))
+        kh = self._heads(self._norm_heads(self.linear_k(kv), 1))
+        vh = self._heads(self._norm_heads(self.linear_v(kv), 2))
         return self._output(self._attend(qh, kh, vh, kv_mask), kv_mask)
 
     def forward_packed(self, x: Tensor, packing: Packing, varlen: bool = False) -> Tensor:
@@ -256,6 +285,7 @@ class MultiheadAttention(nn.Module):
         weight = torch.cat([self.linear_q.weight, self.linear_k.weight, self.linear_v.weight])
         bias = torch.cat([self.linear_q.bias, self.linear_k.bias, self.linear_v.bias])
         qkv = F.linear(x, weight, bias)  # [N, 3E]
+        qkv = self._norm_joined(qkv, first=0)
         if varlen and self.gatv2 is None:
             return self.linear_out(self._attend_varlen(qkv, packing))
         messages = []
@@ -285,10 +315,9 @@ class MultiheadAttention(nn.Module):
         """
         weight = torch.cat([self.linear_k.weight, self.linear_v.weight])
         bias = torch.cat([self.linear_k.bias, self.linear_v.bias])
-        kh, vh = (
-            self._heads(part) for part in packing.unpack(F.linear(kv, weight, bias)).chunk(2, -1)
-        )
-        qh = self._heads(self.linear_q(q))
+        kv = self._norm_joined(F.linear(kv, weight, bias), first=1)  # [N, 2E]
+        kh, vh = (self._heads(part) for part in packing.unpack(kv).chunk(2, -1))
+        qh = self._heads(self._norm_heads(self.linear_q(q), 0))
         return self._output(self._attend(qh, kh, vh, packing.pad_mask), packing.pad_mask)
 
     def _attend(self, qh: Tensor, kh: Tensor, vh: Tensor, kv_mask: Tensor | None) -> Tensor:

@@ -515,6 +515,9 @@ def _encoder(cfg: ModelConfig) -> TransformerEncoder:
         dropout=enc.dropout,
         num_registers=enc.num_registers,
         norm_affine=enc.norm_affine,
+        norm=str(enc.norm),
+        norm_type=str(enc.norm_type),
+        gated=enc.gated,
     )
 
 

@@ -1,32 +1,57 @@
-"""Transformer encoder over the tracks of a jet: pre-norm self-attention layers.
+"""Transformer encoder over the tracks of a jet: self-attention and feed-forward layers.
 
-As the old tool's (salt-ml) `Transformer`, which defines GN2:
+As the old tool's (salt-ml) `Transformer`, which defines GN2 and GN3:
 
 - `num_registers` learned tokens (registers) are appended to every jet's tracks. They attend
   and are attended to, so a jet without tracks still has something to attend to, and they
   are part of what the pooling sees; the track tasks leave them out.
-- each layer is `x + attn(norm(x))` then `x + ff(norm(x))`;
+- where the norms go (`norm_type`), with `n` the layer's norms:
+  - `pre` (GN1/GN2): `x + attn(n(x))` then `x + ff(n(x))`: the residual stream itself is
+    never normalised;
+  - `post` (the original transformer's): `n(x + attn(x))` then `n(x + ff(x))`;
+  - `hybrid` (the old tool's GN3): the first layer as `pre`; every later one `x + attn(x)`,
+    then `x = n(x)`, then `x + ff(x)`: the stream is normalised once per layer, between
+    attention and feed-forward. Every layer's attention normalises each head's queries, keys
+    and values (the old tool's `do_qk_norm`, `do_v_norm`), which keeps the un-normalised
+    attention input stable. Those head norms are of the encoder's `norm` kind and
+    `norm_affine` (the old tool's are always RMSNorms with a learned scale: the same for its
+    GN3 configs, `norm: RMSNorm` here with `norm_affine: true`).
 - after the last layer: the output projection (`embed_dim -> out_dim`), then a final norm,
   so every token the pooling and the task heads see has unit scale.
-- norms are LayerNorms without learned scale and shift (`norm_affine: false`) by default.
+- norms are LayerNorms (`norm`: or RMSNorms, `salt.models.norms`) without learned scale and
+  shift (`norm_affine: false`) by default.
+- the feed-forward block is `W2 act(W1 x)`, or gated (`gated`: `W2 (act(W1 x) * W3 x)`,
+  SwiGLU with SiLU; `salt.models.feed_forward`).
 
 Padded tracks never act as keys, so real-track outputs do not depend on them; padded outputs
 are set to zero. `forward_packed` computes the same on the real tracks (and the registers)
-only (see `salt.models.packing`).
+only (see `salt.models.packing`): every norm acts on one token at a time, so placement and
+norm kind leave that equality as it is.
 """
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from salt.models.attention import MultiheadAttention
-from salt.models.dense import Dense
 from salt.models.dropout import Dropout
+from salt.models.feed_forward import make_feed_forward
+from salt.models.norms import Norm, make_norm
 from salt.models.packing import Packing
 from salt.utils import typed_config as check
+
+
+class NormType(enum.StrEnum):
+    """Where an encoder layer's norms go (the module docstring; the old tool's `norm_type`)."""
+
+    pre = "pre"
+    post = "post"
+    hybrid = "hybrid"
 
 
 @dataclass
@@ -39,7 +64,10 @@ class EncoderConfig:
     dropout: float = 0.0
     activation: str = "SiLU"
     num_registers: int = 1  # learned tokens appended to every jet's tracks (0: none)
-    norm_affine: bool = False  # learned scale and shift in the encoder's LayerNorms
+    norm: Norm = Norm.LayerNorm  # the encoder's norms: LayerNorm | RMSNorm
+    norm_type: NormType = NormType.pre  # where they go: pre | post | hybrid
+    norm_affine: bool = False  # learned scale (LayerNorm: and shift) in the encoder's norms
+    gated: bool = False  # gated feed-forward W2 (act(W1 x) * W3 x) (SwiGLU with SiLU)
 
     def check(self, where: str) -> None:
         check.positive(self.num_layers, f"{where}.num_layers")
@@ -51,7 +79,9 @@ class EncoderConfig:
 
 
 class EncoderLayer(nn.Module):
-    """One pre-norm transformer layer: self-attention and feed-forward, both residual."""
+    """One transformer layer: self-attention and feed-forward, both residual, with norms
+    placed as `norm_type` says (the module docstring). `first`: the encoder's first layer
+    (a `hybrid` one pre-norms like `pre`)."""
 
     def __init__(
         self,
@@ -64,30 +94,51 @@ class EncoderLayer(nn.Module):
         activation: str = "SiLU",
         dropout: float = 0.0,
         norm_affine: bool = False,
+        norm: str = Norm.LayerNorm,
+        norm_type: str = NormType.pre,
+        gated: bool = False,
+        first: bool = True,
     ) -> None:
         super().__init__()
-        self.attn_norm = nn.LayerNorm(embed_dim, elementwise_affine=norm_affine)
+        self.norm_type = NormType(norm_type)
+        hybrid = self.norm_type == NormType.hybrid
+        # a later hybrid layer leaves the attention's input as it is; `ff_norm` then
+        # normalises the stream itself (`normed_stream`)
+        self.normed_stream = hybrid and not first
+        # created in the same order as ever (norm, attention, norm, feed-forward): a default
+        # encoder draws the same initial weights from the same seed
+        self.attn_norm = None if self.normed_stream else make_norm(norm, embed_dim, norm_affine)
         self.attn = MultiheadAttention(
             embed_dim,
             num_heads,
             score=attention,
             dropout=attention_dropout,
             negative_slope=negative_slope,
+            head_norm=norm if hybrid else None,
+            head_norm_affine=norm_affine,
         )
-        self.ff_norm = nn.LayerNorm(embed_dim, elementwise_affine=norm_affine)
-        self.ff = Dense(
-            embed_dim,
-            embed_dim,
-            hidden_layers=[ff_hidden_scale * embed_dim],
-            activation=activation,
-            norm=None,
-            dropout=dropout,
-        )
+        self.ff_norm = make_norm(norm, embed_dim, norm_affine)
+        hidden = ff_hidden_scale * embed_dim
+        self.ff = make_feed_forward(embed_dim, hidden, activation, dropout, gated)
         self.dropout = Dropout(dropout)
         self._feed_forward = self.feed_forward  # `compile_feed_forward` swaps in a compiled one
 
+    def attention_block(self, x: Tensor, attend: Callable[[Tensor], Tensor]) -> Tensor:
+        """The residual self-attention block; `attend` maps the attention's input to its
+        output (padded or packed)."""
+        if self.norm_type == NormType.post:
+            assert self.attn_norm is not None
+            return self.attn_norm(x + self.dropout(attend(x)))
+        h = x if self.attn_norm is None else self.attn_norm(x)
+        return x + self.dropout(attend(h))
+
     def feed_forward(self, x: Tensor) -> Tensor:
         """The residual feed-forward block: per track, so the same on any layout."""
+        if self.norm_type == NormType.post:
+            return self.ff_norm(x + self.dropout(self.ff(x)))
+        if self.normed_stream:
+            x = self.ff_norm(x)
+            return x + self.dropout(self.ff(x))
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
     def compile_feed_forward(self, backend: str = "inductor") -> None:
@@ -97,12 +148,12 @@ class EncoderLayer(nn.Module):
         self._feed_forward = torch.compile(self.feed_forward, dynamic=True, backend=backend)
 
     def forward(self, x: Tensor, pad_mask: Tensor) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), kv_mask=pad_mask))
+        x = self.attention_block(x, lambda h: self.attn(h, kv_mask=pad_mask))
         return self._feed_forward(x)
 
     def forward_packed(self, x: Tensor, packing: Packing, varlen: bool = False) -> Tensor:
         """The same layer on packed tracks `x[N, embed_dim]` (see `Packing`)."""
-        x = x + self.dropout(self.attn.forward_packed(self.attn_norm(x), packing, varlen))
+        x = self.attention_block(x, lambda h: self.attn.forward_packed(h, packing, varlen))
         return self._feed_forward(x)
 
 
@@ -123,6 +174,9 @@ class TransformerEncoder(nn.Module):
         dropout: float = 0.0,
         num_registers: int = 1,
         norm_affine: bool = False,
+        norm: str = Norm.LayerNorm,
+        norm_type: str = NormType.pre,
+        gated: bool = False,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -140,13 +194,17 @@ class TransformerEncoder(nn.Module):
                 activation=activation,
                 dropout=dropout,
                 norm_affine=norm_affine,
+                norm=norm,
+                norm_type=norm_type,
+                gated=gated,
+                first=i == 0,
             )
-            for _ in range(num_layers)
+            for i in range(num_layers)
         )
         self.out_proj = (
             nn.Identity() if self.out_dim == embed_dim else nn.Linear(embed_dim, self.out_dim)
         )
-        self.norm = nn.LayerNorm(self.out_dim, elementwise_affine=norm_affine)
+        self.norm = make_norm(norm, self.out_dim, norm_affine)
         # tiny, so the registers start as near-empty tokens (as the old tool's)
         self.registers = (
             nn.Parameter(torch.randn(self.num_registers, embed_dim) * 1e-4)
