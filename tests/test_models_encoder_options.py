@@ -283,7 +283,7 @@ def test_gated_encoder_adds_one_matrix_per_layer() -> None:
     embed, hidden, layers = 32, 64, 3  # ff_hidden_scale 2
     extra = count_parameters(gated) - count_parameters(plain)
     assert extra == layers * (embed * hidden + hidden)
-    assert count_parameters(gated.init_net) == count_parameters(plain.init_net)  # not gated
+    assert count_parameters(gated.init_nets) == count_parameters(plain.init_nets)  # not gated
 
 
 # ---- every layout, every attention -----------------------------------------------------------
