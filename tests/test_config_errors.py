@@ -48,9 +48,9 @@ def ok(config_name: str, *overrides: str, **kwargs: object) -> None:
             "did you mean max_epochs?",
         ),
         (
-            "model=GN3",
-            "salt: error: model=GN3: no option 'GN3' in config group 'model'; "
-            "did you mean GN2? Options: GN1, GN2, GN2Cat.",
+            "model=GN2X",
+            "salt: error: model=GN2X: no option 'GN2X' in config group 'model'; "
+            "did you mean GN2? Options: GN1, GN2, GN2Cat, GN3.",
         ),
     ],
 )
@@ -111,8 +111,8 @@ def test_sweeps() -> None:
     ok("train", "model=GN1,GN2", "trainer.max_epochs=1,2", "seed=range(1,3)", multirun=True)
     ok("train", "attention=scaled_dot_product,gatv2", "launcher=submitit_local", multirun=True)
     # every sweep value is checked, not only the first job's
-    msg = error("train", "model=GN1,GN3", multirun=True)
-    assert msg.startswith("model=GN1,GN3: no option 'GN3' in config group 'model'; did you mean")
+    msg = error("train", "model=GN1,GN2X", multirun=True)
+    assert msg.startswith("model=GN1,GN2X: no option 'GN2X' in config group 'model'; did you mean")
     assert "did you mean max_epochs?" in error("train", "trainer.max_epoch=1,2", multirun=True)
     ok("train", "model=glob(GN*)", multirun=True)
     assert "matches no option of config group 'model'" in error(
@@ -185,12 +185,12 @@ def test_command_line_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
         check_command_line("train", ["trainer.max_epoch=3", *flags])
     check_command_line("train", ["-m", "model=GN1,GN2", "trainer.max_epochs=1,2"])
     with pytest.raises(SystemExit) as info:
-        check_command_line("train", ["-m", "model=GN1,GN3"])
+        check_command_line("train", ["-m", "model=GN1,GN2X"])
     assert info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("salt: error: model=GN1,GN3: no option 'GN3'")
+    assert len(err) == 1 and err[0].startswith("salt: error: model=GN1,GN2X: no option 'GN2X'")
     with pytest.raises(ConfigError):  # debug=true: the error with its traceback
-        check_command_line("train", ["model=GN3", "debug=true"])
+        check_command_line("train", ["model=GN2X", "debug=true"])
     # --config-dir/-cd and --config-name/-cn as hydra.main reads them
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose("evaluate", overrides=["run_dir=x"])

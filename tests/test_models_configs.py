@@ -75,12 +75,13 @@ def real_batch(sample: Path) -> dict:
     from salt.data.ftag import load_yaml_dict
 
     cfg = compose_train("model=GN2Cat")
-    variables = models.input_variables(cfg.model)
+    gn3 = compose_train("model=GN3").model
+    variables = models.input_variables(gn3)  # GN3's: jets, global, flows, electrons
     # GN1's track variables include every other model's: each test takes its own columns
     variables["tracks"] = models.input_variables(compose_train("model=GN1").model)["tracks"]
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data["batch_size"] = 12
-    labels = {k: dict(v) for k, v in models.label_specs(cfg.model).items()}
+    labels = {k: dict(v) for k, v in models.label_specs(gn3).items()}  # GN2's and GN3's
     labels["jets"]["HadronConeExclTruthLabelID"] = {5: 0, 4: 1, 0: 2, 15: -1}  # GN1's classes
     loader = make_loader(
         data,
@@ -103,6 +104,7 @@ def real_batch(sample: Path) -> dict:
 def real_inputs(real_batch: dict, model: str, variables: dict) -> dict:
     """The real batch with the model's own input columns and labels."""
     inputs = {k: v for k, v in real_batch["inputs"].items() if k in variables}
+    masks = {k: v for k, v in real_batch["pad_masks"].items() if k in variables}
     columns = [real_batch["track_variables"].index(v) for v in variables["tracks"]]
     inputs["tracks"] = inputs["tracks"][..., columns]
     labels = real_batch["labels"]
@@ -111,7 +113,7 @@ def real_inputs(real_batch: dict, model: str, variables: dict) -> dict:
             **labels,
             "jets": {"HadronConeExclTruthLabelID": labels["jets"]["HadronConeExclTruthLabelID"]},
         }
-    return {"inputs": inputs, "pad_masks": real_batch["pad_masks"], "labels": labels}
+    return {"inputs": inputs, "pad_masks": masks, "labels": labels}
 
 
 @pytest.mark.parametrize("combo", MATRIX, ids=combo_id)

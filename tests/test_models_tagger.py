@@ -34,13 +34,17 @@ def batch_with_padding(tagger: Tagger, pad: torch.Tensor, g: torch.Generator) ->
     have zero features and label -1, as the loader gives them."""
     batch_size, num_tracks = pad.shape
     inputs = {}
+    masks = {}
     for input_type, names in tagger.variables.items():
-        if input_type == "tracks":
+        if input_type in tagger.object_types:
+            # the tracks take `pad`; other object types (GN3's flows, electrons) their own
+            mask = pad if input_type == "tracks" else torch.rand(pad.shape, generator=g) < 0.5
             x = torch.randn(batch_size, num_tracks, len(names), generator=g)
-            inputs[input_type] = x.masked_fill(pad.unsqueeze(-1), 0.0)
+            inputs[input_type] = x.masked_fill(mask.unsqueeze(-1), 0.0)
+            masks[input_type] = mask
         else:
             inputs[input_type] = torch.randn(batch_size, len(names), generator=g)
-    labels: dict[str, dict[str, torch.Tensor]] = {"jets": {}, "tracks": {}}
+    labels: dict[str, dict[str, torch.Tensor]] = {t: {} for t in ("jets", *masks)}
     for task in tagger.tasks.values():
         if task.input_type == "jets" and task.class_names is not None:
             y = torch.randint(0, len(task.class_names), (batch_size,), generator=g)
@@ -49,9 +53,9 @@ def batch_with_padding(tagger: Tagger, pad: torch.Tensor, g: torch.Generator) ->
         else:
             high = len(task.class_names) if task.class_names is not None else 3
             y = torch.randint(-1, high, (batch_size, num_tracks), generator=g)
-            y = y.masked_fill(pad, -1)
+            y = y.masked_fill(masks[task.input_type], -1)
         labels[task.input_type][task.label] = y
-    return {"inputs": inputs, "pad_masks": {"tracks": pad}, "labels": labels}
+    return {"inputs": inputs, "pad_masks": masks, "labels": labels}
 
 
 def run(tagger: Tagger, batch: dict):

@@ -267,7 +267,9 @@ def add_truth_labels(
         [rng.choice(_B_HADRONS, n_jets), rng.choice(_C_HADRONS, n_jets), np.full(n_jets, 15)],
         default=0,
     )
-    jets["HadronGhostInitialTruthLabelPdgId"] = sign * hadron
+    # a meson with a b quark is a B0bar/B- (negative ID), a baryon with one a Lambda_b (positive)
+    baryon = np.isin(hadron, (5122, 4122))
+    jets["HadronGhostInitialTruthLabelPdgId"] = np.where(baryon, -sign, sign) * hadron
 
     origin = truth.track_origin
     cumulative = np.cumsum(_TYPE_FRACTIONS[origin], axis=1)
