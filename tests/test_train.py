@@ -167,7 +167,7 @@ def test_help_lists_groups(tmp_path: Path) -> None:
         "model: GN1, GN2, GN2Cat",
         "attention: gatv2, scaled_dot_product",
         "pooling: cross_attention, global_attention",
-        "logger: comet, local, none",
+        "logger: comet, local, none, tensorboard",
     ):
         assert text in out.stdout
 
