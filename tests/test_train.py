@@ -589,7 +589,7 @@ def test_ddp_with_fewer_validation_batches_than_ranks(tmp_path: Path, sample_cac
     """One validation batch for two ranks: rank 1 validates no jet. The run ends with its
     checkpoints and the validation figures of one process on the same jets (it hung in
     validation: rank 0's forward pass broadcast the model's buffers, rank 1 summed nothing)."""
-    one_batch = ["data.num_val=100", "trainer.max_steps=2", "logger=local"]
+    one_batch = ["data.num_val=100", "trainer.max_steps=2", "logger=tensorboard"]
     cmd = ddp_command(tmp_path, sample_cache, *one_batch, "trainer.ddp_timeout_s=60")
     out = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -599,6 +599,8 @@ def test_ddp_with_fewer_validation_batches_than_ranks(tmp_path: Path, sample_cac
     ddp = val_row(run_dir)
     assert {"val/loss", "val/jet_accuracy", "val/light_rej_70"} <= ddp.keys()
     ddp_confusion = json.loads((run_dir / "confusion_matrix.json").read_text())["counts"]
+    # rank 0 alone logs: one event file (as one metrics file)
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
     # one process, the same jets and the DDP run's weights
     single = setup(make_cfg(tmp_path / "single", sample_cache, *one_batch), cpu())
