@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 from torch import nn
 
 from salt.tracking.metrics import CONFUSION_FILE, METRICS_FILE, read_rows
 from salt.training import checkpoint as ckpt
 from salt.training.loop import fit, grad_norm
+from salt.training.optim import OptimizerConfig, Schedule
 from tests.test_tracking import PNG_MAGIC, tb_events, tb_points, tb_scalars
 from tests.test_train import cpu, make_cfg
 
@@ -51,8 +53,16 @@ def test_every_logging_step_has_the_lr_and_the_grad_norm_before_clipping(
 ) -> None:
     rows = train_rows(tensorboard_run)
     assert [r["step"] for r in rows] == list(range(1, STEPS_PER_EPOCH + 1))
-    lrs = [r["train/lr"] for r in rows]
-    assert all(lr > 0 for lr in lrs) and len(set(lrs)) > 1  # the one-cycle schedule moves
+    # each step's row has the rate that step applied (the schedule moves after the step)
+    saved = OmegaConf.load(tensorboard_run / "config.yaml").optimizer
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))])
+    schedule = Schedule(optimizer, OptimizerConfig(**OmegaConf.to_container(saved)), len(rows))
+    applied = []
+    for _ in rows:
+        applied.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert [r["train/lr"] for r in rows] == pytest.approx(applied, rel=1e-12)
     norms = [r["train/grad_norm"] for r in rows]
     assert all(isinstance(n, float) and math.isfinite(n) and n > 10 * CLIP for n in norms), norms
     # TensorBoard has the same points as the metrics file, at the same steps

@@ -133,6 +133,7 @@ def train_epoch(run: Run) -> bool:
         bar.update(run.train_batches.consumed if not fast else 0)
     n_batches, n_jets, t0 = 0, 0, time.perf_counter()
     for batch in limited(run.train_batches, fast):
+        lr = run.scheduler.get_last_lr()[0]  # the rate this step applies (a host float)
         with collective(f"the gradient all-reduce of step {c.step + 1}"):  # under DDP
             result = train_step(run, batch)
         # stays on the device until read; the norm is the same on every rank (after the
@@ -150,7 +151,8 @@ def train_epoch(run: Run) -> bool:
                 f"train/{k}" if k == "loss" else f"train/{k}_loss": v
                 for k, v in window.means.items()
             }
-            metrics |= {"train/lr": run.scheduler.get_last_lr()[0], "train/jets_per_s": rate}
+            # the logged step's rate, not the next one's (the schedule moved after the step)
+            metrics |= {"train/lr": lr, "train/jets_per_s": rate}
             if window.grad_norm is not None:  # the window's mean over its finite norms
                 metrics["train/grad_norm"] = window.grad_norm
             run.logger.log_metrics(metrics, step=c.step, epoch=c.epoch)
