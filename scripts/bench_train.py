@@ -124,7 +124,8 @@ def timed_steps(run, source: Iterator, steps: int, phases: bool) -> tuple[dict, 
         t0 = time.perf_counter()
         batch = next(source)
         if not phases:
-            run.losses.add(train_step(run, batch), 0, 0)
+            result = train_step(run, batch)
+            run.losses.add(result.losses, 0, 0, grad_norm=result.grad_norm)
             jets += batch.num_jets
             continue
         sync()

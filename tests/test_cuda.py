@@ -99,7 +99,8 @@ def test_a_gpu_training_step_does_not_sync(
     torch.cuda.set_sync_debug_mode("error")
     try:
         for i, batch in enumerate(steps[1:], start=1):
-            run.losses.add(train_step(run, batch), i, 0)
+            result = train_step(run, batch)
+            run.losses.add(result.losses, i, 0, grad_norm=result.grad_norm)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(run.losses) == 3

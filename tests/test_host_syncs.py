@@ -10,6 +10,7 @@ methods) below: `HostSyncs` counts them while a real training step runs.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +19,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from salt.errors import TrainingError
-from salt.training.loop import limited, setup, train_step
-from salt.training.loss_window import LossWindow
+from salt.training.loop import confusion_counts, limited, setup, train_step
+from salt.training.loss_window import LossWindow, WindowSummary
 from tests.test_train import cpu, make_cfg
 
 # aten ops that read a device value on the host or size their output by the data
@@ -110,7 +111,8 @@ def test_a_training_step_has_no_host_sync(
     for i, batch in enumerate(limited(run.train_batches, 4)):
 
         def step(batch=batch, i=i) -> None:
-            run.losses.add(train_step(run, batch), i, 0)
+            result = train_step(run, batch)
+            run.losses.add(result.losses, i, 0, grad_norm=result.grad_norm)
 
         assert count(step) == [], f"step {i} syncs"
     # the window comes to the host once for all of its steps (the rest works on that copy)
@@ -124,15 +126,15 @@ def test_a_non_finite_loss_skips_the_step_on_the_device_and_is_named_later(
     run = setup(make_cfg(tmp_path, sample_cache, "trainer.fast_dev_run=3"), cpu())
     run.model.train()
     batches = list(limited(run.train_batches, 3))
-    run.losses.add(train_step(run, batches[0]), 0, 0)
+    run.losses.add(train_step(run, batches[0]).losses, 0, 0)
     before = {k: v.clone() for k, v in run.tagger.state_dict().items()}
     adam_steps = [s["step"].clone() for s in run.optimizer.state.values()]
     batches[1].tensors["inputs"]["tracks"][0, 0, 0] = float("nan")
-    run.losses.add(train_step(run, batches[1]), 1, 0)
+    run.losses.add(train_step(run, batches[1]).losses, 1, 0)
     for key, value in run.tagger.state_dict().items():  # the update was skipped
         assert torch.equal(value, before[key]), key
     assert [s["step"] for s in run.optimizer.state.values()] == adam_steps
-    run.losses.add(train_step(run, batches[2]), 2, 0)  # later steps train again
+    run.losses.add(train_step(run, batches[2]).losses, 2, 0)  # later steps train again
     weight = "init_nets.tracks.first.linear.weight"
     assert not torch.equal(run.tagger.state_dict()[weight], before[weight])
     with pytest.raises(TrainingError, match=r"non-finite loss at step 1 \(epoch 0\) in task"):
@@ -151,3 +153,30 @@ def test_loss_window_means_keep_and_names() -> None:
     with pytest.raises(ValueError, match="loss names changed"):
         window.add({"jets": torch.tensor(1.0)}, 3, 0)
         window.add({"tracks": torch.tensor(1.0)}, 4, 0)
+
+
+def test_loss_window_mean_grad_norm_leaves_out_skipped_steps() -> None:
+    """An fp16 step whose gradients overflowed has an infinite norm: the scaler skipped it, the
+    run goes on, and the window's norm is the mean of the others (NaN if none is finite)."""
+    window = LossWindow()
+    for step, norm in enumerate([2.0, float("inf"), 4.0]):
+        window.add({"loss": torch.tensor(1.0)}, step, 0, grad_norm=torch.tensor(norm))
+    calls = count(lambda: window.read(keep=True))
+    assert calls.count("Tensor.cpu") == 1  # the norms come with the losses, not on their own
+    assert window.read() == WindowSummary({"loss": 1.0}, 3.0)
+    window.add({"loss": torch.tensor(1.0)}, 3, 0, grad_norm=torch.tensor(float("nan")))
+    assert math.isnan(window.read().grad_norm)
+    window.add({"loss": torch.tensor(1.0)}, 4, 0)
+    assert window.read().grad_norm is None  # steps without a norm: none to log
+    with pytest.raises(ValueError, match="without a gradient norm"):
+        window.add({"loss": torch.tensor(1.0)}, 5, 0, grad_norm=torch.tensor(1.0))
+        window.add({"loss": torch.tensor(1.0)}, 6, 0)
+
+
+def test_confusion_counts_need_no_host_sync() -> None:
+    """Counted on the device for every validation batch; unlabelled jets (-1) are left out."""
+    target = torch.tensor([0, 0, 1, 2, -1, 2, 1])
+    predicted = torch.tensor([0, 1, 1, 2, 0, 0, 1])
+    counts = []
+    assert count(lambda: counts.append(confusion_counts(target, predicted, 3))) == []
+    assert counts[0].reshape(3, 3).tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]

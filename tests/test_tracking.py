@@ -367,3 +367,239 @@ def test_comet_resume_continues_the_same_experiment(tmp_path: Path, monkeypatch)
 def test_comet_rejects_a_bad_experiment_key(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"resume_state\['experiment_key'\] = 'abc'"):
         CometLogger(tmp_path, run_name="r", offline=True, resume_state={"experiment_key": "abc"})
+
+
+def test_comet_keeps_the_run_files_once_and_each_confusion_matrix(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A new experiment gets config.yaml and the dict copies as assets, under their own names
+    and unchanged; its resumed part does not add them again. Confusion matrices are comet's
+    confusion-matrix assets, one per validation, as counts. The key is in none of them."""
+    monkeypatch.setenv("COMET_API_KEY", FAKE_KEY)
+    files = []
+    for name, text in [
+        ("config.yaml", "model:\n  name: GN2\nlogger:\n  type: comet\n"),
+        ("norm_dict.yaml", "jets:\n  pt: {mean: 1.0, std: 2.0}\n"),
+        ("class_dict.yaml", "jets:\n  flavour_label: [1.0, 2.0, 0.5, 4.0]\n"),
+    ]:
+        files.append(tmp_path / name)
+        files[-1].write_text(text)
+    first = CometLogger(tmp_path / "run1", run_name="r", offline=True)
+    first.log_files(files)
+    first.log_confusion_matrix([[8, 2], [1, 9]], ["b", "c"], step=12, epoch=0)
+    first.log_confusion_matrix([[9, 1], [0, 10]], ["b", "c"], step=24, epoch=1)
+    state = first.state_dict()
+    first.finalize()
+    archive, _, messages = read_archive(tmp_path / "run1")
+    uploads = by_type(messages, "file_upload")
+    with zipfile.ZipFile(archive) as zf:
+        assets = {
+            u["additional_params"]["fileName"]: zf.read(u["file_path"])
+            for u in uploads
+            if u["upload_type"] == "asset"
+        }
+        matrices = [
+            (u["additional_params"]["step"], json.loads(zf.read(u["file_path"])))
+            for u in uploads
+            if u["upload_type"] == "confusion-matrix"
+        ]
+        for name in zf.namelist():
+            assert FAKE_KEY.encode() not in zf.read(name), name
+    assert assets == {p.name: p.read_bytes() for p in files}
+    assert [step for step, _ in matrices] == [12, 24]
+    assert matrices[1][1]["matrix"] == [[9, 1], [0, 10]] and matrices[1][1]["labels"] == ["b", "c"]
+
+    second = CometLogger(tmp_path / "run2", run_name="r", offline=True, resume_state=state)
+    second.log_files(files)  # every start calls it: a resumed experiment has them already
+    second.finalize()
+    _, _, messages = read_archive(tmp_path / "run2")
+    assert not [u for u in by_type(messages, "file_upload") if u["upload_type"] == "asset"]
+
+
+# --- jet confusion matrix and gradient norm in the local files --------------------------------
+
+
+def test_local_confusion_matrix_json_and_plot(tmp_path: Path) -> None:
+    from salt.tracking.metrics import CONFUSION_FILE
+
+    logger = LocalLogger(tmp_path)
+    counts = [[50, 30, 20], [10, 80, 10], [0, 0, 0]]  # no validation jet of the third class
+    logger.log_confusion_matrix(counts, ["b", "c", "u"], step=12, epoch=0)
+    logger.log_confusion_matrix([[60, 20, 20], [5, 90, 5], [1, 2, 7]], ["b", "c", "u"], 24, 1)
+    first = json.loads((tmp_path / CONFUSION_FILE).read_text())
+    assert first["step"] == 24 and first["epoch"] == 1  # the latest validation's
+    logger.finalize()
+    logger = LocalLogger(tmp_path / "run")
+    logger.log_confusion_matrix(counts, ["b", "c", "u"], step=12, epoch=0)
+    logger.finalize()
+    record = json.loads((tmp_path / "run" / CONFUSION_FILE).read_text())
+    assert record["class_names"] == ["b", "c", "u"] and record["counts"] == counts
+    assert record["fractions"][:2] == [[0.5, 0.3, 0.2], [0.1, 0.8, 0.1]]
+    assert record["fractions"][2] == [None, None, None]  # no jets: not "0% correct"
+    png = (tmp_path / "run" / "plots" / "confusion_matrix.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5_000
+    with pytest.raises(ValueError, match=r"expected 3x3 counts for the classes"):
+        LocalLogger(tmp_path / "bad").log_confusion_matrix([[1, 2], [3, 4]], ["b", "c", "u"], 1)
+
+    logger = LocalLogger(tmp_path / "no_plots", plots=False)
+    logger.log_confusion_matrix(counts, ["b", "c", "u"], step=12, epoch=0)
+    logger.finalize()
+    assert (tmp_path / "no_plots" / CONFUSION_FILE).exists()
+    assert not (tmp_path / "no_plots" / "plots").exists()
+
+
+def test_grad_norm_plot_with_non_finite_values(tmp_path: Path) -> None:
+    """A window whose every step overflowed in fp16 has no finite norm: null in the metrics
+    file, a gap in the plot, and the plots of the other metrics are still drawn."""
+    logger = LocalLogger(tmp_path)
+    for step, norm in [(10, 2.0), (20, float("inf")), (30, float("nan")), (40, 0.5), (50, 0.0)]:
+        logger.log_metrics({"train/loss": 1.0, "train/lr": 1e-4, "train/grad_norm": norm}, step)
+    logger.on_epoch_end(0)
+    logger.finalize()
+    norms = [r["train/grad_norm"] for r in read_rows(tmp_path / METRICS_FILE)]
+    assert norms == [2.0, None, None, 0.5, 0.0]
+    plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert plots == ["grad_norm.png", "loss.png", "lr.png"]
+    assert (tmp_path / "plots" / "grad_norm.png").stat().st_size > 5_000
+
+
+# --- TensorBoard --------------------------------------------------------------------------------
+
+
+def tb_events(log_dir: Path) -> list:
+    """Every event of every event file under ``log_dir``, read raw (no viewer's purging)."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+
+    return [
+        event_pb2.Event.FromString(record)
+        for path in sorted(log_dir.glob("events.out.tfevents.*"))
+        for record in RawEventFileLoader(str(path)).Load()
+    ]
+
+
+def tb_points(log_dir: Path) -> list[tuple[str, int]]:
+    """(tag, step) of every summary value written, in file order."""
+    return [(v.tag, e.step) for e in tb_events(log_dir) for v in e.summary.value]
+
+
+def tb_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard shows: {tag: [(step, value)]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_logger_writes_scalars_confusion_and_config(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = build_logger(OmegaConf.load(CONF / "tensorboard.yaml"), tmp_path, run_name="r")
+    assert isinstance(logger, MultiLogger)  # the local files too
+    logger.log_hyperparams({"model": {"name": "GN2"}, "seed": 42})
+    logger.log_metadata({"git_commit": "0123abcd"})
+    log_two_epochs(logger)
+    logger.log_metrics({"train/grad_norm": float("inf")}, step=61)  # an fp16 overflow window
+    logger.log_confusion_matrix([[8, 2], [1, 9]], ["b", "c"], step=60, epoch=1)
+    logger.finalize()
+    logger.finalize()  # idempotent
+
+    log_dir = tmp_path / "tensorboard"
+    scalars = tb_scalars(log_dir)
+    assert [s for s, _ in scalars["train/loss"]] == [10, 20, 30, 40, 50, 60]
+    assert scalars["train/lr"][2] == (30, pytest.approx(0.03))
+    assert scalars["val/jet_accuracy"] == [(30, pytest.approx(0.6)), (60, pytest.approx(0.7))]
+    assert scalars["train/grad_norm"] == [(61, float("inf"))]
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    (image,) = acc.Images("val/confusion_matrix")
+    assert image.step == 60 and image.encoded_image_string.startswith(PNG_MAGIC)
+    config = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "name: GN2" in config and "seed: 42" in config
+    assert (tmp_path / METRICS_FILE).exists() and (tmp_path / "plots" / "loss.png").exists()
+
+
+@pytest.mark.parametrize("where", ["new run directory", "same run directory"])
+def test_tensorboard_resume_drops_the_steps_after_the_checkpoint(
+    tmp_path: Path, where: str
+) -> None:
+    """The checkpoint is saved after step 30; steps 40 and 50 were logged, then the job was
+    killed mid-write. The resumed run logs 40 and 50 again: each step is in the files once,
+    with the resumed run's value, whether it continues in a new run directory (resume=) or in
+    the same one (a requeued Slurm job)."""
+    from salt.tracking.tensorboard import TensorBoardLogger
+
+    first = TensorBoardLogger(tmp_path / "run1")
+    first.log_hyperparams({"seed": 42})
+    for step in (10, 20, 30):
+        first.log_metrics({"train/loss": 1.0 / step}, step)
+    first.log_confusion_matrix([[1, 0], [0, 1]], ["b", "c"], step=30, epoch=0)
+    state = first.state_dict()  # what the checkpoint holds
+    assert state == {
+        "tensorboard_dir": str((tmp_path / "run1" / "tensorboard").resolve()),
+        "tensorboard_step": 30,
+    }
+    for step in (40, 50):
+        first.log_metrics({"train/loss": 99.0}, step)  # after the checkpoint: to be dropped
+    first.finalize()
+    (written,) = (tmp_path / "run1" / "tensorboard").glob("events.out.tfevents.*")
+    written.write_bytes(written.read_bytes()[:-5])  # killed in the middle of a record
+
+    run_dir = tmp_path / ("run2" if where == "new run directory" else "run1")
+    second = TensorBoardLogger(run_dir, resume_state=state)
+    assert second.state_dict()["tensorboard_step"] == 30
+    second.log_hyperparams({"seed": 42})  # logged once, on the fresh start
+    for step in (40, 50):
+        second.log_metrics({"train/loss": 1.0 / step}, step)
+    second.finalize()
+
+    points = tb_points(run_dir / "tensorboard")
+    assert sorted(points) == sorted(
+        [("config/text_summary", 0), ("val/confusion_matrix", 30)]
+        + [("train/loss", s) for s in (10, 20, 30, 40, 50)]
+    )
+    assert tb_scalars(run_dir / "tensorboard")["train/loss"] == [
+        (s, pytest.approx(1.0 / s)) for s in (10, 20, 30, 40, 50)
+    ]
+    # and the marker with which a viewer that read the dropped steps forgets them
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+
+    events = tb_events(run_dir / "tensorboard")
+    starts = [e.step for e in events if e.session_log.status == SessionLog.START]
+    assert starts == [31]
+    if where == "new run directory":  # the first run's own files are left as they were
+        assert ("train/loss", 40) in tb_points(tmp_path / "run1" / "tensorboard")
+
+
+def test_tensorboard_resume_without_the_earlier_files_starts_with_a_warning(
+    tmp_path: Path, caplog
+) -> None:
+    from salt.tracking.tensorboard import TensorBoardLogger
+
+    state = {"tensorboard_dir": str(tmp_path / "gone"), "tensorboard_step": 30}
+    with caplog.at_level(logging.WARNING):
+        logger = TensorBoardLogger(tmp_path / "run", resume_state=state)
+    assert "gone" in caplog.text and "starts at step 31" in caplog.text
+    logger.log_metrics({"train/loss": 0.5}, step=40)
+    logger.finalize()
+    assert tb_points(tmp_path / "run" / "tensorboard") == [("train/loss", 40)]
+
+
+def test_tensorboard_not_installed_is_one_config_error(tmp_path: Path, monkeypatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else find_spec(name, *a),
+    )
+    with pytest.raises(LoggerConfigError) as err:
+        build_logger({"type": "tensorboard"}, tmp_path, run_name="r")
+    assert str(err.value) == (
+        "logger.type=tensorboard needs the tensorboard package, which is not installed in this "
+        "Python environment; expected it as a salt dependency: `pip install tensorboard` (or "
+        "reinstall salt: `pip install -e .`)"
+    )
+    assert list(tmp_path.iterdir()) == []  # refused before anything is written

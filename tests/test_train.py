@@ -167,7 +167,7 @@ def test_help_lists_groups(tmp_path: Path) -> None:
         "model: GN1, GN2, GN2Cat",
         "attention: gatv2, scaled_dot_product",
         "pooling: cross_attention, global_attention",
-        "logger: comet, local, none",
+        "logger: comet, local, none, tensorboard",
     ):
         assert text in out.stdout
 
@@ -589,7 +589,7 @@ def test_ddp_with_fewer_validation_batches_than_ranks(tmp_path: Path, sample_cac
     """One validation batch for two ranks: rank 1 validates no jet. The run ends with its
     checkpoints and the validation figures of one process on the same jets (it hung in
     validation: rank 0's forward pass broadcast the model's buffers, rank 1 summed nothing)."""
-    one_batch = ["data.num_val=100", "trainer.max_steps=2", "logger=local"]
+    one_batch = ["data.num_val=100", "trainer.max_steps=2", "logger=tensorboard"]
     cmd = ddp_command(tmp_path, sample_cache, *one_batch, "trainer.ddp_timeout_s=60")
     out = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -598,6 +598,9 @@ def test_ddp_with_fewer_validation_batches_than_ranks(tmp_path: Path, sample_cac
     assert names[0].startswith("epoch=000-val_loss=") and names[1] == ckpt.LAST
     ddp = val_row(run_dir)
     assert {"val/loss", "val/jet_accuracy", "val/light_rej_70"} <= ddp.keys()
+    ddp_confusion = json.loads((run_dir / "confusion_matrix.json").read_text())["counts"]
+    # rank 0 alone logs: one event file (as one metrics file)
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
     # one process, the same jets and the DDP run's weights
     single = setup(make_cfg(tmp_path / "single", sample_cache, *one_batch), cpu())
@@ -607,7 +610,10 @@ def test_ddp_with_fewer_validation_batches_than_ranks(tmp_path: Path, sample_cac
     ]
     assert [len(s.rank_sequence(0, 0)) for s in shares] == [1, 0]  # rank 1: no batch
     single.tagger.load_state_dict(weights(run_dir / "ckpts" / ckpt.LAST))
-    assert validate(single) == pytest.approx(ddp, rel=1e-6)
+    alone = validate(single)
+    assert alone.metrics == pytest.approx(ddp, rel=1e-6)
+    assert ddp_confusion == alone.confusion  # the ranks' counts summed (rank 1's are zeros)
+    assert sum(map(sum, ddp_confusion)) == 100
 
 
 def spawned_ranks(parent: int) -> dict[str, int]:
@@ -791,6 +797,16 @@ def test_unusable_log_dir_or_device_is_one_line_before_anything_is_written(
         assert {p for d in (tmp_path, sample_cache) for p in d.rglob("*")} == before
 
 
+def comet_uploads(archive: Path) -> list[tuple[str, str, bytes]]:
+    """(kind, file name, content) of every file an offline comet archive uploads."""
+    with zipfile.ZipFile(archive) as z:
+        messages = [json.loads(line) for line in z.read("messages.json").splitlines() if line]
+        return [
+            (u["upload_type"], u["additional_params"]["fileName"], z.read(u["file_path"]))
+            for u in (m["payload"] for m in messages if m["type"] == "file_upload")
+        ]
+
+
 def test_comet_offline_run_keeps_no_secret_and_resume_continues_experiment(
     tmp_path: Path, sample_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -802,12 +818,24 @@ def test_comet_offline_run_keeps_no_secret_and_resume_continues_experiment(
     key = ckpt.load_checkpoint(first / "ckpts/last.ckpt")["logger"]["experiment_key"]
     archives = list((first / "comet").glob("*.zip"))
     assert archives, "offline archive left in the run directory"
+    # the new experiment has the run's config and dicts, unchanged, and a confusion matrix
+    uploads = comet_uploads(archives[0])
+    assets = {name: data for kind, name, data in uploads if kind == "asset"}
+    copies = ("config.yaml", "norm_dict.yaml", "class_dict.yaml")
+    assert assets == {name: (first / name).read_bytes() for name in copies}
+    (matrix,) = [json.loads(data) for kind, _, data in uploads if kind == "confusion-matrix"]
+    val_jets = yaml.safe_load((first / "metadata.yaml").read_text())["data"]["val"]["num_jets"]
+    assert matrix["labels"] == ["b", "c", "u", "tau"]
+    assert sum(map(sum, matrix["matrix"])) == val_jets
     train(
         make_cfg(tmp_path, sample_cache, f"resume={first}", *comet),
         overrides=[f"resume={first}", "trainer.max_epochs=2"],
     )
     second = next(p for p in run_dirs(tmp_path) if p != first)
     assert ckpt.load_checkpoint(second / "ckpts/last.ckpt")["logger"]["experiment_key"] == key
+    # the resumed part adds its validation, not the files again
+    (archive,) = (second / "comet").glob("*.zip")
+    assert [kind for kind, _, _ in comet_uploads(archive)] == ["confusion-matrix"]
     for run in (first, second):
         for path in run.rglob("*"):
             if path.is_file():

@@ -44,7 +44,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = MISSING
-    logger: LoggerConfig | None = None  # null: no metrics file, plots or comet
+    logger: LoggerConfig | None = None  # null: no metrics file, plots, comet or TensorBoard
 
     def check(self, where: str) -> None:
         typed_config.at_least(self.seed, "seed", 0)

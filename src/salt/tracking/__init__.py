@@ -1,4 +1,5 @@
-"""Experiment tracking: the local metrics file and plots, comet, and the factory choosing them."""
+"""Experiment tracking: the local metrics file and plots, comet, TensorBoard, and the factory
+choosing them."""
 
 from salt.tracking.base import Logger, MultiLogger, NullLogger
 from salt.tracking.factory import LoggerConfigError, build_logger

@@ -7,6 +7,7 @@ Only rank 0 builds a real logger; every other rank, ``logger=none`` and ``fast_d
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -23,6 +24,20 @@ class Logger:
         self, metrics: Mapping[str, float], step: int, epoch: int | None = None
     ) -> None:
         """Record scalar metrics at a global optimiser step (and the epoch, where known)."""
+
+    def log_confusion_matrix(
+        self,
+        counts: Sequence[Sequence[int]],
+        class_names: Sequence[str],
+        step: int,
+        epoch: int | None = None,
+    ) -> None:
+        """Record one validation's jet confusion matrix: ``counts[truth][predicted]`` jets, in
+        the order of ``class_names`` (`salt.tracking.confusion` normalises the rows)."""
+
+    def log_files(self, paths: Sequence[Path]) -> None:
+        """Keep the files that describe the run (config.yaml, the norm and class dict copies)
+        with its record; called on every start, a backend that stores files keeps them once."""
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called once at the end of every epoch, after the validation metrics are logged."""
@@ -43,7 +58,8 @@ class NullLogger(Logger):
 
 
 class MultiLogger(Logger):
-    """Sends every call to several loggers in order (``logger=comet`` also keeps local files)."""
+    """Sends every call to several loggers in order (``logger=comet`` and
+    ``logger=tensorboard`` also keep the local files)."""
 
     def __init__(self, loggers: Sequence[Logger]) -> None:
         self.loggers = list(loggers)
@@ -61,6 +77,20 @@ class MultiLogger(Logger):
     ) -> None:
         for logger in self.loggers:
             logger.log_metrics(metrics, step, epoch)
+
+    def log_confusion_matrix(
+        self,
+        counts: Sequence[Sequence[int]],
+        class_names: Sequence[str],
+        step: int,
+        epoch: int | None = None,
+    ) -> None:
+        for logger in self.loggers:
+            logger.log_confusion_matrix(counts, class_names, step, epoch)
+
+    def log_files(self, paths: Sequence[Path]) -> None:
+        for logger in self.loggers:
+            logger.log_files(paths)
 
     def on_epoch_end(self, epoch: int) -> None:
         for logger in self.loggers:

@@ -11,6 +11,10 @@ could capture secrets from the environment or the terminal, and salt logs what i
 explicitly. The experiment key goes into :meth:`CometLogger.state_dict`, hence the checkpoint,
 so a resumed run continues the same experiment. comet's error reports to Sentry are off too:
 an offline run must not open a network connection.
+
+A new experiment gets the run directory's config.yaml and its copies of the norm and class
+dicts as assets (`CometLogger.log_files`; none of them holds the key); a resumed one has them
+already. Each validation's jet confusion matrix is logged as comet's confusion-matrix asset.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from salt.tracking.base import Logger
+from salt.tracking.confusion import checked_counts
 from salt.utils.nested import flatten
 
 LOGGER = logging.getLogger(__name__)
@@ -116,6 +121,7 @@ class CometLogger(Logger):
             experiment_config=config,
         )
         self.experiment_key: str = self.experiment.get_key()
+        self.resumed = previous_key is not None
         self._ended = False
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
@@ -129,6 +135,31 @@ class CometLogger(Logger):
     ) -> None:
         values = {name: float(value) for name, value in metrics.items()}
         self.experiment.log_metrics(values, step=int(step), epoch=epoch)
+
+    def log_confusion_matrix(
+        self,
+        counts: Sequence[Sequence[int]],
+        class_names: Sequence[str],
+        step: int,
+        epoch: int | None = None,
+    ) -> None:
+        # Counts, not fractions: comet's viewer normalises rows itself and shows the counts.
+        self.experiment.log_confusion_matrix(
+            matrix=checked_counts(counts, class_names),
+            labels=list(class_names),
+            title="validation jets",
+            row_label="truth",
+            column_label="predicted (highest score)",
+            step=int(step),
+            epoch=epoch,
+        )
+
+    def log_files(self, paths: Sequence[Path]) -> None:
+        if self.resumed:
+            return  # logged when the experiment started; again would list each file twice
+        for path in paths:
+            # Under its own name (config.yaml, norm_dict.yaml, ...), not a temporary copy's.
+            self.experiment.log_asset(str(path), file_name=Path(path).name)
 
     def state_dict(self) -> dict[str, Any]:
         return {"experiment_key": self.experiment_key}

@@ -4,6 +4,10 @@
 
     {"step": 100, "epoch": 0, "time": 1716212345.123, "train/loss": 0.91, "train/lr": 0.001}
 
+At each validation the jet confusion matrix (`salt.tracking.confusion`) replaces
+``run_dir/confusion_matrix.json`` (counts and row fractions, with step and epoch) and
+``run_dir/plots/confusion_matrix.png``: the latest validation's, beside the curves.
+
 JSON lines rather than CSV because new keys appear mid-run (validation metrics arrive at the
 first epoch end), and every row is written and flushed before the call returns, so a crash loses
 nothing already logged. JSON has no NaN or infinity; such values are written as ``null``.
@@ -21,17 +25,19 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from salt.tracking.base import Logger
-from salt.tracking.plots import write_plots
-from salt.utils.atomic import atomic_path
+from salt.tracking.confusion import as_record, checked_counts, record_json
+from salt.tracking.plots import CONFUSION_PLOT, plot_confusion, write_plots
+from salt.utils.atomic import atomic_path, atomic_write_text
 
 LOGGER = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+CONFUSION_FILE = "confusion_matrix.json"
 PLOTS_DIR = "plots"
 # Columns every row has; a metric may not use these names (``epoch`` is folded into the column).
 RESERVED = ("step", "time")
@@ -135,6 +141,24 @@ class LocalLogger(Logger):
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()  # in the OS's hands now: a crash of this process loses nothing
         self.rows.append(row)
+
+    def log_confusion_matrix(
+        self,
+        counts: Sequence[Sequence[int]],
+        class_names: Sequence[str],
+        step: int,
+        epoch: int | None = None,
+    ) -> None:
+        counts = checked_counts(counts, class_names)
+        record = as_record(counts, class_names, step, epoch)
+        atomic_write_text(self.run_dir / CONFUSION_FILE, record_json(record))
+        if not self.plots:
+            return
+        try:
+            plot_confusion(counts, class_names, step, epoch, self.plot_dir / CONFUSION_PLOT)
+        except Exception:
+            # A plotting problem must not end a long training; the JSON file has the numbers.
+            LOGGER.warning("could not write %s", self.plot_dir / CONFUSION_PLOT, exc_info=True)
 
     def on_epoch_end(self, epoch: int) -> None:
         if self._fh is not None:

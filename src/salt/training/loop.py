@@ -7,8 +7,9 @@ signal (Slurm's cancel or pre-timeout signal, Ctrl-C) saves at the next step bou
 ends with `Interrupted`; a second Ctrl-C ends at once, with one line naming the last complete
 checkpoint (`salt.training.kept`). Under DDP every rank makes the same collectives with the
 same shapes whatever its share of the data (`salt.training.rank_failure` names a rank that
-does not come). No step syncs with the host: losses stay on the device until the
-`LossWindow` is read every `logger.log_every_n_steps`.
+does not come). No step syncs with the host: losses and gradient norms stay on the device
+until the `LossWindow` is read every `logger.log_every_n_steps`, and validation adds up its
+sums and jet confusion counts on the device, read once at its end.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Iterator
-from typing import NoReturn
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple, NoReturn
 
 import torch
 from omegaconf import DictConfig
@@ -67,17 +69,37 @@ def optimizer_step(run: Run, loss: Tensor) -> None:
         del run.optimizer.found_inf  # type: ignore[attr-defined]
 
 
-def train_step(run: Run, batch: DeviceBatch) -> dict[str, Tensor]:
+def grad_norm(parameters: Iterable[Tensor]) -> Tensor:
+    """The total (2-)norm of the gradients, on the device, as `clip_grad_norm_` computes it."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total_norm = getattr(nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if total_norm is not None:
+        return total_norm(grads, foreach=True)
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+class StepResult(NamedTuple):
+    losses: dict[str, Tensor]  # detached, on the device
+    grad_norm: Tensor  # before clipping, unscaled under fp16; inf or NaN on a skipped step
+
+
+def train_step(run: Run, batch: DeviceBatch) -> StepResult:
     _, losses = forward(run, batch.tensors, batch.jets_per_size)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(losses["loss"]).backward()
+    # the gradients as the optimizer applies them (fp16: the scaler's step would unscale them
+    # itself; unscaling here gives the same values, and the norm a user can read)
+    run.scaler.unscale_(run.optimizer)
     clip = run.cfg.trainer.gradient_clip_val
     if clip is not None:
-        run.scaler.unscale_(run.optimizer)
-        nn.utils.clip_grad_norm_(run.tagger.parameters(), float(clip), foreach=True)
+        norm = nn.utils.clip_grad_norm_(run.tagger.parameters(), float(clip), foreach=True)
+    else:
+        norm = grad_norm(run.tagger.parameters())
     optimizer_step(run, losses["loss"])
     run.scheduler.step()
-    return {k: v.detach() for k, v in losses.items()}
+    return StepResult({k: v.detach() for k, v in losses.items()}, norm.detach())
 
 
 # ---- epochs -------------------------------------------------------------------------------
@@ -111,9 +133,12 @@ def train_epoch(run: Run) -> bool:
         bar.update(run.train_batches.consumed if not fast else 0)
     n_batches, n_jets, t0 = 0, 0, time.perf_counter()
     for batch in limited(run.train_batches, fast):
+        lr = run.scheduler.get_last_lr()[0]  # the rate this step applies (a host float)
         with collective(f"the gradient all-reduce of step {c.step + 1}"):  # under DDP
-            losses = train_step(run, batch)
-        run.losses.add(losses, c.step, c.epoch)  # stays on the device until read
+            result = train_step(run, batch)
+        # stays on the device until read; the norm is the same on every rank (after the
+        # gradient all-reduce), and rank 0 logs it
+        run.losses.add(result.losses, c.step, c.epoch, grad_norm=result.grad_norm)
         c.step += 1
         n_batches += 1
         n_jets += batch.num_jets
@@ -126,7 +151,10 @@ def train_epoch(run: Run) -> bool:
                 f"train/{k}" if k == "loss" else f"train/{k}_loss": v
                 for k, v in window.means.items()
             }
-            metrics |= {"train/lr": run.scheduler.get_last_lr()[0], "train/jets_per_s": rate}
+            # the logged step's rate, not the next one's (the schedule moved after the step)
+            metrics |= {"train/lr": lr, "train/jets_per_s": rate}
+            if window.grad_norm is not None:  # the window's mean over its finite norms
+                metrics["train/grad_norm"] = window.grad_norm
             run.logger.log_metrics(metrics, step=c.step, epoch=c.epoch)
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", jets_s=f"{rate:.0f}")
@@ -148,8 +176,33 @@ def train_epoch(run: Run) -> bool:
     return fast > 0 or run.train_batches.consumed >= len(run.train_batches)
 
 
+def confusion_counts(target: Tensor, predicted: Tensor, num_classes: int) -> Tensor:
+    """``counts[t * num_classes + p]``: the jets of truth class t predicted as p (float64, on
+    the device, no host sync); unlabelled jets (target < 0) are not counted.
+
+    Not `torch.bincount`: on a GPU it reads the largest value on the host, a sync per batch.
+    """
+    n = num_classes
+    labelled = target >= 0
+    # an unlabelled jet goes to one extra bin, dropped: no boolean indexing (a sync)
+    index = torch.where(labelled, target * n + predicted, n * n)
+    counts = torch.zeros(n * n + 1, dtype=torch.float64, device=target.device)
+    counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+    return counts[:-1]
+
+
+@dataclass
+class Validation:
+    """What a validation gives: the metrics, and the jet flavour task's confusion matrix
+    (`counts[truth][predicted]`, over every rank's jets; None without a flavour task)."""
+
+    metrics: dict[str, float]
+    confusion: list[list[int]] | None = None
+    class_names: list[str] | None = None
+
+
 @torch.no_grad()
-def validate(run: Run) -> dict[str, float]:
+def validate(run: Run) -> Validation:
     """The validation metrics over every rank's share of the jets. Ranks may have different
     numbers of batches, or none (fewer batches than ranks): each adds its sums and counts
     (zeros without jets) to one all-reduce of the same shape on every rank."""
@@ -157,8 +210,10 @@ def validate(run: Run) -> dict[str, float]:
     fast = run.cfg.trainer.fast_dev_run
     jet_task = run.tagger.flavour_task()
     names = sorted([*run.tagger.tasks, "loss"])  # the losses the tagger returns
-    # the jet-weighted sum of each loss, then the jets, the correct and the counted labels
-    sums = torch.zeros(len(names) + 3, device=run.dist.device, dtype=torch.float64)
+    n_cls = len(jet_task.class_names) if jet_task is not None else 0
+    # the jet-weighted sum of each loss, then the jets, then the jet confusion counts
+    # (float64: exact to 2**53 jets; one all-reduce for all of them)
+    sums = torch.zeros(len(names) + 1 + n_cls**2, device=run.dist.device, dtype=torch.float64)
     scores: list[Tensor] = []  # the jet flavour probabilities and classes, for rejections
     classes: list[Tensor] = []
     for device_batch in limited(run.val_batches, fast):
@@ -170,9 +225,8 @@ def validate(run: Run) -> dict[str, float]:
         sums[len(names)] += n
         if jet_task is not None:
             target = batch["labels"][jet_task.input_type][jet_task.label]
-            keep = target >= 0
-            sums[-2] += ((outputs[jet_task.name].argmax(-1) == target) & keep).sum()
-            sums[-1] += keep.sum()
+            predicted = outputs[jet_task.name].argmax(-1)
+            sums[len(names) + 1 :] += confusion_counts(target, predicted, n_cls)
             scores.append(jet_task.predict(outputs[jet_task.name]).float())
             classes.append(target)
     totals = all_reduce_sum(sums, f"the validation sums of epoch {run.counters.epoch}").tolist()
@@ -181,10 +235,14 @@ def validate(run: Run) -> dict[str, float]:
         f"val/{k}" if k == "loss" else f"val/{k}_loss": total / jets
         for k, total in zip(names, totals, strict=False)
     }
-    if jet_task is not None:
-        metrics["val/jet_accuracy"] = totals[-2] / max(totals[-1], 1.0)
-        metrics |= rejections_at(jet_task.class_names, scores, classes)
-    return metrics
+    if jet_task is None:
+        return Validation(metrics)
+    flat = [round(v) for v in totals[len(names) + 1 :]]
+    confusion = [flat[t * n_cls : (t + 1) * n_cls] for t in range(n_cls)]
+    correct = sum(confusion[t][t] for t in range(n_cls))
+    metrics["val/jet_accuracy"] = correct / max(sum(flat), 1)
+    metrics |= rejections_at(jet_task.class_names, scores, classes)
+    return Validation(metrics, confusion, list(jet_task.class_names))
 
 
 def ctrl_c_again(run: Run) -> None:
@@ -270,13 +328,18 @@ def _fit(run: Run) -> Run:
                 barrier("the stop (the wait for rank 0's checkpoint)")
                 status = "interrupted"
                 stop(run)
-            metrics = validate(run)
+            validation = validate(run)
+            metrics = validation.metrics
             c.epoch_complete = complete
             if metrics[run.monitor] <= c.best_val_loss:
                 best = (c.epoch, metrics)
             c.best_val_loss = min(c.best_val_loss, metrics[run.monitor])
             last = (c.epoch, metrics)
             run.logger.log_metrics(metrics | {"epoch": c.epoch}, step=c.step, epoch=c.epoch)
+            if validation.confusion is not None and validation.class_names is not None:
+                run.logger.log_confusion_matrix(
+                    validation.confusion, validation.class_names, step=c.step, epoch=c.epoch
+                )
             run.logger.on_epoch_end(c.epoch)
             if dist.is_main:
                 print(f"epoch {c.epoch}: {epoch_line(metrics)}", flush=True)

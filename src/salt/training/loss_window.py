@@ -7,6 +7,10 @@ adds every step's losses here (one small device op) and reads them every
 one or more per step. A non-finite loss is still found and named by its step and task; the
 optimizer skips such a step on the device (see ``salt.training.loop.optimizer_step``), so no
 NaN reaches the weights in between.
+
+Each step's gradient norm rides along in the same rows (the same one transfer) but is not a
+loss: a non-finite norm is an fp16 step the GradScaler skipped, not an error, so it is left
+out of the window's mean norm instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from salt.training.distributed import all_gather_object, get_rank, ranks_where
 
 @dataclass(frozen=True)
 class WindowSummary:
-    """The mean of every loss over the window's steps."""
+    """The mean of every loss over the window's steps, and of the gradient norm over its
+    steps with a finite one (NaN if none; None when the steps gave no norm)."""
 
     means: dict[str, float]
+    grad_norm: float | None = None
 
 
 class LossWindow:
@@ -36,16 +42,28 @@ class LossWindow:
         self._names: list[str] = []
         self._rows: list[Tensor] = []  # one [len(names)] tensor per step, on the device
         self._steps: list[tuple[int, int]] = []  # (step, epoch) of each row
+        self._with_norm = False  # the rows end with the step's gradient norm
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def add(self, losses: Mapping[str, Tensor], step: int, epoch: int) -> None:
-        names = list(losses)
+    def add(
+        self,
+        losses: Mapping[str, Tensor],
+        step: int,
+        epoch: int,
+        grad_norm: Tensor | None = None,
+    ) -> None:
+        names, with_norm = list(losses), grad_norm is not None
         if self._rows and names != self._names:
             raise ValueError(f"loss names changed within a window: {self._names} -> {names}")
-        self._names = names
-        self._rows.append(torch.stack([losses[k].detach().float() for k in names]))
+        if self._rows and with_norm != self._with_norm:
+            raise ValueError("a step without a gradient norm in a window of steps with one")
+        self._names, self._with_norm = names, with_norm
+        values = [losses[k].detach().float() for k in names]
+        if grad_norm is not None:
+            values.append(grad_norm.detach().float().reshape(()))
+        self._rows.append(torch.stack(values))
         self._steps.append((step, epoch))
 
     def read(self, keep: bool = False) -> WindowSummary:
@@ -58,6 +76,9 @@ class LossWindow:
         """
         table = torch.stack(self._rows).cpu() if self._rows else None  # the window's one sync
         names, steps = self._names, self._steps
+        norms = None
+        if table is not None and self._with_norm:
+            table, norms = table[:, :-1], table[:, -1]
         if not keep:
             self._rows, self._steps = [], []
         problem = None if table is None else _non_finite(table, names, steps)
@@ -75,7 +96,13 @@ class LossWindow:
         if table is None:
             return WindowSummary({})
         means = dict(zip(names, table.double().mean(dim=0).tolist(), strict=True))
-        return WindowSummary(means)
+        return WindowSummary(means, None if norms is None else _finite_mean(norms))
+
+
+def _finite_mean(values: Tensor) -> float:
+    """The mean of the finite values (on the host already); NaN if there is none."""
+    finite = values[torch.isfinite(values)].double()
+    return float(finite.mean()) if len(finite) else math.nan
 
 
 def _non_finite(table: Tensor, names: list[str], steps: list[tuple[int, int]]) -> str | None:

@@ -274,6 +274,10 @@ def setup(
             )
             logger.log_hyperparams(as_plain(cfg))
             logger.log_metadata({"git_commit": state.commit, "num_params": num_params})
+            # the files a remote record needs to make sense of the run (comet: as assets);
+            # written by write_run_files above, free of secrets (no key is ever in the config)
+            run_files = [run_dir / "config.yaml", *(run_copy(run_dir, k) for k in RUN_COPIES)]
+            logger.log_files([p for p in run_files if p is not None])
             if cfg.tag and requeued is None:  # a requeued job tagged on its first start
                 push_tag(state, run_dir.name, cfg.tag_remote, force=cfg.force)
             log.info("salt: run directory %s (%d parameters)", run_dir, num_params)
