@@ -42,7 +42,10 @@ from salt.training.state import Run, save
 
 # ---- one step -----------------------------------------------------------------------------
 def forward(
-    run: Run, batch: Batch, jets_per_size: list[int] | None = None, model: nn.Module | None = None
+    run: Run,
+    batch: Batch,
+    jets_per_size: list[int] | dict[str, list[int]] | None = None,
+    model: nn.Module | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """``model``: the run's (the DDP wrapper under DDP) unless given."""
     with autocast(run.dist.device, run.autocast_dtype):
