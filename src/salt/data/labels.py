@@ -24,7 +24,9 @@ class LabelSpec:
     either (vertexing) values are passed on as integers. ``continuous`` (regression targets)
     passes them on as float32, padded slots and missing targets NaN (ignored by the loss);
     ``weight`` (a task's per-jet ``sample_weight``, continuous) refuses a value that is not a
-    finite number >= 0. ``task`` only names the task in messages.
+    finite number >= 0. ``truth=False`` marks a variable read beside the truth, not truth itself
+    (a regression target's denominator, a sample weight): it may also be a model input. ``task``
+    only names the task in messages.
     """
 
     label_map: Mapping[int, int] | None = None
@@ -32,6 +34,7 @@ class LabelSpec:
     task: str | None = field(default=None, compare=False)
     continuous: bool = False
     weight: bool = False
+    truth: bool = True
 
     @cached_property
     def _lookup(self) -> tuple[np.ndarray, np.ndarray] | None:

@@ -31,7 +31,6 @@ from omegaconf import MISSING
 from torch import Tensor
 
 from salt.errors import ModelConfigError
-from salt.utils import typed_config as check
 
 SCALING_OPS = ("log", "linear")
 
@@ -48,7 +47,10 @@ class ScalingConfig:
     op_off: float = 0.0
 
     def check(self, where: str) -> None:
-        check.one_of(self.op, f"{where}.op", SCALING_OPS)
+        if self.op not in SCALING_OPS:
+            raise ModelConfigError(
+                f"{where}.op={self.op}: expected one of {', '.join(SCALING_OPS)}"
+            )
         for key in ("x_scale", "x_off", "op_scale", "op_off"):
             value = getattr(self, key)
             if not math.isfinite(value) or (key.endswith("scale") and value == 0):

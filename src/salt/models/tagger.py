@@ -21,7 +21,7 @@ variable lists and the chosen parts:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -467,7 +467,8 @@ def label_specs(model_cfg: ModelConfig | ModelNode) -> dict[str, dict[str, Label
     values the task has no class for; vertexing labels (and a vertexing task's origin_label,
     unless a classification task reads it) are read as integers (`LabelSpec()`),
     regression targets and their denominators as float32 (`LabelSpec(continuous=True)`), a
-    task's sample_weight (a jet variable) as float32 checked to be finite and >= 0. Two tasks
+    task's sample_weight (a jet variable) as float32 checked to be finite and >= 0; the
+    denominators and weights are no truth (`truth=False`): they may be model inputs. Two tasks
     reading the same label with different label maps, or one as numbers and one as classes, is
     a config error; two classification tasks sharing an unmapped label get the smaller class
     count.
@@ -490,9 +491,13 @@ def label_specs(model_cfg: ModelConfig | ModelNode) -> dict[str, dict[str, Label
                     f"model.tasks.{owner[key]} and model.tasks.{name} read label {key[1]!r} of "
                     f"{key[0]} with different label_map ({seen.label_map} vs {spec.label_map})"
                 )
-            if spec.continuous:
-                if spec.weight and not seen.weight:  # checked as a weight for both
-                    specs[key[0]][key[1]] = spec
+            if spec.continuous:  # checked as a weight, and truth, if either read says so
+                specs[key[0]][key[1]] = replace(
+                    seen,
+                    task=seen.task or spec.task,
+                    weight=seen.weight or spec.weight,
+                    truth=seen.truth or spec.truth,
+                )
                 continue
             classes = spec.num_classes
             if classes is None or (seen.num_classes is not None and seen.num_classes <= classes):
@@ -508,8 +513,11 @@ def _label_reads(cfg: ModelConfig) -> list[tuple[str, str, str, LabelSpec]]:
     for name, task in cfg.tasks.items():
         kind = task.type
         if kind == TaskType.regression:
-            for variable in [*task.target_names(), *(task.target_denominators or [])]:
-                reads.append((name, task.input, variable, LabelSpec(continuous=True)))
+            for target in task.target_names():
+                reads.append((name, task.input, target, LabelSpec(continuous=True)))
+            for denominator in task.target_denominators or []:  # not truth: may be an input
+                spec = LabelSpec(continuous=True, truth=False)
+                reads.append((name, task.input, denominator, spec))
         else:
             classes = len(task.class_names or []) if kind == TaskType.classification else None
             mapping = dict(task.label_map) if task.label_map is not None else None
@@ -518,7 +526,7 @@ def _label_reads(cfg: ModelConfig) -> list[tuple[str, str, str, LabelSpec]]:
         if kind == TaskType.vertexing and task.origin_label:  # pair weights, unmapped
             reads.append((name, task.input, task.origin_label, LabelSpec()))
         if task.sample_weight:
-            weight = LabelSpec(task=name, continuous=True, weight=True)
+            weight = LabelSpec(task=name, continuous=True, weight=True, truth=False)
             reads.append((name, "jets", task.sample_weight, weight))
     return reads
 
