@@ -326,6 +326,24 @@ def test_config_errors_name_the_key(name: str, task: dict, message: str) -> None
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("targets", {"a": 1}),
+        ("target_denominators", {"a": 1}),
+        ("scaling", ["x"]),
+        ("sample_weight", {"a": 1}),
+        ("loss", {"a": 1}),
+        ("huber_delta", "many"),
+    ],
+)
+def test_a_new_key_of_the_wrong_type_is_one_line_naming_it(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        ModelConfig.read(with_task("jet_pt", {**JET_PT, key: value}))
+    message = str(caught.value)
+    assert f"model.tasks.jet_pt.{key}" in message and "\n" not in message, message
+
+
 def test_a_variable_read_as_numbers_and_as_classes_is_a_config_error() -> None:
     cfg = with_task("flav_reg", {**JET_PT, "targets": ["flavour_label"]})
     with pytest.raises(ConfigError, match="flav_reg reads 'flavour_label' of jets as numbers"):
@@ -669,9 +687,12 @@ HEADS = {
 }
 
 
-def test_predictions_are_in_physical_units(truth_sample: Path, tmp_path: Path) -> None:
+def test_predictions_are_in_physical_units(
+    truth_sample: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Heads set to known values: the file holds them through the inverse scaling, times the
-    denominators of the test file; σ by the delta method; NaN on padded slots."""
+    denominators of the test file; σ by the delta method; NaN on padded slots. In float16
+    (half_precision) a pt in MeV beyond 65504 is inf: warned."""
     run_dir = known_output_run(tmp_path, truth_sample, TASKS, HEADS)
     result = evaluate(compose_evaluate(run_dir, "write_tracks=true", "data.num_test=60"))
     with h5py.File(result.predictions) as f, h5py.File(truth_sample / "test.h5") as src:
@@ -685,6 +706,14 @@ def test_predictions_are_in_physical_units(truth_sample: Path, tmp_path: Path) -
     valid = tracks["valid"]
     assert (tracks["GN2_truth_d0"][valid] == 0.125).all()
     assert np.isnan(tracks["GN2_truth_d0"][~valid]).all()
+    assert "beyond" not in caplog.text
+    half = evaluate(
+        compose_evaluate(run_dir, "half_precision=true", "data.num_test=60", "data.test_suffix=h")
+    )
+    with h5py.File(half.predictions) as f:
+        pt_half = f["jets"]["GN2_ptFromTruthDressedWZJet"]
+    assert pt_half.dtype == np.float16 and np.isinf(pt_half[1.25 * pt > 65504]).all()
+    assert "GN2_ptFromTruthDressedWZJet: predicted values beyond float16's range" in caplog.text
 
 
 # ---- ONNX ----------------------------------------------------------------------------------

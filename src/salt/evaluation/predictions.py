@@ -26,7 +26,8 @@ target's denominator read (raw) from the test file; a Gaussian task's width σ g
 the inverse scaling by its slope at the predicted mean (the delta method) and times
 |denominator| (`RegressionTask.predict`).
 
-With ``half_precision`` every predicted value is float16 (copied variables keep their type);
+With ``half_precision`` every predicted value is float16 (copied variables keep their type;
+a regression value beyond float16's range, a pt above 65504 MeV, becomes inf: warned once);
 the performance is computed from the values as written.
 
 Predicted vertices are the connected components of the graph of real tracks joined where the
@@ -346,6 +347,7 @@ class PredictionWriter:
             shape = (num_jets, self.tracks_src.shape[1])
             self.tracks = self._create("tracks", self.track_fields, shape, self.tracks_src)
         self.num_jets = num_jets
+        self._overflow_warned: set[str] = set()
         self.offset = 0
         self._probs: list[np.ndarray] = []
         self._truth: list[np.ndarray] = []
@@ -434,8 +436,25 @@ class PredictionWriter:
             value = values[..., f.column] if f.column is not None else values
             if padded is not None and not isinstance(f.task, VertexingTask):
                 value = np.where(padded, np.nan if isinstance(f.task, RegressionTask) else 0, value)
-            out[f.name] = value
+            if isinstance(f.task, RegressionTask):
+                self._warn_overflow(f, value)
+            with np.errstate(over="ignore"):  # warned once above, not per batch
+                out[f.name] = value
         return out
+
+    def _warn_overflow(self, f: _Field, value: np.ndarray) -> None:
+        """Once per column: finite regression values its (float16) type turns into inf."""
+        limit = np.finfo(f.dtype).max
+        if f.name in self._overflow_warned or not (np.abs(value[np.isfinite(value)]) > limit).any():
+            return
+        self._overflow_warned.add(f.name)
+        log.warning(
+            "salt: %s: predicted values beyond %s's range (%g) are written as inf with "
+            "half_precision; evaluate with half_precision=false for this output",
+            f.name,
+            f.dtype,
+            limit,
+        )
 
     @staticmethod
     def _task_values(task: Task, value: Tensor, pad_mask: Tensor | None) -> np.ndarray:
