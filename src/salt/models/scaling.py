@@ -74,7 +74,7 @@ class TargetScaler:
         self.ops = [scaling.get(t) for t in targets]
 
     def scale(self, values: Tensor) -> Tensor:
-        """`f` on `values[..., K]` (one column per target), in at least fp32."""
+        """`f` on `values[..., K]` (one column per target; the caller passes fp32 or wider)."""
         columns = [_forward(values[..., k], op) for k, op in enumerate(self.ops)]
         return torch.stack(columns, dim=-1)
 
