@@ -401,6 +401,6 @@ def test_regression_task_builds_and_trains() -> None:
     assert label_specs(cfg)["jets"]["pt"] == LabelSpec(continuous=True)  # float, no classes
     batch = make_batch(tagger)
     outputs, losses = run(tagger, batch)
-    assert outputs["pt_regression"].shape == (6,)
+    assert outputs["pt_regression"].shape == (6, 1)  # [jets, targets]
     assert torch.isfinite(losses["pt_regression"])
     losses["loss"].backward()

@@ -113,12 +113,12 @@ def test_track_losses_are_zero_without_real_tracks() -> None:
 
 
 def test_regression_losses_skip_missing_targets() -> None:
-    pred = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
-    target = torch.tensor([1.5, float("nan"), 0.0])
+    pred = torch.tensor([[1.0], [2.0], [3.0]], requires_grad=True)  # [jets, targets]
+    target = torch.tensor([[1.5], [float("nan")], [0.0]])
     pad = torch.zeros(3, 0, dtype=torch.bool)
     mse = RegressionTask("r", "pt", input_size=2, loss="mse")
     torch.testing.assert_close(mse.loss(pred, target, pad), torch.tensor((0.25 + 9.0) / 2))
     huber = RegressionTask("r", "pt", input_size=2, loss="huber", huber_delta=1.0)
     torch.testing.assert_close(huber.loss(pred, target, pad), torch.tensor((0.125 + 2.5) / 2))
     huber.loss(pred, target, pad).backward()
-    assert pred.grad[1] == 0
+    assert pred.grad[1, 0] == 0

@@ -349,10 +349,16 @@ def check_no_truth_inputs(
 ) -> None:
     """Refuse truth information among the inputs: a tagger that sees its labels learns nothing.
 
-    Truth means a label of any task, a known truth label, or a name starting with
-    ``ftagTruth``/``truth``; names listed in ``data.allow_truth_inputs`` pass.
+    Truth means a label of any task (but one read beside the truth: ``LabelSpec.truth``), a
+    known truth label, or a name starting with ``ftagTruth``/``truth``; names listed in
+    ``data.allow_truth_inputs`` pass.
     """
-    task_labels = {name for group in labels.values() for name in group}
+    task_labels = {
+        name
+        for group in labels.values()
+        for name, spec in group.items()
+        if getattr(spec, "truth", True)
+    }
     leaks = [
         f"{input_type}: {var}"
         for input_type, names in variables.items()

@@ -706,6 +706,8 @@ class FTAGReader:
         real = mask if mask is not None else np.ones(values.shape, dtype=bool)
         if lp.spec.continuous:  # a regression target: the value itself, never an integer
             out = values.astype(np.float32)  # a copy: the chunk is read again for other rows
+            if lp.spec.weight:
+                self._check_weights(out, lp, dataset, real, index)
             out[~real] = np.nan
             return out
         if values.dtype.kind == "f" and (lp.stored is None or lp.stored.kind == "f"):
@@ -753,6 +755,23 @@ class FTAGReader:
         if mask is not None:
             mapped[~real] = -1
         return mapped
+
+    def _check_weights(
+        self, weights: np.ndarray, lp: _LabelPlan, dataset: str, real: np.ndarray, index: np.ndarray
+    ) -> None:
+        """A sample weight is a finite number >= 0: a negative one would reward a worse
+        prediction (the loss has no minimum), a NaN would spoil the whole batch's loss."""
+        bad = real & ~(np.isfinite(weights) & (weights >= 0))
+        if not bad.any():
+            return
+        first = np.argwhere(bad)[0]
+        key = f"model.tasks.{lp.spec.task}.sample_weight" if lp.spec.task else "a sample weight"
+        raise DataError(
+            f"{self.path}: '{dataset}' variable '{lp.name}' ({key}) has the weight "
+            f"{weights[tuple(first)]:g} at jet {int(index[first[0]])} ({int(bad.sum())} such "
+            "in this batch); expected finite weights >= 0. Fix the file, or give those jets "
+            "weight 0."
+        )
 
 
 def _noise_factors(

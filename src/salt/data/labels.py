@@ -22,14 +22,19 @@ class LabelSpec:
     loss"); any other value in the file is an error. Without a map, values must lie in
     ``[0, num_classes)`` or be -1 (ignored by the loss) when ``num_classes`` is known; without
     either (vertexing) values are passed on as integers. ``continuous`` (regression targets)
-    passes them on as float32, padded slots and missing targets NaN (ignored by the loss).
-    ``task`` only names the task in messages.
+    passes them on as float32, padded slots and missing targets NaN (ignored by the loss);
+    ``weight`` (a task's per-jet ``sample_weight``, continuous) refuses a value that is not a
+    finite number >= 0. ``truth=False`` marks a variable read beside the truth, not truth itself
+    (a regression target's denominator, a sample weight): it may also be a model input. ``task``
+    only names the task in messages.
     """
 
     label_map: Mapping[int, int] | None = None
     num_classes: int | None = None
     task: str | None = field(default=None, compare=False)
     continuous: bool = False
+    weight: bool = False
+    truth: bool = True
 
     @cached_property
     def _lookup(self) -> tuple[np.ndarray, np.ndarray] | None:

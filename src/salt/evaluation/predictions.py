@@ -5,19 +5,29 @@
 - ``jets`` (n_jets,): ``<model>_p<class>`` (float32) for every class of the jet classification
   task (``GN2_pb, GN2_pc, GN2_pu, GN2_ptau``; a class named as an ftag flavour gets that
   flavour's name, ``bjets`` -> ``GN2_pb``), ``<model>_<task>_p<class>`` for any other jet
-  classification task and ``<model>_<target>`` (float32) for each jet regression task, as the
-  old tool named them (``<model>_<task>`` where two tasks regress the same target); then the
-  task's truth label and the extra jet variables, copied unchanged (raw values and types, not
-  label-mapped) from the test file's jets dataset: by default every variable it has (but one
-  named like a prediction), else those of ``extra_jet_vars``. puma and atlas-ftag-tools read
-  it as it is.
+  classification task and ``<model>_<target>`` (float32) for each target of a jet regression
+  task, with ``<model>_<target>_stddev`` for a Gaussian one, as the old tool named them (a
+  target two tasks regress is named after the task: `salt.models.tasks.regression_output_names`);
+  then the task's truth label and the extra jet variables, copied unchanged (raw values and
+  types, not label-mapped) from the test file's jets dataset: by default every variable it has
+  (but one named like a prediction), else those of ``extra_jet_vars``. puma and
+  atlas-ftag-tools read it as it is.
 - ``tracks`` (n_jets, n_slots), with ``write_tracks`` or ``extra_track_vars``: the test file's
-  slot layout; ``<model>_p<origin class>`` (float16) of the track origin task
-  (``<model>_<task>_p<class>`` for other track classification tasks), ``<model>_VertexIndex``
-  (int16), the track tasks' truth labels and ``valid``, then the ``extra_track_vars``, copied
-  slot by slot from the test file. Padded slots have probabilities 0 and vertex index -1.
+  slot layout; ``<model>_p<class>`` (float16) of the track classification tasks, as the old
+  tool named them (the track origin task's ``GN2_pfromB``..., the track type task's
+  ``GN2_pPion``...; a task whose names another track task already has gets
+  ``<model>_<task>_p<class>``), ``<model>_VertexIndex`` (int16), ``<model>_<target>`` (and
+  ``_stddev``) of the track regression tasks, the track tasks' truth labels and ``valid``,
+  then the ``extra_track_vars``, copied slot by slot from the test file. Padded slots have
+  probabilities 0, vertex index -1 and regression values NaN.
 
-With ``half_precision`` every predicted value is float16 (copied variables keep their type);
+Regression values are in the targets' own units: the task's scaling inverted, times the
+target's denominator read (raw) from the test file; a Gaussian task's width σ goes through
+the inverse scaling by its slope at the predicted mean (the delta method) and times
+|denominator| (`RegressionTask.predict`).
+
+With ``half_precision`` every predicted value is float16 (copied variables keep their type;
+a regression value beyond float16's range, a pt above 65504 MeV, becomes inf: warned once);
 the performance is computed from the values as written.
 
 Predicted vertices are the connected components of the graph of real tracks joined where the
@@ -58,7 +68,13 @@ from salt.data.ftag import DEFAULT_INPUT_MAP, VALID, DataError, not_numeric, ope
 from salt.data.labels import LabelSpec, class_indices
 from salt.errors import ConfigError
 from salt.evaluation.run import LoadedRun
-from salt.models.tasks import ClassificationTask, RegressionTask, Task, VertexingTask
+from salt.models.tasks import (
+    ClassificationTask,
+    RegressionTask,
+    Task,
+    VertexingTask,
+    regression_output_names,
+)
 from salt.models.vertices import vertex_groups
 from salt.utils.h5_output import H5Output
 from salt.utils.names import closest_available
@@ -69,6 +85,7 @@ PROBABILITY_DTYPE = np.float32  # and regression outputs
 HALF_DTYPE = np.float16  # every predicted value with half_precision
 TRACK_PROBABILITY_DTYPE = np.float16  # (n_jets x n_slots x classes): half the size, ample precision
 VERTEX_INDEX_DTYPE = np.int16
+DENOMINATORS = "the regression tasks' target_denominators"
 
 
 def sample_name(test_file: str | Path) -> str:
@@ -129,31 +146,38 @@ def _unique(names: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _regression_names(model: str, tasks: Sequence[Task]) -> dict[str, str]:
-    """Task name -> output name of the jet regression tasks: ``<model>_<target>`` as the old
-    tool wrote them, ``<model>_<task>`` for tasks that share a target."""
-    regressions = [t for t in tasks if isinstance(t, RegressionTask)]
-    targets = [t.label for t in regressions]
-    return {
-        t.name: f"{model}_{t.label}" if targets.count(t.label) == 1 else f"{model}_{t.name}"
-        for t in regressions
-    }
+def _unprefixed(model: str, tasks: Sequence[Task], first: Task | None) -> list[Task]:
+    """The classification tasks whose classes get the old tool's ``<model>_p<class>``: ``first``,
+    then each other one whose names no task before it took (object datasets)."""
+    taken: set[str] = set()
+    chosen = []
+    classifications = [t for t in tasks if isinstance(t, ClassificationTask)]
+    ordered = [first, *(t for t in classifications if t is not first)] if first else []
+    for task in ordered:
+        assert task is not None
+        own = {class_field(model, c) for c in task.class_names or []}
+        if not own & taken:
+            chosen.append(task)
+            taken |= own
+    return chosen
 
 
 def _prediction_fields(
-    model: str, tasks: Sequence[Task], main: Task | None, dtype: type, value_dtype: type
+    model: str, tasks: Sequence[Task], unprefixed: Sequence[Task], dtype: type, value_dtype: type
 ) -> list[_Field]:
-    """The output columns of ``tasks``: class probabilities in ``dtype``, regression values
-    in ``value_dtype``, vertex indices."""
+    """The output columns of ``tasks``: class probabilities in ``dtype`` (``<model>_p<class>``
+    for the ``unprefixed`` tasks, else ``<model>_<task>_p<class>``), regression values in
+    ``value_dtype``, vertex indices."""
     fields: list[_Field] = []
-    regression = _regression_names(model, tasks)
+    regression = regression_output_names(tasks)
     for task in tasks:
         if isinstance(task, ClassificationTask):
-            prefix = None if task is main else task.name
+            prefix = None if any(task is t for t in unprefixed) else task.name
             for i, cls in enumerate(task.class_names or []):
                 fields.append(_Field(class_field(model, cls, prefix), np.dtype(dtype), task, i))
         elif isinstance(task, RegressionTask):
-            fields.append(_Field(regression[task.name], np.dtype(value_dtype), task))
+            for i, name in enumerate(regression[task.name]):
+                fields.append(_Field(f"{model}_{name}", np.dtype(value_dtype), task, i))
         elif isinstance(task, VertexingTask):
             fields.append(_Field(f"{model}_VertexIndex", np.dtype(VERTEX_INDEX_DTYPE), task))
     names = [f.name for f in fields]
@@ -164,6 +188,11 @@ def _prediction_fields(
             "(two classes of one task naming the same flavour, e.g. b and bjets?); rename one."
         )
     return fields
+
+
+def _denominators(tasks: Sequence[Task]) -> list[str]:
+    """The denominator variables the regression tasks among ``tasks`` read from the file."""
+    return _unique(d for t in tasks if isinstance(t, RegressionTask) for d in t.denominators or [])
 
 
 def _layout(
@@ -198,6 +227,12 @@ def _jet_sources(
             ds.name.lstrip("/"),
         )
     return _unique([*truth, *(n for n in names if n not in predicted)])
+
+
+def _truth(task: Task) -> list[str]:
+    """The truth variables copied beside a track task's predictions: its label, or a regression
+    task's targets."""
+    return list(task.targets) if isinstance(task, RegressionTask) else [task.label]
 
 
 def check_variables(
@@ -254,8 +289,10 @@ class PredictionWriter:
         jet_tasks = [t for t in tasks if t.input_type == "jets"]
         truth = [t.label for t in jet_tasks if not isinstance(t, RegressionTask)]
         self.jets_src = _dataset(src, imap["jets"], self.path)
+        _check_source(self.jets_src, _denominators(jet_tasks), DENOMINATORS, self.path)
         dtype = HALF_DTYPE if half_precision else PROBABILITY_DTYPE
-        predicted = _prediction_fields(run.name, jet_tasks, self.jet_task, dtype, dtype)
+        main = [self.jet_task] if self.jet_task is not None else []
+        predicted = _prediction_fields(run.name, jet_tasks, main, dtype, dtype)
         self.jet_fields = _layout(
             predicted,
             self.jets_src,
@@ -287,11 +324,13 @@ class PredictionWriter:
                     "the predictions' tracks (write_tracks, extra_track_vars) need "
                     "(n_jets, n_slots)."
                 )
+            _check_source(self.tracks_src, _denominators(track_tasks), DENOMINATORS, self.path)
             value_dtype = HALF_DTYPE if half_precision else PROBABILITY_DTYPE
-            track_truth = _unique([*(t.label for t in track_tasks), VALID])
+            track_truth = _unique([*(v for t in track_tasks for v in _truth(t)), VALID])
+            unprefixed = _unprefixed(run.name, track_tasks, origin)
             self.track_fields = _layout(
                 _prediction_fields(
-                    run.name, track_tasks, origin, TRACK_PROBABILITY_DTYPE, value_dtype
+                    run.name, track_tasks, unprefixed, TRACK_PROBABILITY_DTYPE, value_dtype
                 ),
                 self.tracks_src,
                 track_truth,
@@ -308,6 +347,7 @@ class PredictionWriter:
             shape = (num_jets, self.tracks_src.shape[1])
             self.tracks = self._create("tracks", self.track_fields, shape, self.tracks_src)
         self.num_jets = num_jets
+        self._overflow_warned: set[str] = set()
         self.offset = 0
         self._probs: list[np.ndarray] = []
         self._truth: list[np.ndarray] = []
@@ -331,6 +371,7 @@ class PredictionWriter:
         rows = slice(self.offset, self.offset + n)
         if rows.stop > self.num_jets:
             raise RuntimeError(f"more jets predicted than the {self.num_jets} expected")
+        probs = {**probs, **self._regression_values(outputs, rows)}
         self.jets[rows] = self._rows(self.jet_fields, self.jets_src, rows, probs, None)
         if self.tracks is not None:
             assert pad_mask is not None
@@ -349,6 +390,24 @@ class PredictionWriter:
             raw = self.jets_src.fields(self.jet_task.label)[rows]
             self._truth.append(class_indices(raw, self.jet_labels)[0])
         self.offset += n
+
+    def _regression_values(self, outputs: Mapping[str, Tensor], rows: slice) -> dict[str, Tensor]:
+        """The regression tasks' values in the targets' units: times their denominators, read
+        raw from the test file's dataset of the task's objects (jets or tracks)."""
+        values = {}
+        written = ("jets", "tracks") if self.tracks is not None else ("jets",)
+        for name, task in self.run.tagger.tasks.items():
+            if not isinstance(task, RegressionTask) or task.input_type not in written:
+                continue
+            denominators = None
+            if task.denominators is not None:
+                src = self.jets_src if task.input_type == "jets" else self.tracks_src
+                raw = src.fields(task.denominators)[rows]
+                columns = [raw[d].astype(np.float32) for d in task.denominators]
+                denominators = torch.from_numpy(np.stack(columns, axis=-1))
+                denominators = denominators.to(outputs[name].device)
+            values[name] = task.predict(outputs[name], denominators)
+        return values
 
     def _rows(
         self,
@@ -376,9 +435,26 @@ class PredictionWriter:
             values = cache[f.task.name]
             value = values[..., f.column] if f.column is not None else values
             if padded is not None and not isinstance(f.task, VertexingTask):
-                value = np.where(padded, 0, value)
-            out[f.name] = value
+                value = np.where(padded, np.nan if isinstance(f.task, RegressionTask) else 0, value)
+            if isinstance(f.task, RegressionTask):
+                self._warn_overflow(f, value)
+            with np.errstate(over="ignore"):  # warned once above, not per batch
+                out[f.name] = value
         return out
+
+    def _warn_overflow(self, f: _Field, value: np.ndarray) -> None:
+        """Once per column: finite regression values its (float16) type turns into inf."""
+        limit = np.finfo(f.dtype).max
+        if f.name in self._overflow_warned or not (np.abs(value[np.isfinite(value)]) > limit).any():
+            return
+        self._overflow_warned.add(f.name)
+        log.warning(
+            "salt: %s: predicted values beyond %s's range (%g) are written as inf with "
+            "half_precision; evaluate with half_precision=false for this output",
+            f.name,
+            f.dtype,
+            limit,
+        )
 
     @staticmethod
     def _task_values(task: Task, value: Tensor, pad_mask: Tensor | None) -> np.ndarray:

@@ -21,7 +21,7 @@ variable lists and the chosen parts:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -466,37 +466,69 @@ def label_specs(model_cfg: ModelConfig | ModelNode) -> dict[str, dict[str, Label
     Classification labels carry their class count (`len(class_names)`), so the loader refuses
     values the task has no class for; vertexing labels (and a vertexing task's origin_label,
     unless a classification task reads it) are read as integers (`LabelSpec()`),
-    regression targets as float32 (`LabelSpec(continuous=True)`). Two tasks reading the same
-    label with different label maps is a config error; two classification tasks sharing an
-    unmapped label get the smaller class count.
+    regression targets and their denominators as float32 (`LabelSpec(continuous=True)`), a
+    task's sample_weight (a jet variable) as float32 checked to be finite and >= 0; the
+    denominators and weights are no truth (`truth=False`): they may be model inputs. Two tasks
+    reading the same label with different label maps, or one as numbers and one as classes, is
+    a config error; two classification tasks sharing an unmapped label get the smaller class
+    count.
     """
     specs: dict[str, dict[str, LabelSpec]] = {}
     owner: dict[tuple[str, str], str] = {}
-    reads = []  # (task, input, label, label_map, classes, continuous)
-    for name, task in ModelConfig.read(model_cfg).tasks.items():
-        kind = task.type
-        classes = len(task.class_names or []) if kind == TaskType.classification else None
-        mapping = dict(task.label_map) if task.label_map is not None else None
-        reads.append((name, task.input, task.label, mapping, classes, kind == TaskType.regression))
-        if kind == TaskType.vertexing and task.origin_label:  # pair weights, unmapped
-            reads.append((name, task.input, task.origin_label, None, None, False))
-    for name, input_type, label, mapping, classes, continuous in reads:
+    for name, input_type, label, spec in _label_reads(ModelConfig.read(model_cfg)):
         key = (input_type, label)
-        spec = LabelSpec(
-            mapping, classes, name if classes is not None else None, continuous=continuous
-        )
         if key in owner:
             seen = specs[key[0]][key[1]]
-            if seen.label_map != mapping:
+            if seen.continuous != spec.continuous:
+                as_number = owner[key] if seen.continuous else name
+                as_class = name if seen.continuous else owner[key]
+                raise ModelConfigError(
+                    f"model.tasks.{as_number} reads {key[1]!r} of {key[0]} as numbers and "
+                    f"model.tasks.{as_class} as integer labels; use another variable for one"
+                )
+            if seen.label_map != spec.label_map:
                 raise ModelConfigError(
                     f"model.tasks.{owner[key]} and model.tasks.{name} read label {key[1]!r} of "
-                    f"{key[0]} with different label_map ({seen.label_map} vs {mapping})"
+                    f"{key[0]} with different label_map ({seen.label_map} vs {spec.label_map})"
                 )
+            if spec.continuous:  # checked as a weight, and truth, if either read says so
+                specs[key[0]][key[1]] = replace(
+                    seen,
+                    task=seen.task or spec.task,
+                    weight=seen.weight or spec.weight,
+                    truth=seen.truth or spec.truth,
+                )
+                continue
+            classes = spec.num_classes
             if classes is None or (seen.num_classes is not None and seen.num_classes <= classes):
                 continue  # the stricter spec already read wins: both tasks get valid values
         owner.setdefault(key, name)
         specs.setdefault(key[0], {})[key[1]] = spec
     return specs
+
+
+def _label_reads(cfg: ModelConfig) -> list[tuple[str, str, str, LabelSpec]]:
+    """(task, input type, variable, how it is read) of every label the tasks read."""
+    reads = []
+    for name, task in cfg.tasks.items():
+        kind = task.type
+        if kind == TaskType.regression:
+            for target in task.target_names():
+                reads.append((name, task.input, target, LabelSpec(continuous=True)))
+            for denominator in task.target_denominators or []:  # not truth: may be an input
+                spec = LabelSpec(continuous=True, truth=False)
+                reads.append((name, task.input, denominator, spec))
+        else:
+            classes = len(task.class_names or []) if kind == TaskType.classification else None
+            mapping = dict(task.label_map) if task.label_map is not None else None
+            spec = LabelSpec(mapping, classes, name if classes is not None else None)
+            reads.append((name, task.input, str(task.label), spec))
+        if kind == TaskType.vertexing and task.origin_label:  # pair weights, unmapped
+            reads.append((name, task.input, task.origin_label, LabelSpec()))
+        if task.sample_weight:
+            weight = LabelSpec(task=name, continuous=True, weight=True, truth=False)
+            reads.append((name, "jets", task.sample_weight, weight))
+    return reads
 
 
 def _encoder(cfg: ModelConfig) -> TransformerEncoder:
@@ -584,19 +616,20 @@ def _task(
         return ClassificationTask(
             name=name,
             input_type=spec.input,
-            label=spec.label,
+            label=str(spec.label),
             class_names=list(spec.class_names or []),
             input_size=pooled_size if on_jets else track_size,
             context_size=context_size,
             weight=spec.weight,
             label_map=dict(spec.label_map) if spec.label_map is not None else None,
             class_weights=_class_weights(name, spec, class_dict) if loss_weights else None,
+            sample_weight=spec.sample_weight,
             **dense,
         )
     if spec.type == TaskType.vertexing:
         return VertexingTask(
             name=name,
-            label=spec.label,
+            label=str(spec.label),
             input_size=track_size,
             context_size=context_size,
             weight=spec.weight,
@@ -607,11 +640,16 @@ def _task(
         )
     return RegressionTask(
         name=name,
-        label=spec.label,
-        input_size=pooled_size,
+        targets=spec.target_names(),
+        input_size=pooled_size if spec.input == "jets" else track_size,
+        context_size=context_size,
+        input_type=spec.input,
         loss=str(spec.loss),
         huber_delta=float(spec.huber_delta or 1.0),
         weight=spec.weight,
+        denominators=spec.target_denominators,
+        scaling=spec.scaling,
+        sample_weight=spec.sample_weight,
         **dense,
     )
 

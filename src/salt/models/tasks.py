@@ -10,7 +10,15 @@
   heavy-flavour or fake track weigh 2, pairs of two fakes 0, the rest 1; the sum is divided
   by the number of same-vertex pairs (`reduction: positive_pairs`) or by the weights' sum
   (`reduction: pairs`, a weighted mean).
-- `RegressionTask`: one jet-level number (`[B]`), MSE or Huber, non-finite targets ignored.
+- `RegressionTask`: one or several variables (`targets`) of the jet (`[B, K]`) or of each
+  object (`[B, T, K]`), each divided by its denominator and scaled (`salt.models.scaling`);
+  MSE, Huber, L1 or the Gaussian negative log-likelihood (the head then outputs the mean and
+  the log-variance of each target, `[..., 2K]`). Non-finite targets (missing, NaN after the
+  division or the scaling) and padded slots are ignored.
+
+Jet classification and regression tasks may weight each jet's loss terms by a jet variable
+(`sample_weight`): the loss is then `sum(w * l) / sum(w)` (times the class weights, if any),
+over the terms that count.
 
 Track tasks may take the pooled jet vector as context, appended to every track (pair).
 Outputs on padded tracks (pairs with a padded track) are set to 0. Losses are finite for
@@ -34,6 +42,7 @@ from torch import Tensor, nn
 from salt.errors import ModelConfigError
 from salt.models.dense import Dense, DenseConfig
 from salt.models.packing import Packing
+from salt.models.scaling import ScalingConfig, TargetScaler
 from salt.utils import typed_config as check
 
 
@@ -44,17 +53,28 @@ class TaskType(enum.StrEnum):
 
 
 VERTEXING_REDUCTIONS = ("positive_pairs", "pairs")
-REGRESSION_LOSSES = ("mse", "huber")
+REGRESSION_LOSSES = ("mse", "huber", "l1", "gaussian_nll")
+# the Gaussian head's log-variance is clamped below at log(1e-6), as torch's GaussianNLLLoss
+# clamps the variance: a vanishing width would divide by ~0
+MIN_LOG_VARIANCE = -13.815510557964274
 # what each task type acts on: the jet, and/or the objects of one type (tracks, flows, ...:
 # any object type of the model, checked against model.variables)
 ON_JETS = {"classification": True, "vertexing": False, "regression": True}
-ON_OBJECTS = {"classification": True, "vertexing": True, "regression": False}
+ON_OBJECTS = {"classification": True, "vertexing": True, "regression": True}
 # keys that only one task type takes, with their defaults
 TYPE_KEYS: dict[str, dict[str, Any]] = {
     "classification": {"class_names": None, "label_map": None, "use_class_weights": False},
     "vertexing": {"origin_label": None, "reduction": "positive_pairs"},
-    "regression": {"loss": "mse", "huber_delta": 1.0},
+    "regression": {
+        "targets": None,
+        "target_denominators": None,
+        "scaling": None,
+        "loss": "mse",
+        "huber_delta": 1.0,
+    },
 }
+# the task types that take a per-jet sample_weight (on jet tasks)
+WEIGHTED = ("classification", "regression")
 
 
 @dataclass
@@ -64,9 +84,12 @@ class TaskConfig(DenseConfig):
 
     type: TaskType = MISSING
     input: str = MISSING  # what it acts on: jets, or an object type (tracks, flows, ...)
-    label: str = MISSING  # the label variable of those objects
+    # the label variable of those objects (regression: its one target, or use targets)
+    label: str | None = None
     weight: float = 1.0  # of its loss in the total
     context: bool = False  # track tasks: append the pooled jet vector to every track
+    # jet classification/regression: each jet's loss terms weighted by this jet variable
+    sample_weight: str | None = None
     # classification
     class_names: list[str] | None = None
     label_map: dict[int, int] | None = None  # file label -> class index (-1: ignored)
@@ -75,7 +98,10 @@ class TaskConfig(DenseConfig):
     origin_label: str | None = None  # track origins: heavy-flavour pairs weigh 2, fakes 0
     reduction: str | None = None  # positive_pairs | pairs
     # regression
-    loss: str | None = None  # mse | huber
+    targets: list[str] | None = None  # several targets (or one: label)
+    target_denominators: list[str] | None = None  # per target: divided by this variable
+    scaling: dict[str, ScalingConfig] | None = None  # target -> its scaling, after the division
+    loss: str | None = None  # mse | huber | l1 | gaussian_nll
     huber_delta: float | None = None
 
     def check(self, where: str) -> None:
@@ -105,6 +131,12 @@ class TaskConfig(DenseConfig):
                 f"{where}.context: only object tasks (tracks, ...) take the pooled jet vector "
                 "as context"
             )
+        self._check_label(where, kind)
+        if self.sample_weight is not None and (kind not in WEIGHTED or not on_jets):
+            raise ModelConfigError(
+                f"{where}.sample_weight: per-jet weights apply to jet classification and "
+                f"regression tasks (input: jets), not to a {kind} task on {self.input}"
+            )
         if kind == "classification":
             # None: taken from the training file's class names (salt.data.class_names)
             if self.class_names is not None and len(self.class_names) < 2:
@@ -118,7 +150,59 @@ class TaskConfig(DenseConfig):
         if kind == "vertexing":
             check.one_of(self.reduction, f"{where}.reduction", VERTEXING_REDUCTIONS)
         if kind == "regression":
-            check.one_of(self.loss, f"{where}.loss", REGRESSION_LOSSES)
+            self._check_regression(where)
+
+    def _check_label(self, where: str, kind: str) -> None:
+        """Classification and vertexing read `label`; regression `label` (one target) or
+        `targets`, not both."""
+        if kind != "regression":
+            if not self.label:
+                raise ModelConfigError(
+                    f"{where}.label: missing: a {kind} task reads its truth from a label "
+                    "variable; set label"
+                )
+            return
+        if self.label and self.targets is not None:
+            raise ModelConfigError(
+                f"{where}.targets: a regression task takes label (one target) or targets (a "
+                f"list), not both; got label={self.label!r} and targets={list(self.targets)}"
+            )
+        if not self.label and not self.targets:
+            raise ModelConfigError(
+                f"{where}.targets: missing: a regression task needs label (one target) or "
+                "targets (a list of target variables)"
+            )
+
+    def _check_regression(self, where: str) -> None:
+        check.one_of(self.loss, f"{where}.loss", REGRESSION_LOSSES)
+        if not (self.huber_delta or 0) > 0:
+            raise ModelConfigError(f"{where}.huber_delta={self.huber_delta}: expected a number > 0")
+        targets = self.target_names()
+        doubled = sorted({t for t in targets if targets.count(t) > 1})
+        if doubled or not all(targets):
+            raise ModelConfigError(
+                f"{where}.targets: expected distinct variable names, got {targets}"
+            )
+        denominators = self.target_denominators
+        if denominators is not None and (
+            len(denominators) != len(targets) or not all(denominators)
+        ):
+            raise ModelConfigError(
+                f"{where}.target_denominators: one variable per target ({len(targets)}: "
+                f"{targets}), got {list(denominators)}"
+            )
+        for target, scaling in (self.scaling or {}).items():
+            if target not in targets:
+                raise ModelConfigError(
+                    f"{where}.scaling.{target}: not a target of this task; its targets: {targets}"
+                )
+            scaling.check(f"{where}.scaling.{target}")
+
+    def target_names(self) -> list[str]:
+        """A regression task's targets: `targets`, or its one `label`."""
+        if self.targets is not None:
+            return [str(t) for t in self.targets]
+        return [str(self.label)] if self.label else []
 
     def dense(self) -> DenseConfig:
         """The head's own network settings."""
@@ -149,15 +233,20 @@ def _safe_mean(total: Tensor, count: Tensor) -> Tensor:
     return total / torch.where(count > 0, count, torch.ones_like(count))
 
 
-def weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+def weighted_cross_entropy(
+    logits: Tensor, target: Tensor, weight: Tensor | None, sample_weight: Tensor | None = None
+) -> Tensor:
     """Cross entropy of `logits[N, C]` and `target[N]`, ignoring negative targets.
 
-    With class weights it is the weighted mean (as `nn.CrossEntropyLoss(weight=...)`).
+    With class weights it is the weighted mean (as `nn.CrossEntropyLoss(weight=...)`); per-row
+    `sample_weight[N]` multiply those: `sum(w * l) / sum(w)`.
     """
     valid = target >= 0
     safe = target.clamp_min(0)
     nll = F.cross_entropy(_at_least_fp32(logits), safe, reduction="none")
     w = valid.to(nll.dtype) if weight is None else weight[safe] * valid
+    if sample_weight is not None:
+        w = w * sample_weight.to(nll.dtype)
     return _safe_mean((nll * w).sum(), w.sum())
 
 
@@ -183,13 +272,36 @@ class Task(nn.Module):
 
     def target(self, labels: Mapping[str, Mapping[str, Tensor]]) -> Tensor:
         """This task's labels from the batch's `labels` dict."""
+        return self._read(labels, self.input_type, self.label)
+
+    def _read(
+        self,
+        labels: Mapping[str, Mapping[str, Tensor]],
+        input_type: str,
+        name: str,
+        what: str = "",
+    ) -> Tensor:
+        """`labels[input_type][name]`, or a KeyError naming the task (and `what` it is)."""
         try:
-            return labels[self.input_type][self.label]
+            return labels[input_type][name]
         except KeyError:
             raise KeyError(
-                f"task {self.name}: the batch has no label labels[{self.input_type!r}]"
-                f"[{self.label!r}]"
+                f"task {self.name}: the batch has no label labels[{input_type!r}][{name!r}]"
+                f"{f' (its {what})' if what else ''}"
             ) from None
+
+    def _with_sample_weight(
+        self, target: Tensor, labels: Mapping[str, Mapping[str, Tensor]], sample_weight: str | None
+    ) -> Tensor:
+        """`target[B, ...]` as float with each jet's `sample_weight` as a last column (one
+        tensor, as `loss` takes it); unchanged without a sample weight."""
+        if sample_weight is None:
+            return target
+        weight = self._read(labels, "jets", sample_weight, "sample_weight")
+        values = _at_least_fp32(target.to(weight.dtype))
+        if values.dim() == weight.dim():
+            values = values.unsqueeze(-1)
+        return torch.cat([values, weight.to(values.dtype).unsqueeze(-1)], dim=-1)
 
     def forward(self, pooled: Tensor, tracks: Tensor, pad_mask: Tensor) -> Tensor:
         raise NotImplementedError
@@ -206,8 +318,30 @@ class Task(nn.Module):
         raise NotImplementedError
 
 
-class ClassificationTask(Task):
-    """Jet or track classification into `len(class_names)` classes."""
+class HeadTask(Task):
+    """A dense head on the pooled jet vector (jet tasks) or on each object of its type (with
+    the pooled vector as context if built so); outputs on padded slots are 0."""
+
+    net: Dense
+
+    def forward(self, pooled: Tensor, tracks: Tensor, pad_mask: Tensor) -> Tensor:
+        if self.input_type == "jets":
+            return self.net(pooled)
+        context = pooled if self.net.context_size else None
+        return self.net(tracks, context).masked_fill(pad_mask.unsqueeze(-1), 0.0)
+
+    def forward_packed(self, pooled: Tensor, tracks: Tensor, packing: Packing) -> Tensor:
+        if self.input_type == "jets":
+            return self.net(pooled)
+        context = pooled if self.net.context_size else None
+        return packing.unpack(self.net(tracks, context, packing))
+
+
+class ClassificationTask(HeadTask):
+    """Jet or track classification into `len(class_names)` classes.
+
+    With `sample_weight` (jet tasks), `target` gives the labels and the jets' weights as one
+    float tensor `[B, 2]` (class indices are exact in float32)."""
 
     def __init__(
         self,
@@ -224,8 +358,12 @@ class ClassificationTask(Task):
         weight: float = 1.0,
         label_map: Mapping[int, int] | None = None,
         class_weights: Sequence[float] | None = None,
+        sample_weight: str | None = None,
     ) -> None:
         super().__init__(name, input_type, label, weight, class_names, label_map)
+        if sample_weight is not None and input_type != "jets":
+            raise ValueError(f"task {name}: sample_weight applies to jet tasks only")
+        self.sample_weight = sample_weight
         num_classes = len(class_names)
         self.net = Dense(
             input_size, num_classes, hidden_layers, activation, norm, dropout, context_size
@@ -238,23 +376,17 @@ class ClassificationTask(Task):
         cw = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", cw, persistent=False)
 
-    def forward(self, pooled: Tensor, tracks: Tensor, pad_mask: Tensor) -> Tensor:
-        if self.input_type == "jets":
-            return self.net(pooled)
-        context = pooled if self.net.context_size else None
-        return self.net(tracks, context).masked_fill(pad_mask.unsqueeze(-1), 0.0)
-
-    def forward_packed(self, pooled: Tensor, tracks: Tensor, packing: Packing) -> Tensor:
-        if self.input_type == "jets":
-            return self.net(pooled)
-        context = pooled if self.net.context_size else None
-        return packing.unpack(self.net(tracks, context, packing))
+    def target(self, labels: Mapping[str, Mapping[str, Tensor]]) -> Tensor:
+        return self._with_sample_weight(super().target(labels), labels, self.sample_weight)
 
     def loss(self, output: Tensor, target: Tensor, pad_mask: Tensor) -> Tensor:
+        sample_weight = None
+        if self.sample_weight is not None:
+            target, sample_weight = target[..., 0], target[..., 1]
         if self.input_type != "jets":  # objects: padded slots carry no class
             target = target.masked_fill(pad_mask, -1)
         return weighted_cross_entropy(
-            output.flatten(0, -2), target.flatten().long(), self.class_weights
+            output.flatten(0, -2), target.flatten().long(), self.class_weights, sample_weight
         )
 
     def predict(self, output: Tensor) -> Tensor:
@@ -371,13 +503,20 @@ def pair_weights(origin: Tensor) -> Tensor:
     return 1 + up.to(torch.int8) - down.to(torch.int8)
 
 
-class RegressionTask(Task):
-    """Jet-level regression of one label variable with an MSE or Huber loss."""
+class RegressionTask(HeadTask):
+    """Regression of `targets` (variables of the jet, or of each object of `input_type`).
+
+    The head outputs, per target, the value in its scaled units (see `salt.models.scaling`:
+    divided by its denominator, then scaled), `[B, K]` on jets and `[B, T, K]` on objects; with
+    the `gaussian_nll` loss the means, then the log-variances (`[..., 2K]`). `target` gives the
+    targets in those units (NaN where missing or padded), with the jet's sample weight as a
+    last column when the task has one. `predict` goes back to the targets' units.
+    """
 
     def __init__(
         self,
         name: str,
-        label: str,
+        targets: str | Sequence[str],
         input_size: int,
         loss: str = "mse",
         huber_delta: float = 1.0,
@@ -386,31 +525,113 @@ class RegressionTask(Task):
         norm: str | None = "LayerNorm",
         dropout: float = 0.0,
         weight: float = 1.0,
+        input_type: str = "jets",
+        context_size: int = 0,
+        denominators: Sequence[str] | None = None,
+        scaling: Mapping[str, ScalingConfig] | None = None,
+        sample_weight: str | None = None,
     ) -> None:
-        super().__init__(name, "jets", label, weight)
-        if loss not in ("mse", "huber"):
-            raise ValueError(f"task {name}: loss must be mse or huber, got {loss!r}")
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        super().__init__(name, input_type, targets[0], weight)
+        if loss not in REGRESSION_LOSSES:
+            raise ValueError(f"task {name}: loss must be one of {REGRESSION_LOSSES}, got {loss!r}")
+        if denominators is not None and len(denominators) != len(targets):
+            raise ValueError(f"task {name}: one denominator per target {targets}")
+        if sample_weight is not None and input_type != "jets":
+            raise ValueError(f"task {name}: sample_weight applies to jet tasks only")
+        self.targets = targets
+        self.denominators = list(denominators) if denominators else None
+        self.sample_weight = sample_weight
         self.loss_type = loss
         self.huber_delta = float(huber_delta)
-        self.net = Dense(input_size, 1, hidden_layers, activation, norm, dropout)
+        self.scaler = TargetScaler(targets, scaling)
+        outputs = len(targets) * (2 if self.gaussian else 1)
+        self.net = Dense(
+            input_size, outputs, hidden_layers, activation, norm, dropout, context_size
+        )
 
-    def forward(self, pooled: Tensor, tracks: Tensor, pad_mask: Tensor) -> Tensor:
-        return self.net(pooled).squeeze(-1)
+    @property
+    def gaussian(self) -> bool:
+        return self.loss_type == "gaussian_nll"
 
-    def forward_packed(self, pooled: Tensor, tracks: Tensor, packing: Packing) -> Tensor:
-        return self.net(pooled).squeeze(-1)
+    def target(self, labels: Mapping[str, Mapping[str, Tensor]]) -> Tensor:
+        """The targets in the head's units `[..., K]` (+ the sample weight column)."""
+        columns = [self._read(labels, self.input_type, t, "target") for t in self.targets]
+        values = _at_least_fp32(torch.stack(columns, dim=-1))
+        if self.denominators is not None:
+            denominators = [
+                self._read(labels, self.input_type, d, "target denominator")
+                for d in self.denominators
+            ]
+            values = values / torch.stack(denominators, dim=-1).to(values.dtype)
+        return self._with_sample_weight(self.scaler.scale(values), labels, self.sample_weight)
 
     def loss(self, output: Tensor, target: Tensor, pad_mask: Tensor) -> Tensor:
         output = _at_least_fp32(output)
         target = target.to(output.dtype)
+        weight = None
+        if self.sample_weight is not None:
+            target, weight = target[..., :-1], target[..., -1:]
+        k = len(self.targets)
+        mean = output[..., :k]
         valid = torch.isfinite(target)
-        target = torch.where(valid, target, output.detach())  # ignored entries: zero loss
-        if self.loss_type == "mse":
-            per_jet = F.mse_loss(output, target, reduction="none")
+        if self.input_type != "jets":  # objects: padded slots carry no target
+            valid = valid & ~pad_mask.unsqueeze(-1)
+        target = torch.where(valid, target, mean.detach())  # ignored entries: finite, no gradient
+        if self.gaussian:
+            log_var = output[..., k:].clamp_min(MIN_LOG_VARIANCE)
+            per_value = 0.5 * (log_var + (target - mean) ** 2 * torch.exp(-log_var))
+        elif self.loss_type == "mse":
+            per_value = F.mse_loss(mean, target, reduction="none")
+        elif self.loss_type == "l1":
+            per_value = F.l1_loss(mean, target, reduction="none")
         else:
-            per_jet = F.huber_loss(output, target, reduction="none", delta=self.huber_delta)
-        valid_f = valid.to(per_jet.dtype)
-        return _safe_mean((per_jet * valid_f).sum(), valid_f.sum())
+            per_value = F.huber_loss(mean, target, reduction="none", delta=self.huber_delta)
+        w = valid.to(per_value.dtype)
+        if weight is not None:
+            w = w * weight
+        return _safe_mean((per_value * w).sum(), w.sum())
 
-    def predict(self, output: Tensor) -> Tensor:
-        return output
+    def predict(self, output: Tensor, denominators: Tensor | None = None) -> Tensor:
+        """Values in the targets' units `[..., K]` (Gaussian: then the widths σ, `[..., 2K]`).
+
+        The scaling is inverted; the values are multiplied by `denominators[..., K]` (the
+        objects' denominator variables, raw), and σ = exp(log-variance / 2) by the slope of
+        the inverse scaling and |denominator| (the delta method). Without `denominators`, a
+        task with denominators predicts target / denominator.
+        """
+        output = _at_least_fp32(output)
+        k = len(self.targets)
+        mean = output[..., :k]
+        values = self.scaler.inverse(mean)
+        if denominators is not None:
+            denominators = denominators.to(values.dtype)
+            values = values * denominators
+        if not self.gaussian:
+            return values
+        log_var = output[..., k:].clamp_min(MIN_LOG_VARIANCE)
+        sigma = torch.exp(0.5 * log_var) * self.scaler.inverse_slope(mean)
+        if denominators is not None:
+            sigma = sigma * denominators.abs()
+        return torch.cat([values, sigma], dim=-1)
+
+
+def regression_output_names(tasks: Sequence[Task]) -> dict[str, list[str]]:
+    """Task name -> the names of its predicted columns (no model prefix), for the regression
+    tasks among `tasks`: the old tool's `<target>` and `<target>_stddev`; a target that two of
+    the tasks regress gets the task's name instead: `<task>` for a one-target task,
+    `<task>_<target>` otherwise (each followed by `_stddev` for a width)."""
+    regressions = [t for t in tasks if isinstance(t, RegressionTask)]
+    counts: dict[str, int] = {}
+    for task in regressions:
+        for target in task.targets:
+            counts[target] = counts.get(target, 0) + 1
+    names: dict[str, list[str]] = {}
+    for task in regressions:
+        own = {
+            t: t if counts[t] == 1 else task.name if len(task.targets) == 1 else f"{task.name}_{t}"
+            for t in task.targets
+        }
+        stddev = [f"{own[t]}_stddev" for t in task.targets] if task.gaussian else []
+        names[task.name] = [*(own[t] for t in task.targets), *stddev]
+    return names

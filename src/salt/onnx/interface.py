@@ -9,8 +9,10 @@ here replaces one exported there without a change downstream:
   ``<type without the s>_features`` ``[n_<type>, n_vars]`` (``track_features [n_tracks, 19]``),
   raw values (the normalisation is in the graph), no mask (every row is a real object);
 - outputs: ``<model>_<px>`` float scalars of the jet classification (``GN2_pb``, ``_pc``,
-  ``_pu``, ``_ptau``; ftag's names for its flavours), ``<model>_<target>`` for jet regression,
-  then per track ``<model>_TrackOrigin`` (int8 class) and ``<model>_VertexIndex`` (int8 group);
+  ``_pu``, ``_ptau``; ftag's names for its flavours), ``<model>_<target>`` for jet regression
+  (in the target's units; ``<model>_<target>_stddev`` for a Gaussian task's width), then per
+  track ``<model>_TrackOrigin``, ``<model>_TrackType`` (int8 class) and ``<model>_VertexIndex``
+  (int8 group);
 - metadata: one ``gnn_config`` JSON (its ``inputs``, ``input_sequences`` and ``output_names``
   are what Athena reads) and the model name as the graph's doc string.
 """

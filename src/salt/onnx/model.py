@@ -26,7 +26,12 @@ import salt
 from salt.data.ftag import DEFAULT_INPUT_MAP, dataset_of, norm_arrays
 from salt.errors import ConfigError, ExportError
 from salt.evaluation.run import LoadedRun
-from salt.models.tasks import ClassificationTask, RegressionTask, VertexingTask
+from salt.models.tasks import (
+    ClassificationTask,
+    RegressionTask,
+    VertexingTask,
+    regression_output_names,
+)
 from salt.models.vertices import ONNX_ROUNDS, vertex_groups
 from salt.onnx import interface as names
 from salt.onnx.interface import Combination
@@ -105,6 +110,11 @@ class OnnxTagger(nn.Module):
                 self.register_buffer(f"columns_{input_type}", torch.tensor(cols))
         self.tasks = self._tasks(tasks)
         self.jet_outputs = self._jet_outputs()
+        for task_name in {t for _, t, _ in self.jet_outputs}:
+            task = self.tagger.tasks[task_name]
+            if isinstance(task, RegressionTask) and task.denominators is not None:
+                cols = [self._denominator_column(task, d) for d in task.denominators]
+                self.register_buffer(f"denominators_{task_name}", torch.tensor(cols))
         known = [n for n, _, _ in self.jet_outputs]
         self.rename = dict(rename or {})
         for old in self.rename:
@@ -131,9 +141,24 @@ class OnnxTagger(nn.Module):
         # jet outputs first, per-track outputs after them, as Athena's loader lists them
         return sorted(tasks, key=lambda n: self.tagger.tasks[n].input_type != "jets")
 
+    def _denominator_column(self, task: RegressionTask, variable: str) -> int:
+        """The column of ``jet_features`` holding a regression target's denominator: the graph
+        multiplies by the raw jet variable, as the predictions file does."""
+        if variable not in self.jet_columns:
+            raise ExportError(
+                f"task {task.name}: its target denominator {variable!r} is not a jet input of "
+                f"the model (jet_features: {self.jet_columns}), so the graph cannot give the "
+                f"regression in physical units; add it to model.variables.jets and train "
+                f"again, or export without that task (tasks=[...])"
+            )
+        return self.jet_columns.index(variable)
+
     def _jet_outputs(self) -> list[tuple[str, str, int | None]]:
         """(name without the model prefix, task, column) of each jet-level output."""
         flavour = self.tagger.flavour_task()
+        regression = regression_output_names(
+            [self.tagger.tasks[n] for n in self.tasks if self.tagger.tasks[n].input_type == "jets"]
+        )
         outputs: list[tuple[str, str, int | None]] = []
         for task_name in self.tasks:
             task = self.tagger.tasks[task_name]
@@ -143,8 +168,8 @@ class OnnxTagger(nn.Module):
                 prefix = "" if task is flavour else f"{task_name}_"
                 for i, cls in enumerate(task.class_names or []):
                     outputs.append((prefix + names.probability_name(cls), task_name, i))
-            elif isinstance(task, RegressionTask):
-                outputs.append((task.label, task_name, None))
+            elif isinstance(task, RegressionTask):  # the targets, then their widths
+                outputs += [(n, task_name, i) for i, n in enumerate(regression[task_name])]
             else:
                 raise ExportError(f"task {task_name}: no ONNX output for {type(task).__name__}")
         return outputs
@@ -161,6 +186,12 @@ class OnnxTagger(nn.Module):
                 outputs.append((names.VERTEX_OUTPUT, task_name))
             elif isinstance(task, ClassificationTask):
                 outputs.append((names.track_output(task_name), task_name))
+            elif isinstance(task, RegressionTask):
+                raise ExportError(
+                    f"task {task_name}: a regression on {task.input_type} has no ONNX output "
+                    "(Athena decorates objects with class and vertex indices only); export "
+                    "without it (tasks=[...])"
+                )
             else:
                 raise ExportError(f"task {task_name}: no ONNX output for {type(task).__name__}")
         return outputs
@@ -206,10 +237,7 @@ class OnnxTagger(nn.Module):
             counts[feature.salt] = named[feature.onnx].shape[0]
         outputs, _ = self.tagger(inputs, masks)
         probs = self.tagger.predict(outputs)
-        jet_values = {}
-        for name, task, col in self.jet_outputs:
-            value = probs[task][0]
-            jet_values[name] = value[col] if col is not None else value
+        jet_values = {k: v[0] for k, v in self.jet_values(outputs, probs, jet).items()}
         result = [jet_values[n] for n, _, _ in self.jet_outputs]
         for combination in self.combine:
             result.append(sum(scale * jet_values[term] for scale, term in combination.terms))
@@ -223,6 +251,29 @@ class OnnxTagger(nn.Module):
                 value = probs[task_name][0, :n].argmax(dim=-1)
             result.append(value.to(torch.int8))
         return tuple(result)
+
+    def jet_values(
+        self, outputs: Mapping[str, Tensor], probs: Mapping[str, Tensor], raw_jets: Tensor
+    ) -> dict[str, Tensor]:
+        """Each jet output ``[B]`` by name (without the model prefix): class probabilities, and
+        regression values in the targets' units, their denominators taken from the raw jet
+        features ``raw_jets[B, len(jet_columns)]``."""
+        regression: dict[str, Tensor] = {}
+        values = {}
+        for name, task_name, col in self.jet_outputs:
+            task = self.tagger.tasks[task_name]
+            if isinstance(task, RegressionTask):
+                if task_name not in regression:
+                    denominators = None
+                    if task.denominators is not None:
+                        cols = getattr(self, f"denominators_{task_name}")
+                        denominators = raw_jets.float().index_select(1, cols)
+                    regression[task_name] = task.predict(outputs[task_name], denominators)
+                value = regression[task_name]
+            else:
+                value = probs[task_name]
+            values[name] = value[:, col] if col is not None else value
+        return values
 
     def example_inputs(self, tracks: int = EXAMPLE_TRACKS) -> tuple[Tensor, ...]:
         gen = torch.Generator().manual_seed(0)

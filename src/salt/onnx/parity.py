@@ -2,7 +2,9 @@
 time on raw values read from a file (as Athena runs it), against the batched torch evaluation
 of the same jets.
 
-Probabilities and regression values are compared by their largest absolute difference. The
+Probabilities are compared by their largest absolute difference, regression values (in the
+targets' units, each denominator the raw jet variable on both sides; a pt in MeV is ~1e5) by
+their largest difference relative to max(|torch|, 1): float32 holds 7 digits of either. The
 per-track integer outputs must be equal, except where torch itself sits on a tie that float
 rounding may break either way: two origin classes within the tolerance, or a same-vertex
 probability within the tolerance of the 0.5 threshold.
@@ -25,6 +27,7 @@ from torch import Tensor
 from salt.data.build import make_loader
 from salt.data.ftag import DEFAULT_INPUT_MAP, VALID, dataset_of, open_h5
 from salt.evaluation.run import LoadedRun
+from salt.models.tasks import RegressionTask
 from salt.models.vertices import VERTEX_THRESHOLD, vertex_groups
 from salt.onnx import interface as names
 from salt.onnx.model import OnnxTagger, require_onnx
@@ -52,7 +55,8 @@ class OutputParity:
 
     name: str
     integer: bool
-    max_difference: float = 0.0  # largest |onnxruntime - torch|
+    relative: bool = False  # regression values: |onnxruntime - torch| / max(|torch|, 1)
+    max_difference: float = 0.0  # largest |onnxruntime - torch| (relative: see above)
     values: int = 0  # values compared
     differing: int = 0  # integer outputs: tracks that differ
     ties: int = 0  # ... of which at a tie in torch (allowed)
@@ -63,6 +67,8 @@ class OutputParity:
         return self.max_difference <= tolerance  # False for nan
 
     def describe(self) -> str:
+        if self.relative:
+            return f"max |onnxruntime - torch| / max(|torch|, 1) = {self.max_difference:.3g}"
         if not self.integer:
             return f"max |onnxruntime - torch| = {self.max_difference:.3g}"
         text = f"{self.differing} of {self.values} tracks differ"
@@ -91,25 +97,31 @@ class Parity:
         return "\n".join(lines)
 
 
-def _difference(reference: np.ndarray, value: np.ndarray) -> float:
-    """Largest absolute difference; inf for a shape mismatch or a non-finite value."""
+def _difference(reference: np.ndarray, value: np.ndarray, relative: bool = False) -> float:
+    """Largest absolute difference (``relative``: over max(|reference|, 1)); inf for a shape
+    mismatch or a non-finite value."""
     if reference.shape != value.shape:
         return math.inf
-    diff = np.abs(reference.astype(np.float64) - value.astype(np.float64))
+    reference = reference.astype(np.float64)
+    diff = np.abs(reference - value.astype(np.float64))
+    if relative:
+        diff = diff / np.maximum(np.abs(reference), 1.0)
     return float(diff.max(initial=0.0)) if np.isfinite(diff).all() else math.inf
 
 
 def _torch_outputs(
-    wrapper: OnnxTagger, run: LoadedRun, inputs: dict[str, Tensor], masks: dict[str, Tensor]
+    wrapper: OnnxTagger,
+    run: LoadedRun,
+    inputs: dict[str, Tensor],
+    masks: dict[str, Tensor],
+    raw_jets: Tensor,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The batched evaluation's outputs under the graph's names (jet values ``[B]``, track
-    values ``[B, T]``), and the tagger's probabilities (for the tie checks)."""
+    values ``[B, T]``; regression in the targets' units, with the denominators from the raw
+    jet features ``raw_jets``), and the tagger's probabilities (for the tie checks)."""
     outputs, _ = run.tagger(inputs, masks)
     probs = run.tagger.predict(outputs)
-    jet = {
-        name: probs[task] if col is None else probs[task][:, col]
-        for name, task, col in wrapper.jet_outputs
-    }
+    jet = wrapper.jet_values(outputs, probs, raw_jets)
     result = {wrapper.rename.get(n, n): v for n, v in jet.items()}
     for combination in wrapper.combine:
         result[combination.name] = sum(s * jet[t] for s, t in combination.terms)
@@ -176,18 +188,24 @@ def compare(
         f"{wrapper.model_name}_{n}": run.tagger.tasks[t].input_type
         for n, t in wrapper.track_outputs
     }
+    regression = {
+        f"{wrapper.model_name}_{wrapper.rename.get(n, n)}"
+        for n, t, _ in wrapper.jet_outputs
+        if isinstance(run.tagger.tasks[t], RegressionTask)
+    }
     for name in wrapper.output_names:
-        parity.outputs[name] = OutputParity(name, name in integer)
+        parity.outputs[name] = OutputParity(name, name in integer, name in regression)
     sequences = wrapper.features[1:]
     offset = 0
     with open_h5(file) as f:
         for batch in loader:
             masks = {k: v.to(run.device) for k, v in batch["pad_masks"].items()}
             inputs = {k: v.to(run.device) for k, v in batch["inputs"].items()}
-            reference, probs = _torch_outputs(wrapper, run, inputs, masks)
-            reference = {k: v.float().cpu().numpy() for k, v in reference.items()}
             rows = slice(offset, offset + len(next(iter(masks.values()))))
             jets = raw_features(f, input_map["jets"], wrapper.jet_columns, rows)
+            raw_jets = torch.from_numpy(jets).to(run.device)
+            reference, probs = _torch_outputs(wrapper, run, inputs, masks, raw_jets)
+            reference = {k: v.float().cpu().numpy() for k, v in reference.items()}
             objects = {
                 s.salt: (
                     raw_features(f, dataset_of(input_map, s.salt), run.variables[s.salt], rows),
@@ -204,7 +222,7 @@ def compare(
                 for name, value in zip(wrapper.output_names, got, strict=True):
                     out = parity.outputs[name]
                     if not out.integer:
-                        diff = _difference(reference[name][i], value)
+                        diff = _difference(reference[name][i], value, out.relative)
                         out.max_difference = max(out.max_difference, diff)
                         out.values += 1
                         continue
