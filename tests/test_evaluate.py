@@ -78,6 +78,8 @@ JET_FIELDS = [
     "HadronConeExclTruthLabelID",
     "flavour_label",
     "n_tracks",
+    "ptFromTruthDressedWZJet",
+    "HadronGhostInitialTruthLabelPdgId",
 ]
 
 
@@ -147,6 +149,7 @@ def test_predictions_file_layout_and_row_order(trained, evaluated) -> None:
             *JET_FIELDS[:2],
             *JET_FIELDS[2:3],
             "n_tracks",
+            *JET_FIELDS[5:],
         ]
         assert all(jets.dtype[p] == np.float32 for p in probs)
         assert len(jets) == len(truth) == evaluated.num_jets == 750
@@ -425,6 +428,8 @@ def test_every_jet_variable_by_default_and_a_list_narrows_it(
         "eta_btagJes",
         "HadronConeExclTruthLabelID",
         "n_tracks",
+        "ptFromTruthDressedWZJet",
+        "HadronGhostInitialTruthLabelPdgId",
         "mcEventWeight",
         "isolated",
     ]

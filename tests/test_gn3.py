@@ -30,6 +30,7 @@ SHRUNK = [
         for t in ("jet_classification", "track_origin", "track_vertexing", "track_type")
     ],
     "model.tasks.jet_charge.hidden_layers=[16]",
+    "model.tasks.jet_pt_regression.hidden_layers=[16]",
     "trainer.max_epochs=3",
     "optimizer.max=2e-3",
 ]
@@ -46,7 +47,7 @@ def test_gn3_trains_evaluates_and_exports(trained_run: TrainedRun, tmp_path: Pat
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["val/loss"] for r in rows if "val/loss" in r]
     assert len(losses) == 3 and losses[-1] < losses[0]
-    for task in ("track_type", "jet_charge"):  # GN3's own tasks are trained and logged
+    for task in ("track_type", "jet_charge", "jet_pt_regression"):  # GN3's own tasks
         assert any(f"val/{task}_loss" in r for r in rows), task
 
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
@@ -54,9 +55,10 @@ def test_gn3_trains_evaluates_and_exports(trained_run: TrainedRun, tmp_path: Pat
     result = evaluate(cfg)
     with h5py.File(result.predictions) as f:
         names = f["jets"].dtype.names
-    assert {"GN3_pb", "GN3_jet_charge_pbquark"} <= set(names)
+    assert {"GN3_pb", "GN3_jet_charge_pbquark", "GN3_ptFromTruthDressedWZJet"} <= set(names)
 
-    tasks = "[jet_classification,jet_charge,track_origin,track_vertexing,track_type]"
+    tasks = "[jet_classification,jet_charge,jet_pt_regression,track_origin,track_vertexing,"
+    tasks += "track_type]"
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose("export", overrides=[f"run_dir={run_dir}", f"tasks={tasks}"])
     exported = export(cfg)
@@ -69,3 +71,4 @@ def test_gn3_trains_evaluates_and_exports(trained_run: TrainedRun, tmp_path: Pat
         "electron_features",
     ]
     assert schema["outputs"]["GN3_TrackType"] == {"dtype": "int8", "shape": ["n_tracks"]}
+    assert schema["outputs"]["GN3_ptFromTruthDressedWZJet"] == {"dtype": "float32", "shape": []}

@@ -387,12 +387,15 @@ def test_label_specs_read_targets_denominators_and_weights() -> None:
 
 # ---- the loader on real files ---------------------------------------------------------------
 def add_fields(path: Path, dataset: str, fields: dict[str, np.ndarray]) -> None:
-    """Rewrite ``dataset`` with ``fields`` appended (chunks, compression and attributes kept)."""
+    """Rewrite ``dataset`` with ``fields`` set, new ones appended (chunks, compression and
+    attributes kept)."""
     with h5py.File(path, "r+") as f:
         old = f[dataset]
         data, attrs = old[...], dict(old.attrs)
         chunks, compression = old.chunks, old.compression
-        dtype = np.dtype(data.dtype.descr + [(k, v.dtype) for k, v in fields.items()])
+        # a field the file has already (the sample's own truth pt, ...) is overwritten
+        new_fields = [(k, v.dtype) for k, v in fields.items() if k not in data.dtype.names]
+        dtype = np.dtype(data.dtype.descr + new_fields)
         new = np.zeros(data.shape, dtype=dtype)
         for name in data.dtype.names:
             new[name] = data[name]
