@@ -43,7 +43,7 @@ from salt.training.distributed import (
     detect_environment,
 )
 from salt.training.kept import Kept
-from salt.training.optim import Schedule, adamw
+from salt.training.optim import Schedule, build_optimizer
 from salt.training.report import monitored
 from salt.training.run_dir import (
     RUN_COPIES,
@@ -54,7 +54,7 @@ from salt.training.run_dir import (
     run_copy,
     write_run_files,
 )
-from salt.training.state import Counters, Run, check_model_config
+from salt.training.state import Counters, Run, check_model_config, check_optimizer
 from salt.utils.typed_config import as_plain
 
 log = logging.getLogger("salt")
@@ -210,7 +210,8 @@ def setup(
         model = data_parallel(tagger, dist)
 
     total_steps = planned_steps(cfg.trainer, len(train_loader))
-    optimizer = adamw(tagger.parameters(), cfg.optimizer)
+    trainable = [p for p in tagger.parameters() if p.requires_grad]  # not finetune.freeze's
+    optimizer = build_optimizer(trainable, cfg.optimizer)
     scheduler = Schedule(optimizer, cfg.optimizer, total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp is torch.float16)
 
@@ -224,6 +225,7 @@ def setup(
     loaded = ckpt.load_checkpoint(resume_from, map_location=dist.device) if resume_from else None
     if loaded is not None:  # before anything is written: a mismatch leaves no run directory
         check_model_config(loaded.get("config"), cfg.model.plain(), Path(resume_from))
+        check_optimizer(loaded.get("optimizer_name"), cfg.optimizer.name, Path(resume_from))
         kept.saved(Path(resume_from), int(loaded["counters"]["step"]))
 
     run_dir = None

@@ -108,6 +108,7 @@ class Run:
             # every DDP rank's generators: dropout draws differ per rank (batch shapes differ)
             "rng_per_rank": rng_per_rank,
             "config": self.cfg.model.plain(),
+            "optimizer_name": self.cfg.optimizer.name,  # its state fits no other optimizer
         }
 
     def load_state_dict(self, state: Mapping[str, Any], path: Path) -> None:
@@ -164,6 +165,18 @@ def check_model_config(saved: Any, current: Any, path: Path) -> None:
         raise ckpt.CheckpointError(
             f"{path}: checkpoint was trained with a different model config: {shown}{more}. "
             "Resume with that run's config.yaml (resume=<run dir> does so)."
+        )
+
+
+def check_optimizer(saved: Any, current: str, path: Path) -> None:
+    """A checkpoint's optimizer state (its moments) only continues the optimizer that made it;
+    a checkpoint from before the name was saved was trained with AdamW."""
+    saved = saved or "adamw"
+    if saved != current:
+        raise ckpt.CheckpointError(
+            f"{path}: checkpoint was trained with optimizer.name={saved}, the config has "
+            f"{current}; resume with optimizer.name={saved}, or start a new run from its "
+            f"weights with finetune.ckpt_path={path}."
         )
 
 
