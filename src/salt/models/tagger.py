@@ -33,6 +33,7 @@ from salt.models.attention import (
     varlen_kernel,
 )
 from salt.models.dense import Dense, DenseConfig
+from salt.models.multitask import LOSS_MODE_ALIASES, LOSS_MODES, total_loss
 from salt.models.packing import Packing
 from salt.models.pooling import (
     CrossAttentionPooling,
@@ -68,6 +69,7 @@ class ModelConfig:
     attention: SelfAttentionConfig = MISSING
     pooling: PoolingConfig = MISSING
     tasks: dict[str, TaskConfig] = MISSING
+    loss_mode: str = "weighted_sum"  # weighted_sum | GLS (geometric mean; task weights 1)
 
     @classmethod
     def read(cls, node: ModelConfig | ModelNode) -> ModelConfig:
@@ -104,6 +106,16 @@ class ModelConfig:
                     "(the total loss key)"
                 )
             task.check(f"{where}.tasks.{name}")
+        self.loss_mode = LOSS_MODE_ALIASES.get(self.loss_mode.lower(), self.loss_mode)
+        typed_config.one_of(self.loss_mode, f"{where}.loss_mode", LOSS_MODES)
+        weighted = {n: t.weight for n, t in self.tasks.items() if t.weight != 1.0}
+        if self.loss_mode == "GLS" and weighted:
+            # as the old tool: under a geometric mean a weight only scales the whole loss
+            keys = " ".join(f"{where}.tasks.{n}.weight=1" for n in weighted)
+            raise ModelConfigError(
+                f"{where}.loss_mode=GLS balances the tasks by their losses and takes no task "
+                f"weights (as the old tool), but {weighted} are set; set {keys}"
+            )
 
     def plain(self) -> dict[str, Any]:
         """As plain dicts and lists (the checkpoint's `config`)."""
@@ -135,6 +147,7 @@ class Tagger(nn.Module):
         pooling: nn.Module,
         tasks: Mapping[str, Task],
         backend: str = "auto",
+        loss_mode: str = "weighted_sum",
     ) -> None:
         super().__init__()
         self.name = name
@@ -144,6 +157,7 @@ class Tagger(nn.Module):
         self.encoder = encoder
         self.pooling = pooling
         self.tasks = nn.ModuleDict(tasks)
+        self.loss_mode = loss_mode  # how the task losses make "loss" (salt.models.multitask)
 
     def _input(self, inputs: Mapping[str, Tensor], input_type: str) -> Tensor:
         """The batch input `input_type`, checked against its variable list."""
@@ -168,7 +182,8 @@ class Tagger(nn.Module):
         labels: Mapping[str, Mapping[str, Tensor]] | None = None,
         jets_per_size: Sequence[int] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Outputs per task and, with labels, the task losses plus the weighted sum "loss".
+        """Outputs per task and, with labels, the task losses plus "loss", their weighted sum
+        or geometric mean (`loss_mode`).
 
         `inputs`: {"tracks": [B, T, Ft], "jets": [B, Fj], "global": [B, Fg]} (as configured);
         `pad_masks`: {"tracks": bool [B, T]}, True for padded slots. `jets_per_size`:
@@ -187,14 +202,12 @@ class Tagger(nn.Module):
             outputs = self._forward_packed(tracks, jets, glob, packing, layout == "varlen")
         if labels is None:
             return outputs, {}
-        losses: dict[str, Tensor] = {}
-        total: Tensor | None = None
-        for name, task in self.tasks.items():
-            losses[name] = task.loss(outputs[name], task.target(labels), pad_mask)
-            term = task.weight * losses[name]
-            total = term if total is None else total + term
-        assert total is not None  # build_tagger requires at least one task
-        losses["loss"] = total
+        losses = {
+            name: task.loss(outputs[name], task.target(labels), pad_mask)
+            for name, task in self.tasks.items()
+        }
+        weights = {name: task.weight for name, task in self.tasks.items()}
+        losses["loss"] = total_loss(losses, weights, self.loss_mode)
         return outputs, losses
 
     def _forward_padded(
@@ -492,4 +505,4 @@ def build_tagger(
         for name, spec in cfg.tasks.items()
     }
     backend = backend or str(cfg.attention.backend)
-    return Tagger(cfg.name, variables, init_net, encoder, pooling, tasks, backend)
+    return Tagger(cfg.name, variables, init_net, encoder, pooling, tasks, backend, cfg.loss_mode)
