@@ -43,8 +43,8 @@ from salt.training.distributed import (
     detect_environment,
 )
 from salt.training.kept import Kept
+from salt.training.monitor import monitored
 from salt.training.optim import Schedule, build_optimizer
-from salt.training.report import monitored
 from salt.training.run_dir import (
     RUN_COPIES,
     check_log_dir,
@@ -197,7 +197,7 @@ def setup(
         else None
     )
     tagger = models.build_tagger(cfg.model, class_dict).to(dist.device)
-    monitor = monitored(cfg.trainer.monitor, tagger)
+    monitor = monitored(cfg.trainer.monitor, cfg.trainer.monitor_mode, tagger)
     amp = cfg.trainer.autocast_dtype
     if dist.device.type == "cpu" and dist.is_main and (slow := cpu_autocast_warning(amp)):
         log.warning(slow)
@@ -215,7 +215,7 @@ def setup(
     scheduler = Schedule(optimizer, cfg.optimizer, total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp is torch.float16)
 
-    counters = Counters()
+    counters = Counters(best_val_loss=monitor.worst, monitor=monitor.name)
     resume_from = cfg.ckpt_path
     if requeued is not None:
         resume_from = ckpt.latest_checkpoint(requeued / "ckpts") or resume_from

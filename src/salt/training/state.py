@@ -30,6 +30,7 @@ from salt.training.device_batches import DeviceBatches
 from salt.training.distributed import DistInfo, all_gather_object, broadcast_object
 from salt.training.kept import Kept
 from salt.training.loss_window import LossWindow
+from salt.training.monitor import Monitor, continue_best
 from salt.training.optim import Schedule
 from salt.utils.atomic import atomic_path
 from salt.utils.nested import flatten
@@ -44,7 +45,8 @@ class Counters:
     epoch: int = 0
     step: int = 0
     epoch_complete: bool = False
-    best_val_loss: float = math.inf
+    best_val_loss: float = math.inf  # the best value of the monitored metric so far
+    monitor: str = ""  # which metric that is (salt.training.monitor.Monitor.name)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -52,12 +54,14 @@ class Counters:
             "step": self.step,
             "epoch_complete": self.epoch_complete,
             "best_val_loss": self.best_val_loss,
+            "monitor": self.monitor,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.epoch_complete = bool(state["epoch_complete"])
         self.best_val_loss = float(state["best_val_loss"])
+        self.monitor = str(state.get("monitor", ""))  # "": a checkpoint from before it
 
 
 @dataclass
@@ -78,7 +82,7 @@ class Run:
     run_dir: Path | None
     total_steps: int
     autocast_dtype: torch.dtype | None
-    monitor: str = "val/loss"  # names the epoch checkpoints, picks the best (trainer.monitor)
+    monitor: Monitor = field(default_factory=Monitor)  # names the epoch checkpoints, picks the best
     stop: Catch | None = None  # the stop request (salt.signals.stop_request)
     losses: LossWindow = field(default_factory=LossWindow)  # read every log_every_n_steps
     kept: Kept = field(default_factory=Kept)  # the last complete checkpoint, for a stop's line
@@ -118,6 +122,7 @@ class Run:
             part.load_state_dict(state[name])
         for group in self.optimizer.param_groups:  # as configured now (resume may change it)
             group["weight_decay"] = self.cfg.optimizer.weight_decay
+        continue_best(self.counters, self.monitor)  # trainer.monitor may change too
         self._load_rng(state, path)
         log.info(
             "salt: resumed from %s at epoch %d, step %d",
