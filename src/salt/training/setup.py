@@ -42,6 +42,7 @@ from salt.training.distributed import (
     collective,
     detect_environment,
 )
+from salt.training.finetune import finetune
 from salt.training.kept import Kept
 from salt.training.monitor import monitored
 from salt.training.optim import Schedule, build_optimizer
@@ -151,6 +152,18 @@ def data_parallel(tagger: nn.Module, dist: DistInfo) -> nn.Module:
         return ddp(tagger, device_ids=ids, **{no_sync: False})
 
 
+def resume_source(cfg: TrainConfig, requeued: Path | None, dist: DistInfo) -> str | Path | None:
+    """The checkpoint the run continues from: ``ckpt_path``, or for a requeued job the latest
+    of its own run directory."""
+    resume_from: str | Path | None = cfg.ckpt_path
+    if requeued is not None:
+        resume_from = ckpt.latest_checkpoint(requeued / "ckpts") or resume_from
+        if dist.is_main:  # the killed attempt's partial writes only hold disk space
+            ckpt.remove_temp_files(requeued / "ckpts")
+        log.info("salt: requeued job continues %s from %s", requeued, resume_from)
+    return resume_from
+
+
 def setup(
     config: TrainConfig | DictConfig,
     dist: DistInfo,
@@ -197,6 +210,11 @@ def setup(
         else None
     )
     tagger = models.build_tagger(cfg.model, class_dict).to(dist.device)
+    resume_from = resume_source(cfg, requeued, dist)
+    # another run's weights for a new run; a resumed one has them in its own checkpoint
+    tuned = finetune(tagger, cfg.finetune, dist.device, load=not resume_from)
+    if tuned is not None and dist.is_main:
+        log.info(tuned.summary())
     monitor = monitored(cfg.trainer.monitor, cfg.trainer.monitor_mode, tagger)
     amp = cfg.trainer.autocast_dtype
     if dist.device.type == "cpu" and dist.is_main and (slow := cpu_autocast_warning(amp)):
@@ -216,16 +234,10 @@ def setup(
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp is torch.float16)
 
     counters = Counters(best_val_loss=monitor.worst, monitor=monitor.name)
-    resume_from = cfg.ckpt_path
-    if requeued is not None:
-        resume_from = ckpt.latest_checkpoint(requeued / "ckpts") or resume_from
-        if dist.is_main:  # the killed attempt's partial writes only hold disk space
-            ckpt.remove_temp_files(requeued / "ckpts")
-        log.info("salt: requeued job continues %s from %s", requeued, resume_from)
     loaded = ckpt.load_checkpoint(resume_from, map_location=dist.device) if resume_from else None
     if loaded is not None:  # before anything is written: a mismatch leaves no run directory
         check_model_config(loaded.get("config"), cfg.model.plain(), Path(resume_from))
-        check_optimizer(loaded.get("optimizer_name"), cfg.optimizer.name, Path(resume_from))
+        check_optimizer(loaded, cfg.optimizer.name, len(trainable), Path(resume_from))
         kept.saved(Path(resume_from), int(loaded["counters"]["step"]))
 
     run_dir = None
@@ -262,6 +274,7 @@ def setup(
                 },
                 extra={
                     "resumed_from": str(resume_from) if resume_from else None,
+                    "finetuned_from": tuned.metadata(cfg.finetune) if tuned else None,
                     "world_size": dist.world_size,
                 },
             )

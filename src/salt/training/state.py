@@ -173,15 +173,24 @@ def check_model_config(saved: Any, current: Any, path: Path) -> None:
         )
 
 
-def check_optimizer(saved: Any, current: str, path: Path) -> None:
-    """A checkpoint's optimizer state (its moments) only continues the optimizer that made it;
-    a checkpoint from before the name was saved was trained with AdamW."""
-    saved = saved or "adamw"
+def check_optimizer(state: Mapping[str, Any], current: str, trainable: int, path: Path) -> None:
+    """A checkpoint's optimizer state (its moments) only continues the optimizer that made it,
+    over the same parameters (`finetune.freeze` leaves some out); a checkpoint from before
+    the name was saved was trained with AdamW."""
+    saved = state.get("optimizer_name") or "adamw"
     if saved != current:
         raise ckpt.CheckpointError(
             f"{path}: checkpoint was trained with optimizer.name={saved}, the config has "
             f"{current}; resume with optimizer.name={saved}, or start a new run from its "
             f"weights with finetune.ckpt_path={path}."
+        )
+    groups = (state.get("optimizer") or {}).get("param_groups") or []
+    count = sum(len(group["params"]) for group in groups)
+    if groups and count != trainable:
+        raise ckpt.CheckpointError(
+            f"{path}: checkpoint's optimizer trained {count} parameter tensors, this run "
+            f"trains {trainable}: other parameters are frozen (finetune.freeze); resume with "
+            "the run's own finetune settings."
         )
 
 
