@@ -212,10 +212,10 @@ def _ddp_rank(rank: int, cfg_dict: dict, out: str) -> None:
     torch.save(run.tagger.state_dict(), Path(out) / f"rank{rank}.pt")
 
 
-def test_ddp_trains_with_frozen_parameters(
+def test_ddp_trains_lion_with_frozen_parameters(
     tmp_path: Path, sample_cache: Path, trained: Path
 ) -> None:
-    """Two gloo ranks: DDP's reducer leaves the frozen parameters out (no
+    """Two gloo ranks, with Lion: DDP's reducer leaves the frozen parameters out (no
     find_unused_parameters needed); both ranks end equal, the frozen parameters as loaded."""
     source = weights(ckpt.best_checkpoint(trained / "ckpts"))  # type: ignore[arg-type]
     copy = tmp_path / "source.ckpt"
@@ -229,6 +229,7 @@ def test_ddp_trains_with_frozen_parameters(
         f"finetune.ckpt_path={copy}",
         *TUNE,
         *NO_DROPOUT,
+        "optimizer.name=lion",
     )
     spawn(_ddp_rank, 2, (OmegaConf.to_container(cfg), str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
