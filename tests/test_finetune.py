@@ -18,7 +18,7 @@ from salt.models import Tagger, build_tagger
 from salt.schema import read_train_config
 from salt.training import checkpoint as ckpt
 from salt.training.distributed import spawn
-from salt.training.finetune import FinetuneConfig, finetune
+from salt.training.finetune import FinetuneConfig, Finetuned, finetune
 from salt.training.loop import fit
 from tests.conftest import TASKS, model_cfg, snapshot
 from tests.test_train import NO_DROPOUT, assert_bitwise_equal, cpu, make_cfg, run_dirs, weights
@@ -48,10 +48,12 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def tune(tagger: Tagger, source: Path | str, **keys) -> object:
+def tune(tagger: Tagger, source: Path | str, **keys) -> Finetuned:
     cfg = FinetuneConfig(ckpt_path=str(source), **keys)
     cfg.check("finetune")
-    return finetune(tagger, cfg, CPU)
+    tuned = finetune(tagger, cfg, CPU)
+    assert tuned is not None
+    return tuned
 
 
 def same(a: Tagger, b: Tagger, prefix: str = "") -> bool:
@@ -63,7 +65,7 @@ def test_every_tensor_that_fits_is_loaded(source: Path) -> None:
     tagger, original = tiny_tagger(seed=2), tiny_tagger(seed=1)
     tuned = tune(tagger, source)
     assert same(tagger, original)
-    summary = tuned.summary()  # type: ignore[attr-defined]
+    summary = tuned.summary()
     assert summary.startswith(f"salt: fine-tuning from {source} (epoch 3, step 120): loaded ")
     assert "newly initialised: none; frozen none; checkpoint tensors unused: 0" in summary
 
@@ -76,10 +78,10 @@ def test_excluded_tensors_stay_new_and_frozen_ones_do_not_train(source: Path) ->
     frozen = {n for n, p in tagger.named_parameters() if not p.requires_grad}
     assert frozen and all(n.startswith(FROZEN) for n in frozen)
     assert {n for n, _ in tagger.named_parameters() if n.startswith(FROZEN)} == frozen
-    summary = tuned.summary()  # type: ignore[attr-defined]
+    summary = tuned.summary()
     assert "excluded (tasks.jet_classification)" in summary
     assert "frozen" in summary and "(encoder, init_net; " in summary
-    meta = tuned.metadata(FinetuneConfig(str(source), exclude=["tasks.jet_classification"]))  # type: ignore[attr-defined]
+    meta = tuned.metadata(FinetuneConfig(str(source), exclude=["tasks.jet_classification"]))
     assert meta["checkpoint"] == str(source.resolve()) and meta["weights_loaded"]
     assert all(n.startswith("tasks.jet_classification.") for n in meta["new_tensors"])
 
@@ -89,7 +91,7 @@ def test_load_takes_only_the_named_submodules(source: Path) -> None:
     tuned = tune(tagger, source, load=["encoder.layers.0", "pooling"])
     assert same(tagger, original, "encoder.layers.0.") and same(tagger, original, "pooling.")
     assert same(tagger, fresh, "init_net.") and same(tagger, fresh, "tasks.")
-    assert "outside finetune.load (" in tuned.summary()  # type: ignore[attr-defined]
+    assert "outside finetune.load (" in tuned.summary()
 
 
 @pytest.mark.parametrize(
@@ -157,13 +159,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory, sample_cache: Path) -> Ite
     assert snapshot(tmp) == before, "a test changed the source run"
 
 
+def best_of(run_dir: Path) -> Path:
+    best = ckpt.best_checkpoint(run_dir / "ckpts")
+    assert best is not None
+    return best
+
+
 TUNE = [f"finetune.freeze=[{','.join(FROZEN)}]", "finetune.exclude=[tasks.jet_classification]"]
 
 
 def test_a_finetuned_run_keeps_frozen_weights_and_resumes_from_its_own(
     tmp_path: Path, sample_cache: Path, trained: Path
 ) -> None:
-    source = weights(ckpt.best_checkpoint(trained / "ckpts"))  # type: ignore[arg-type]
+    source = weights(best_of(trained))
     cfg = make_cfg(tmp_path, sample_cache, f"finetune.ckpt_path={trained}", *TUNE)
     straight = fit(cfg, cpu()).run_dir
     assert straight is not None
@@ -175,7 +183,7 @@ def test_a_finetuned_run_keeps_frozen_weights_and_resumes_from_its_own(
             assert not torch.equal(value, source[name]), name  # loaded, then trained
     meta = yaml.safe_load((straight / "metadata.yaml").read_text())["finetuned_from"]
     assert meta["ckpt_path"] == str(trained) and meta["weights_loaded"]
-    assert meta["checkpoint"] == str(ckpt.best_checkpoint(trained / "ckpts").resolve())  # type: ignore[union-attr]
+    assert meta["checkpoint"] == str(best_of(trained).resolve())
     assert meta["freeze"] == list(FROZEN) and meta["frozen_tensors"] > 0
 
     # resumed from its epoch 0: its own weights, not the source's again (which is gone now)
@@ -217,9 +225,9 @@ def test_ddp_trains_lion_with_frozen_parameters(
 ) -> None:
     """Two gloo ranks, with Lion: DDP's reducer leaves the frozen parameters out (no
     find_unused_parameters needed); both ranks end equal, the frozen parameters as loaded."""
-    source = weights(ckpt.best_checkpoint(trained / "ckpts"))  # type: ignore[arg-type]
+    source = weights(best_of(trained))
     copy = tmp_path / "source.ckpt"
-    shutil.copyfile(ckpt.best_checkpoint(trained / "ckpts"), copy)  # type: ignore[arg-type]
+    shutil.copyfile(best_of(trained), copy)
     cfg = make_cfg(
         tmp_path,
         sample_cache,

@@ -114,8 +114,8 @@ def run_config(run_dir: Path) -> TrainConfig:
 
 
 def load_run(run_dir: str | Path, ckpt_path: Any = None, device: Any = "cpu") -> LoadedRun:
-    """Load a run's config and checkpoint (default: the best by the monitored metric) and build its
-    tagger, in eval mode on ``device``."""
+    """Load a run's config and checkpoint (default: the best by its monitored metric) and
+    build its tagger, in eval mode on ``device``."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     path = choose_checkpoint(run_dir, ckpt_path)
