@@ -2,7 +2,8 @@
 
 - every attention backend gives the same outputs and gradients on the GPU (fp32 tight, bf16
   looser), varlen through torch's flash kernel where it runs;
-- the steps produce no host sync (torch's CUDA sync debug mode raises on one);
+- the steps produce no host sync (torch's CUDA sync debug mode raises on one), with AdamW
+  and Lion;
 - bf16 and fp16 (with a GradScaler) training reduces the loss;
 - a checkpoint written on the GPU resumes on the CPU, and the reverse.
 """
@@ -80,15 +81,25 @@ def test_backends_agree_in_low_precision_and_varlen_uses_the_flash_kernel(dtype)
         assert varlen_kernel_runs(torch.zeros(1, device="cuda", dtype=dtype), 32)
 
 
-@pytest.mark.parametrize("backend", ["packed", "varlen", "padded"])
+@pytest.mark.parametrize(
+    ("backend", "precision", "optimizer"),
+    [
+        ("packed", "bf16", "adamw"),
+        ("varlen", "bf16", "adamw"),
+        ("padded", "bf16", "adamw"),
+        ("packed", "bf16", "lion"),
+        ("padded", "16", "lion"),  # GradScaler hands its scale and found_inf to Lion's step
+    ],
+)
 def test_a_gpu_training_step_does_not_sync(
-    tmp_path: Path, sample_cache: Path, backend: str
+    tmp_path: Path, sample_cache: Path, backend: str, precision: str, optimizer: str
 ) -> None:
     cfg = make_cfg(
         tmp_path,
         sample_cache,
         f"model.attention.backend={backend}",
-        "trainer.precision=bf16",
+        f"trainer.precision={precision}",
+        f"optimizer.name={optimizer}",
         "trainer.fast_dev_run=4",
     )
     run = setup(cfg, gpu())

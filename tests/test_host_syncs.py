@@ -92,17 +92,26 @@ def test_the_counter_sees_each_kind_of_sync() -> None:
 
 
 @pytest.mark.parametrize(
-    ("backend", "precision"),
-    [("packed", "32"), ("varlen", "32"), ("padded", "32"), ("packed", "bf16"), ("padded", "16")],
+    ("backend", "precision", "optimizer"),
+    [
+        ("packed", "32", "adamw"),
+        ("varlen", "32", "adamw"),
+        ("padded", "32", "adamw"),
+        ("packed", "bf16", "adamw"),
+        ("padded", "16", "adamw"),
+        ("packed", "32", "lion"),
+        ("padded", "16", "lion"),
+    ],
 )
 def test_a_training_step_has_no_host_sync(
-    tmp_path: Path, sample_cache: Path, backend: str, precision: str
+    tmp_path: Path, sample_cache: Path, backend: str, precision: str, optimizer: str
 ) -> None:
     cfg = make_cfg(
         tmp_path,
         sample_cache,
         f"model.attention.backend={backend}",
         f"trainer.precision={precision}",
+        f"optimizer.name={optimizer}",
         "trainer.fast_dev_run=4",
         "trainer.gradient_clip_val=1.0",  # clipping adds none either
     )
@@ -120,20 +129,25 @@ def test_a_training_step_has_no_host_sync(
     assert calls[0] == "Tensor.cpu" and calls.count("Tensor.cpu") == 1
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "lion"])
 def test_a_non_finite_loss_skips_the_step_on_the_device_and_is_named_later(
-    tmp_path: Path, sample_cache: Path
+    tmp_path: Path, sample_cache: Path, optimizer: str
 ) -> None:
-    run = setup(make_cfg(tmp_path, sample_cache, "trainer.fast_dev_run=3"), cpu())
+    cfg = make_cfg(tmp_path, sample_cache, "trainer.fast_dev_run=3", f"optimizer.name={optimizer}")
+    run = setup(cfg, cpu())
     run.model.train()
     batches = list(limited(run.train_batches, 3))
     run.losses.add(train_step(run, batches[0]).losses, 0, 0)
     before = {k: v.clone() for k, v in run.tagger.state_dict().items()}
-    adam_steps = [s["step"].clone() for s in run.optimizer.state.values()]
+    moments = [s["exp_avg"].clone() for s in run.optimizer.state.values()]
+    adam_steps = [s["step"].clone() for s in run.optimizer.state.values() if "step" in s]
     batches[1].tensors["inputs"]["tracks"][0, 0, 0] = float("nan")
     run.losses.add(train_step(run, batches[1]).losses, 1, 0)
     for key, value in run.tagger.state_dict().items():  # the update was skipped
         assert torch.equal(value, before[key]), key
-    assert [s["step"] for s in run.optimizer.state.values()] == adam_steps
+    for moment, state in zip(moments, run.optimizer.state.values(), strict=True):
+        assert torch.equal(state["exp_avg"], moment)  # nor the optimizer's state
+    assert [s["step"] for s in run.optimizer.state.values() if "step" in s] == adam_steps
     run.losses.add(train_step(run, batches[2]).losses, 2, 0)  # later steps train again
     weight = "init_nets.tracks.first.linear.weight"
     assert not torch.equal(run.tagger.state_dict()[weight], before[weight])

@@ -210,12 +210,13 @@ def test_run_directory_contents(two_epochs: Path) -> None:
     assert last["counters"]["best_val_loss"] == pytest.approx(best)
 
 
-def test_monitor_must_name_a_validation_loss(tmp_path: Path, sample_cache: Path) -> None:
-    cfg = make_cfg(tmp_path, sample_cache, "trainer.monitor=val/jet_accuracy")
+def test_monitor_must_name_a_validation_metric(tmp_path: Path, sample_cache: Path) -> None:
+    cfg = make_cfg(tmp_path, sample_cache, "trainer.monitor=val/jet_acuracy")
     with pytest.raises(
         ConfigError,
-        match=r"trainer.monitor='val/jet_accuracy': expected auto or "
-        r"one of \['val/loss', 'val/jet_classification_loss'",
+        match=r"trainer.monitor='val/jet_acuracy': expected auto or "
+        r"one of \['val/loss', 'val/jet_classification_loss', .*'val/jet_accuracy', "
+        r"'val/light_rej_70', 'val/c_rej_70', 'val/tau_rej_70'\]; did you mean val/jet_accuracy\?",
     ):
         train(cfg)
     assert not (tmp_path / "logs").exists()  # refused before the run directory is made

@@ -23,6 +23,7 @@ from salt.models.tagger import ModelConfig
 from salt.onnx.settings import ExportConfig
 from salt.tracking.factory import LoggerConfig
 from salt.training.config import TrainerConfig
+from salt.training.finetune import FinetuneConfig
 from salt.training.optim import OptimizerConfig
 from salt.utils import typed_config
 
@@ -39,6 +40,7 @@ class TrainConfig:
     tag_remote: str = "origin"
     ckpt_path: str | None = None  # start from this checkpoint (new run directory)
     resume: str | None = None  # continue this run directory from its latest checkpoint
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # start from other weights
     debug: bool = False  # full tracebacks for data/config errors
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -50,6 +52,7 @@ class TrainConfig:
         typed_config.at_least(self.seed, "seed", 0)
         self.trainer.check("trainer")
         self.optimizer.check("optimizer")
+        self.finetune.check("finetune")
         self.data.check("data")
         self.model.check("model")
         if self.logger is not None:

@@ -24,6 +24,7 @@ from salt.data.ftag import DataError, load_yaml_dict, open_h5
 from salt.errors import ConfigError
 from salt.schema import TrainConfig, read_train_config
 from salt.training import checkpoint as ckpt
+from salt.training.monitor import best_checkpoint_of, no_best_checkpoint
 from salt.training.run_dir import RUN_COPIES, load_run_config, run_copy
 
 log = logging.getLogger("salt")
@@ -71,17 +72,17 @@ def resolve_device(value: Any) -> torch.device:
 
 
 def choose_checkpoint(run_dir: Path, ckpt_path: Any) -> Path:
-    """``ckpt_path`` if given, else the run's checkpoint with the lowest validation loss."""
+    """``ckpt_path`` if given, else the run's best checkpoint by the validation metric it
+    monitored (``trainer.monitor``: by default the lowest jet-classification loss)."""
     if ckpt_path:
         path = Path(str(ckpt_path))
         if not path.is_file():
             raise ckpt.CheckpointError(f"ckpt_path={path}: checkpoint not found.")
         return path
-    best = ckpt.best_checkpoint(run_dir / "ckpts")
+    best = best_checkpoint_of(run_dir)
     if best is None:
         raise ckpt.CheckpointError(
-            f"{run_dir / 'ckpts'}: no epoch=...-val_loss=....ckpt checkpoint with a finite "
-            "validation loss; pass ckpt_path=... to choose one."
+            f"{no_best_checkpoint(run_dir)}; pass ckpt_path=... to choose one."
         )
     return best
 
@@ -113,8 +114,8 @@ def run_config(run_dir: Path) -> TrainConfig:
 
 
 def load_run(run_dir: str | Path, ckpt_path: Any = None, device: Any = "cpu") -> LoadedRun:
-    """Load a run's config and checkpoint (default: lowest validation loss) and build its
-    tagger, in eval mode on ``device``."""
+    """Load a run's config and checkpoint (default: the best by its monitored metric) and
+    build its tagger, in eval mode on ``device``."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     path = choose_checkpoint(run_dir, ckpt_path)

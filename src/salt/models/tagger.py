@@ -37,6 +37,7 @@ from salt.models.attention import (
     varlen_kernel,
 )
 from salt.models.dense import Dense, DenseConfig
+from salt.models.multitask import LOSS_MODE_ALIASES, LOSS_MODES, total_loss
 from salt.models.packing import Packing
 from salt.models.pooling import (
     CrossAttentionPooling,
@@ -72,6 +73,7 @@ class ModelConfig:
     attention: SelfAttentionConfig = MISSING
     pooling: PoolingConfig = MISSING
     tasks: dict[str, TaskConfig] = MISSING
+    loss_mode: str = "weighted_sum"  # weighted_sum | GLS (geometric mean; task weights 1)
 
     @classmethod
     def read(cls, node: ModelConfig | ModelNode) -> ModelConfig:
@@ -117,6 +119,16 @@ class ModelConfig:
                     f"{where}.tasks.{name}.input: {task.input!r} is not an input of the model; "
                     f"its object types are {objects} (and jets)"
                 )
+        self.loss_mode = LOSS_MODE_ALIASES.get(self.loss_mode.lower(), self.loss_mode)
+        typed_config.one_of(self.loss_mode, f"{where}.loss_mode", LOSS_MODES)
+        weighted = {n: t.weight for n, t in self.tasks.items() if t.weight != 1.0}
+        if self.loss_mode == "GLS" and weighted:
+            # as the old tool: under a geometric mean a weight only scales the whole loss
+            keys = " ".join(f"{where}.tasks.{n}.weight=1" for n in weighted)
+            raise ModelConfigError(
+                f"{where}.loss_mode=GLS balances the tasks by their losses and takes no task "
+                f"weights (as the old tool), but {weighted} are set; set {keys}"
+            )
 
     def plain(self) -> dict[str, Any]:
         """As plain dicts and lists (the checkpoint's `config`)."""
@@ -148,6 +160,7 @@ class Tagger(nn.Module):
         pooling: nn.Module,
         tasks: Mapping[str, Task],
         backend: str = "auto",
+        loss_mode: str = "weighted_sum",
     ) -> None:
         super().__init__()
         self.name = name
@@ -165,6 +178,7 @@ class Tagger(nn.Module):
         self.pooling = pooling
         self.tasks = nn.ModuleDict(tasks)
         self._register_load_state_dict_pre_hook(_rename_single_init_net)
+        self.loss_mode = loss_mode  # how the task losses make "loss" (salt.models.multitask)
 
     def _input(self, inputs: Mapping[str, Tensor], input_type: str) -> Tensor:
         """The batch input `input_type`, checked against its variable list."""
@@ -189,7 +203,8 @@ class Tagger(nn.Module):
         labels: Mapping[str, Mapping[str, Tensor]] | None = None,
         jets_per_size: Sequence[int] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Outputs per task and, with labels, the task losses plus the weighted sum "loss".
+        """Outputs per task and, with labels, the task losses plus "loss", their weighted sum
+        or geometric mean (`loss_mode`).
 
         `inputs`: {"tracks": [B, T, Ft], "jets": [B, Fj], "global": [B, Fg]} (as configured);
         `pad_masks`: {"tracks": bool [B, T]}, True for padded slots. `jets_per_size`:
@@ -208,16 +223,13 @@ class Tagger(nn.Module):
             outputs = self._forward_packed(objects, jets, glob, masks, counts, layout == "varlen")
         if labels is None:
             return outputs, {}
-        losses: dict[str, Tensor] = {}
-        total: Tensor | None = None
         first = masks[self.object_types[0]]
-        for name, task in self.tasks.items():
-            mask = masks.get(task.input_type, first)
-            losses[name] = task.loss(outputs[name], task.target(labels), mask)
-            term = task.weight * losses[name]
-            total = term if total is None else total + term
-        assert total is not None  # build_tagger requires at least one task
-        losses["loss"] = total
+        losses = {
+            name: task.loss(outputs[name], task.target(labels), masks.get(task.input_type, first))
+            for name, task in self.tasks.items()
+        }
+        weights = {name: task.weight for name, task in self.tasks.items()}
+        losses["loss"] = total_loss(losses, weights, self.loss_mode)
         return outputs, losses
 
     def _mask(self, pad_masks: Mapping[str, Tensor], input_type: str) -> Tensor:
@@ -693,4 +705,4 @@ def build_tagger(
         for name, spec in cfg.tasks.items()
     }
     backend = backend or str(cfg.attention.backend)
-    return Tagger(cfg.name, variables, init_nets, encoder, pooling, tasks, backend)
+    return Tagger(cfg.name, variables, init_nets, encoder, pooling, tasks, backend, cfg.loss_mode)

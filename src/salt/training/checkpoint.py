@@ -12,7 +12,9 @@ save, not at the resume days later), and writes it atomically. Loading uses
 ``weights_only=True``, so a checkpoint file cannot run code.
 
 Files in a checkpoint directory: ``last.ckpt`` (the most recent state) and
-``epoch=003-val_loss=0.61234.ckpt`` (end of an epoch). Every file under one of these names was
+``epoch=003-val_loss=0.61234.ckpt`` (end of an epoch, named by the monitored validation loss;
+another monitored metric names it instead, ``epoch=003-val_light_rej_70=87.40000.ckpt``:
+salt.training.monitor). Every file under one of these names was
 written atomically and is therefore complete; leftovers of interrupted writes have temporary
 names (``.last.ckpt.tmp-<pid>-<hex>``) and are ignored.
 """
@@ -38,6 +40,7 @@ from salt.utils.atomic import atomic_path, is_temp_name
 __all__ = [
     "FORMAT_VERSION",
     "LAST",
+    "LOSS_KEY",
     "MARKER",
     "CheckpointError",
     "CheckpointWriteError",
@@ -59,7 +62,8 @@ FORMAT_VERSION = 1
 LAST = "last.ckpt"
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save has written zip archives since torch 1.6
-_NAME_RE = re.compile(r"^epoch=(\d+)-val_loss=([-+]?(?:\d+\.\d+|inf|nan))\.ckpt$")
+LOSS_KEY = "val_loss"  # the name's metric key for every monitored loss, as the old tool's
+_NAME_RE = re.compile(r"^epoch=(\d+)-([A-Za-z][A-Za-z0-9_]*)=([-+]?(?:\d+\.\d+|inf|nan))\.ckpt$")
 
 # Types torch.load(weights_only=True) reads back without extra allow-listing (checked against
 # torch 2.13). Exact types: subclasses (enums, namedtuples, defaultdict) are refused on load.
@@ -251,25 +255,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(device_state.cpu(), device)
 
 
-def checkpoint_name(epoch: int, val_loss: float) -> str:
-    """File name of an end-of-epoch checkpoint, e.g. ``epoch=003-val_loss=0.61234.ckpt``."""
+def checkpoint_name(epoch: int, val_loss: float, key: str = LOSS_KEY) -> str:
+    """File name of an end-of-epoch checkpoint, e.g. ``epoch=003-val_loss=0.61234.ckpt``;
+    ``key`` names the metric whose value it holds."""
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise ValueError(f"checkpoint_name: epoch must be an integer >= 0, got {epoch!r}")
-    return f"epoch={epoch:03d}-val_loss={float(val_loss):.5f}.ckpt"
+    return f"epoch={epoch:03d}-{key}={float(val_loss):.5f}.ckpt"
 
 
-def parse_checkpoint_name(name: str) -> tuple[int, float] | None:
-    """``(epoch, val_loss)`` from a `checkpoint_name`, or None for any other name."""
+def parse_checkpoint_name(name: str, key: str | None = None) -> tuple[int, float] | None:
+    """``(epoch, value)`` from a `checkpoint_name` (with metric ``key``, if given), or None
+    for any other name."""
     match = _NAME_RE.match(name)
-    if match is None:
+    if match is None or key not in (None, match.group(2)):
         return None
-    return int(match.group(1)), float(match.group(2))
+    return int(match.group(1)), float(match.group(3))
 
 
-def _epoch_checkpoints(ckpt_dir: Path) -> list[tuple[int, float, Path]]:
+def _epoch_checkpoints(ckpt_dir: Path, key: str | None = None) -> list[tuple[int, float, Path]]:
     found = []
     for entry in ckpt_dir.iterdir():
-        parsed = parse_checkpoint_name(entry.name)
+        parsed = parse_checkpoint_name(entry.name, key)
         if parsed is not None and entry.is_file():
             found.append((*parsed, entry))
     return found
@@ -312,15 +318,21 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike[str]) -> Path | None:
     return max(found, key=lambda c: (c[0], c[2].stat().st_mtime_ns))[2]
 
 
-def best_checkpoint(ckpt_dir: str | os.PathLike[str]) -> Path | None:
-    """The ``epoch=...`` checkpoint with the lowest validation loss in its name, or None.
+def best_checkpoint(
+    ckpt_dir: str | os.PathLike[str], mode: str = "min", key: str = LOSS_KEY
+) -> Path | None:
+    """The ``epoch=...-<key>=...`` checkpoint with the lowest (``mode`` min) or highest (max)
+    value in its name, or None. salt.training.monitor knows a run's key and mode.
 
-    Non-finite losses are never "best"; on a tie the earlier epoch wins.
+    Non-finite values are never "best"; on a tie the earlier epoch wins.
     """
+    if mode not in ("min", "max"):
+        raise ValueError(f"best_checkpoint: mode must be min or max, got {mode!r}")
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return None
-    found = [c for c in _epoch_checkpoints(ckpt_dir) if math.isfinite(c[1])]
+    found = [c for c in _epoch_checkpoints(ckpt_dir, key) if math.isfinite(c[1])]
     if not found:
         return None
-    return min(found, key=lambda c: (c[1], c[0]))[2]
+    sign = 1.0 if mode == "min" else -1.0
+    return min(found, key=lambda c: (sign * c[1], c[0]))[2]

@@ -16,6 +16,7 @@ from salt.utils import typed_config as check
 AUTOCAST = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 PRECISIONS = tuple(AUTOCAST)
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+MONITOR_MODES = ("auto", "min", "max")  # auto: min for a loss, max for any other metric
 
 
 def devices_setting(devices: Any, where: str = "trainer.devices") -> str | int | list[int]:
@@ -52,7 +53,8 @@ class TrainerConfig:
     devices: Any = "auto"  # auto | N | [ids]: several devices run DDP
     fast_dev_run: int = 0  # N > 0: N train and N val batches, nothing written
     gradient_clip_val: float | None = None  # max gradient norm (null: no clipping)
-    monitor: str = "auto"  # the validation loss that names checkpoints and picks the best
+    monitor: str = "auto"  # the validation metric that names checkpoints and picks the best
+    monitor_mode: str = "auto"  # auto | min | max: whether its lowest or highest value is best
     ckpt_every_n_steps: int = 1000  # also refresh last.ckpt mid-epoch (0: only per epoch)
     progress_bar: bool = True
     # DDP: how long a rank waits in a collective for the others before the run stops with the
@@ -66,6 +68,7 @@ class TrainerConfig:
         self.precision = self.precision.lower().replace("-mixed", "").replace("-true", "")
         check.one_of(self.precision, f"{where}.precision", PRECISIONS)
         check.one_of(self.accelerator, f"{where}.accelerator", ACCELERATORS)
+        check.one_of(self.monitor_mode, f"{where}.monitor_mode", MONITOR_MODES)
         devices_setting(self.devices, f"{where}.devices")
         if self.max_epochs == -1:
             if self.max_steps <= 0:

@@ -334,9 +334,9 @@ def _fit(run: Run) -> Run:
             validation = validate(run)
             metrics = validation.metrics
             c.epoch_complete = complete
-            if metrics[run.monitor] <= c.best_val_loss:
-                best = (c.epoch, metrics)
-            c.best_val_loss = min(c.best_val_loss, metrics[run.monitor])
+            value = run.monitor.value(metrics)  # trainer.monitor (salt.training.monitor)
+            if run.monitor.improves(value, c.best_val_loss):
+                best, c.best_val_loss = (c.epoch, metrics), value
             last = (c.epoch, metrics)
             run.logger.log_metrics(metrics | {"epoch": c.epoch}, step=c.step, epoch=c.epoch)
             if validation.confusion is not None and validation.class_names is not None:
@@ -347,7 +347,7 @@ def _fit(run: Run) -> Run:
             if dist.is_main:
                 print(f"epoch {c.epoch}: {epoch_line(metrics)}", flush=True)
             if not fast:
-                save(run, ckpt.checkpoint_name(c.epoch, metrics[run.monitor]))
+                save(run, run.monitor.checkpoint_name(c.epoch, value))
             if not complete:
                 break  # max_steps reached mid-epoch: a resume continues this epoch
             c.epoch, c.epoch_complete = c.epoch + 1, False

@@ -1,6 +1,8 @@
 """The optimizer and its learning-rate schedule (the `optimizer` node), as the old tool's GN2:
-AdamW with a one-cycle schedule, initial -> max over `pct_start` of the steps, then cosine
-down to `end`."""
+AdamW (or Lion, `name: lion`, as the old tool's GN3 configs) with a one-cycle schedule,
+initial -> max over `pct_start` of the steps, then cosine down to `end`. The schedule also
+cycles the first beta of either (0.95 -> 0.85 -> 0.95, torch's OneCycleLR default), as the
+old tool's."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from salt.training.lion import Lion
 from salt.utils import typed_config as check
+
+OPTIMIZERS = ("adamw", "lion")
 
 log = logging.getLogger("salt")
 
@@ -23,6 +28,7 @@ log = logging.getLogger("salt")
 class OptimizerConfig:
     """The `optimizer` node."""
 
+    name: str = "adamw"  # adamw | lion (the old tool's names AdamW and lion are read too)
     initial: float = 1.0e-7  # learning rate at the first step
     max: float = 5.0e-4  # at pct_start of the steps
     end: float = 1.0e-5  # at the last step
@@ -30,6 +36,8 @@ class OptimizerConfig:
     weight_decay: float = 1.0e-5
 
     def check(self, where: str) -> None:
+        self.name = self.name.lower()
+        check.one_of(self.name, f"{where}.name", OPTIMIZERS)
         for key in ("initial", "max", "end"):
             if not getattr(self, key) > 0:
                 raise check.ConfigError(f"{where}.{key} must be > 0, got {getattr(self, key)!r}")
@@ -41,6 +49,20 @@ def adamw(parameters: Iterable[nn.Parameter], cfg: OptimizerConfig) -> torch.opt
     """AdamW, fused (one kernel for all parameters, CPU and CUDA): it can also skip a step on
     the device (`found_inf`), which the loop's non-finite check relies on."""
     return torch.optim.AdamW(parameters, lr=cfg.max, weight_decay=cfg.weight_decay, fused=True)
+
+
+def lion(parameters: Iterable[nn.Parameter], cfg: OptimizerConfig) -> Lion:
+    """Lion with its defaults (betas 0.9, 0.99) and `weight_decay` decoupled as in the paper
+    (multiplied by the learning rate); it skips a non-finite step on the device, as AdamW."""
+    return Lion(parameters, lr=cfg.max, weight_decay=cfg.weight_decay)
+
+
+def build_optimizer(
+    parameters: Iterable[nn.Parameter], cfg: OptimizerConfig
+) -> torch.optim.Optimizer:
+    """The optimizer `cfg.name` over `parameters` (the trainable ones: frozen parameters,
+    `finetune.freeze`, are left out)."""
+    return lion(parameters, cfg) if cfg.name == "lion" else adamw(parameters, cfg)
 
 
 class Schedule:

@@ -1,5 +1,6 @@
 """What a run reports: the rejections at 70% b-jet efficiency on the validation jets, the line
-printed for each epoch, the summary at its end, and the validation loss it monitors."""
+printed for each epoch and the summary at its end (the metric it monitors:
+salt.training.monitor)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from salt import models
-from salt.errors import ConfigError
 from salt.training.distributed import all_gather_object
 
 if TYPE_CHECKING:
@@ -53,16 +52,14 @@ def rejections_at(
     }
 
 
-def monitored(name: str, tagger: models.Tagger) -> str:
-    """The validation metric that names the epoch checkpoints and picks the best one
-    (`trainer.monitor`; auto: the jet flavour task's loss, as the old tool, else the total)."""
-    if name == "auto":
-        task = tagger.flavour_task()
-        return f"val/{task.name}_loss" if task is not None else "val/loss"
-    losses = ["val/loss", *(f"val/{t}_loss" for t in tagger.tasks)]
-    if name not in losses:
-        raise ConfigError(f"trainer.monitor={name!r}: expected auto or one of {losses}.")
-    return name
+def rejection_metrics(class_names: list[str]) -> list[str]:
+    """The names `rejections_at` gives its rejections for these jet classes (none without b,
+    c and u), e.g. `val/light_rej_70`."""
+    from salt.evaluation.performance import BACKGROUNDS, REQUIRED_CLASSES
+
+    if any(c not in class_names for c in REQUIRED_CLASSES):
+        return []
+    return [f"val/{name}_rej_{REJECTION_WP}" for c, name in BACKGROUNDS.items() if c in class_names]
 
 
 def epoch_line(metrics: Mapping[str, float]) -> str:

@@ -43,9 +43,10 @@ from salt.training.distributed import (
     collective,
     detect_environment,
 )
+from salt.training.finetune import finetune
 from salt.training.kept import Kept
-from salt.training.optim import Schedule, adamw
-from salt.training.report import monitored
+from salt.training.monitor import monitored
+from salt.training.optim import Schedule, build_optimizer
 from salt.training.run_dir import (
     RUN_COPIES,
     check_log_dir,
@@ -55,7 +56,7 @@ from salt.training.run_dir import (
     run_copy,
     write_run_files,
 )
-from salt.training.state import Counters, Run, check_model_config
+from salt.training.state import Counters, Run, check_model_config, check_optimizer
 from salt.utils.typed_config import as_plain
 
 log = logging.getLogger("salt")
@@ -152,6 +153,18 @@ def data_parallel(tagger: nn.Module, dist: DistInfo) -> nn.Module:
         return ddp(tagger, device_ids=ids, **{no_sync: False})
 
 
+def resume_source(cfg: TrainConfig, requeued: Path | None, dist: DistInfo) -> str | Path | None:
+    """The checkpoint the run continues from: ``ckpt_path``, or for a requeued job the latest
+    of its own run directory."""
+    resume_from: str | Path | None = cfg.ckpt_path
+    if requeued is not None:
+        resume_from = ckpt.latest_checkpoint(requeued / "ckpts") or resume_from
+        if dist.is_main:  # the killed attempt's partial writes only hold disk space
+            ckpt.remove_temp_files(requeued / "ckpts")
+        log.info("salt: requeued job continues %s from %s", requeued, resume_from)
+    return resume_from
+
+
 def setup(
     config: TrainConfig | DictConfig,
     dist: DistInfo,
@@ -199,7 +212,12 @@ def setup(
         else None
     )
     tagger = models.build_tagger(cfg.model, class_dict).to(dist.device)
-    monitor = monitored(cfg.trainer.monitor, tagger)
+    resume_from = resume_source(cfg, requeued, dist)
+    # another run's weights for a new run; a resumed one has them in its own checkpoint
+    tuned = finetune(tagger, cfg.finetune, dist.device, load=not resume_from)
+    if tuned is not None and dist.is_main:
+        log.info(tuned.summary())
+    monitor = monitored(cfg.trainer.monitor, cfg.trainer.monitor_mode, tagger)
     amp = cfg.trainer.autocast_dtype
     if dist.device.type == "cpu" and dist.is_main and (slow := cpu_autocast_warning(amp)):
         log.warning(slow)
@@ -212,20 +230,16 @@ def setup(
         model = data_parallel(tagger, dist)
 
     total_steps = planned_steps(cfg.trainer, len(train_loader))
-    optimizer = adamw(tagger.parameters(), cfg.optimizer)
+    trainable = [p for p in tagger.parameters() if p.requires_grad]  # not finetune.freeze's
+    optimizer = build_optimizer(trainable, cfg.optimizer)
     scheduler = Schedule(optimizer, cfg.optimizer, total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp is torch.float16)
 
-    counters = Counters()
-    resume_from = cfg.ckpt_path
-    if requeued is not None:
-        resume_from = ckpt.latest_checkpoint(requeued / "ckpts") or resume_from
-        if dist.is_main:  # the killed attempt's partial writes only hold disk space
-            ckpt.remove_temp_files(requeued / "ckpts")
-        log.info("salt: requeued job continues %s from %s", requeued, resume_from)
+    counters = Counters(best_val_loss=monitor.worst, monitor=monitor.name)
     loaded = ckpt.load_checkpoint(resume_from, map_location=dist.device) if resume_from else None
     if loaded is not None:  # before anything is written: a mismatch leaves no run directory
         check_model_config(loaded.get("config"), cfg.model.plain(), Path(resume_from))
+        check_optimizer(loaded, cfg.optimizer.name, len(trainable), Path(resume_from))
         kept.saved(Path(resume_from), int(loaded["counters"]["step"]))
 
     run_dir = None
@@ -262,6 +276,7 @@ def setup(
                 },
                 extra={
                     "resumed_from": str(resume_from) if resume_from else None,
+                    "finetuned_from": tuned.metadata(cfg.finetune) if tuned else None,
                     "world_size": dist.world_size,
                 },
             )

@@ -30,6 +30,7 @@ from salt.training.device_batches import DeviceBatches
 from salt.training.distributed import DistInfo, all_gather_object, broadcast_object
 from salt.training.kept import Kept
 from salt.training.loss_window import LossWindow
+from salt.training.monitor import Monitor, continue_best
 from salt.training.optim import Schedule
 from salt.utils.atomic import atomic_path
 from salt.utils.nested import flatten
@@ -44,7 +45,8 @@ class Counters:
     epoch: int = 0
     step: int = 0
     epoch_complete: bool = False
-    best_val_loss: float = math.inf
+    best_val_loss: float = math.inf  # the best value of the monitored metric so far
+    monitor: str = ""  # which metric that is (salt.training.monitor.Monitor.name)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -52,12 +54,14 @@ class Counters:
             "step": self.step,
             "epoch_complete": self.epoch_complete,
             "best_val_loss": self.best_val_loss,
+            "monitor": self.monitor,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.epoch_complete = bool(state["epoch_complete"])
         self.best_val_loss = float(state["best_val_loss"])
+        self.monitor = str(state.get("monitor", ""))  # "": a checkpoint from before it
 
 
 @dataclass
@@ -78,7 +82,7 @@ class Run:
     run_dir: Path | None
     total_steps: int
     autocast_dtype: torch.dtype | None
-    monitor: str = "val/loss"  # names the epoch checkpoints, picks the best (trainer.monitor)
+    monitor: Monitor = field(default_factory=Monitor)  # names the epoch checkpoints, picks the best
     stop: Catch | None = None  # the stop request (salt.signals.stop_request)
     losses: LossWindow = field(default_factory=LossWindow)  # read every log_every_n_steps
     kept: Kept = field(default_factory=Kept)  # the last complete checkpoint, for a stop's line
@@ -108,6 +112,7 @@ class Run:
             # every DDP rank's generators: dropout draws differ per rank (batch shapes differ)
             "rng_per_rank": rng_per_rank,
             "config": self.cfg.model.plain(),
+            "optimizer_name": self.cfg.optimizer.name,  # its state fits no other optimizer
         }
 
     def load_state_dict(self, state: Mapping[str, Any], path: Path) -> None:
@@ -117,6 +122,7 @@ class Run:
             part.load_state_dict(state[name])
         for group in self.optimizer.param_groups:  # as configured now (resume may change it)
             group["weight_decay"] = self.cfg.optimizer.weight_decay
+        continue_best(self.counters, self.monitor)  # trainer.monitor may change too
         self._load_rng(state, path)
         log.info(
             "salt: resumed from %s at epoch %d, step %d",
@@ -164,6 +170,27 @@ def check_model_config(saved: Any, current: Any, path: Path) -> None:
         raise ckpt.CheckpointError(
             f"{path}: checkpoint was trained with a different model config: {shown}{more}. "
             "Resume with that run's config.yaml (resume=<run dir> does so)."
+        )
+
+
+def check_optimizer(state: Mapping[str, Any], current: str, trainable: int, path: Path) -> None:
+    """A checkpoint's optimizer state (its moments) only continues the optimizer that made it,
+    over the same parameters (`finetune.freeze` leaves some out); a checkpoint from before
+    the name was saved was trained with AdamW."""
+    saved = state.get("optimizer_name") or "adamw"
+    if saved != current:
+        raise ckpt.CheckpointError(
+            f"{path}: checkpoint was trained with optimizer.name={saved}, the config has "
+            f"{current}; resume with optimizer.name={saved}, or start a new run from its "
+            f"weights with finetune.ckpt_path={path}."
+        )
+    groups = (state.get("optimizer") or {}).get("param_groups") or []
+    count = sum(len(group["params"]) for group in groups)
+    if groups and count != trainable:
+        raise ckpt.CheckpointError(
+            f"{path}: checkpoint's optimizer trained {count} parameter tensors, this run "
+            f"trains {trainable}: other parameters are frozen (finetune.freeze); resume with "
+            "the run's own finetune settings."
         )
 
 
