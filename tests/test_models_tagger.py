@@ -46,10 +46,14 @@ def batch_with_padding(tagger: Tagger, pad: torch.Tensor, g: torch.Generator) ->
             inputs[input_type] = torch.randn(batch_size, len(names), generator=g)
     labels: dict[str, dict[str, torch.Tensor]] = {t: {} for t in ("jets", *masks)}
     for task in tagger.tasks.values():
+        # regression: every target and denominator (positive, as momenta), then the label
+        for name in [*getattr(task, "targets", []), *(getattr(task, "denominators", None) or [])]:
+            if task.input_type == "jets":
+                labels["jets"][name] = torch.rand(batch_size, generator=g) + 0.5
         if task.input_type == "jets" and task.class_names is not None:
             y = torch.randint(0, len(task.class_names), (batch_size,), generator=g)
         elif task.input_type == "jets":
-            y = torch.randn(batch_size, generator=g)
+            y = torch.randn(batch_size, generator=g).abs() + 0.5
         else:
             high = len(task.class_names) if task.class_names is not None else 3
             y = torch.randint(-1, high, (batch_size, num_tracks), generator=g)

@@ -26,10 +26,10 @@ def rejections_at(
 ) -> dict[str, float]:
     """`val/<flavour>_rej_70`: background rejections at 70% b-jet efficiency (D_b with
     f_c = 0.2, as salt.evaluate) on every rank's validation jets; none without b, c, u."""
-    from salt.evaluation.performance import REQUIRED_CLASSES, b_tagging_performance
+    from salt.evaluation.performance import b_tagging_performance
     from salt.evaluation.predictions import JetScores
 
-    if any(c not in class_names for c in REQUIRED_CLASSES):
+    if not rejection_metrics(class_names):
         return {}
     local = (
         (torch.cat(scores).cpu().numpy(), torch.cat(classes).cpu().numpy())
@@ -53,13 +53,17 @@ def rejections_at(
 
 
 def rejection_metrics(class_names: list[str]) -> list[str]:
-    """The names `rejections_at` gives its rejections for these jet classes (none without b,
-    c and u), e.g. `val/light_rej_70`."""
-    from salt.evaluation.performance import BACKGROUNDS, REQUIRED_CLASSES
+    """The names `rejections_at` gives its rejections for these jet classes, e.g.
+    `val/light_rej_70` (none without b, c and light classes: salt's b, c, u or ftag's bjets,
+    cjets, ujets)."""
+    from salt.evaluation.performance import RESULT_NAMES, SIGNAL, check_classes, jet_flavours
 
-    if any(c not in class_names for c in REQUIRED_CLASSES):
+    try:
+        check_classes(class_names)
+    except ValueError:
         return []
-    return [f"val/{name}_rej_{REJECTION_WP}" for c, name in BACKGROUNDS.items() if c in class_names]
+    flavours = [f.name for f in jet_flavours(class_names).values()]
+    return [f"val/{RESULT_NAMES[f]}_rej_{REJECTION_WP}" for f in flavours if f != SIGNAL]
 
 
 def epoch_line(metrics: Mapping[str, float]) -> str:
