@@ -62,8 +62,11 @@ def rejection_metrics(class_names: list[str]) -> list[str]:
         check_classes(class_names)
     except ValueError:
         return []
-    flavours = [f.name for f in jet_flavours(class_names).values()]
-    return [f"val/{RESULT_NAMES[f]}_rej_{REJECTION_WP}" for f in flavours if f != SIGNAL]
+    present = {f.name for f in jet_flavours(class_names).values()}
+    # light, c, tau: the order of the printed line
+    return [
+        f"val/{n}_rej_{REJECTION_WP}" for f, n in RESULT_NAMES.items() if f in present - {SIGNAL}
+    ]
 
 
 def epoch_line(metrics: Mapping[str, float]) -> str:
