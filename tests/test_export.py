@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from salt.data.ftag import norm_arrays
 from salt.errors import ConfigError, ExportError
+from salt.evaluate import evaluate
 from salt.evaluation.run import load_run
 from salt.export import export
 from salt.onnx.model import graph_schema, read_gnn_config
@@ -39,7 +40,7 @@ from tests.conftest import (
     read_only_view,
     small_tmpfs,
 )
-from tests.test_evaluate import make_run_dir
+from tests.test_evaluate import compose_evaluate, make_run_dir
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -267,23 +268,33 @@ def test_other_architectures_export_with_parity(sample: Path, tmp_path: Path, co
 def test_several_object_types_export_as_athena_names_them(sample: Path, tmp_path: Path) -> None:
     """Tracks, flows and electrons: one input per type (flow_features [n_flows, 5] ...), the
     metadata's sequences named as the old tool names them, parity jet by jet."""
+    flow_charge = {  # a task on the flows: its outputs per flow
+        "type": "classification",
+        "input": "flows",
+        "label": "isCharged",
+        "class_names": ["neutral", "charged"],
+        "hidden_layers": [8],
+        "context": True,
+    }
     run_dir = make_run_dir(
         tmp_path,
         sample,
-        "+model.variables.flows=[pt,energy,deta,dphi,isCharged]",
+        "+model.variables.flows=[pt,energy,deta,dphi]",
         "+model.variables.electrons=[pt,ptfrac,dr,eProbabilityHT]",
         "model.embed_dim=32",
         "model.init_net.hidden_layers=[32]",
         "model.encoder.num_layers=1",
+        tasks={"flow_charge": flow_charge},
     )
-    result = export(compose_export(run_dir, ALL_TASKS, "parity.num_jets=80"))
+    tasks = "tasks=[jet_classification,track_origin,track_vertexing,flow_charge]"
+    result = export(compose_export(run_dir, tasks, "parity.num_jets=80"))
     assert not result.parity.failures() and result.max_difference <= 1e-5
     model_bytes = result.path.read_bytes()
     schema = graph_schema(model_bytes)["inputs"]
     assert schema == {
         "jet_features": {"dtype": "float32", "shape": [1, 2]},
         "track_features": {"dtype": "float32", "shape": ["n_tracks", TRACK_VARS]},
-        "flow_features": {"dtype": "float32", "shape": ["n_flows", 5]},
+        "flow_features": {"dtype": "float32", "shape": ["n_flows", 4]},
         "electron_features": {"dtype": "float32", "shape": ["n_electrons", 4]},
     }
     meta = read_gnn_config(model_bytes, result.path)
@@ -293,10 +304,24 @@ def test_several_object_types_export_as_athena_names_them(sample: Path, tmp_path
         "flows_r22default_sd0sort",
         "electrons_r22default",
     ]
+    assert graph_schema(model_bytes)["outputs"]["GN2_FlowCharge"] == {
+        "dtype": "int8",
+        "shape": ["n_flows"],
+    }
+    assert result.parity.outputs["GN2_FlowCharge"].values > 1000  # one per flow, all equal
     # a jet without electrons and one with: both run
     with h5py.File(sample / "test.h5") as f:
         has = f["electrons"]["valid"][:200].any(1)
+        flows_valid = f["flows"]["valid"][:100]
     assert has.any() and (~has).any()
+    # the predictions file gets a `flows` dataset in the file's slot layout
+    evaluated = evaluate(compose_evaluate(run_dir, "write_tracks=true", "data.num_test=100"))
+    with h5py.File(evaluated.predictions) as f:
+        flows = f["flows"][:]
+    assert flows.shape == flows_valid.shape
+    total = flows["GN2_pneutral"].astype(np.float32) + flows["GN2_pcharged"]
+    np.testing.assert_allclose(total[flows_valid], 1.0, atol=2e-3)  # float16
+    assert (total[~flows_valid] == 0).all() and np.array_equal(flows["valid"], flows_valid)
 
 
 # ---- export options -------------------------------------------------------------------------

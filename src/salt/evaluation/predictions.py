@@ -20,6 +20,8 @@
   ``_stddev``) of the track regression tasks, the track tasks' truth labels and ``valid``,
   then the ``extra_track_vars``, copied slot by slot from the test file. Padded slots have
   probabilities 0, vertex index -1 and regression values NaN.
+- the same for every other object type with tasks (``flows``, ``electrons``...), named as the
+  test file's dataset, with ``write_tracks``.
 
 Regression values are in the targets' own units: the task's scaling inverted, times the
 target's denominator read (raw) from the test file; a Gaussian task's width σ goes through
@@ -64,7 +66,7 @@ from ftag import Flavours
 from torch import Tensor
 
 import salt
-from salt.data.ftag import DEFAULT_INPUT_MAP, VALID, DataError, not_numeric, open_h5
+from salt.data.ftag import DEFAULT_INPUT_MAP, VALID, DataError, dataset_of, not_numeric, open_h5
 from salt.data.labels import LabelSpec, class_indices
 from salt.errors import ConfigError
 from salt.evaluation.run import LoadedRun
@@ -259,8 +261,18 @@ def _dataset(src: h5py.File, name: str, path: Path) -> h5py.Dataset:
     return src[name]
 
 
+@dataclass
+class _ObjectOutput:
+    """The per-object outputs of one object type: read from ``src``, written to ``dataset``."""
+
+    src: h5py.Dataset
+    fields: list[_Field]
+    dataset: h5py.Dataset
+
+
 class PredictionWriter:
-    """Writes the ``jets`` (and ``tracks``) datasets batch by batch, in the test file's order."""
+    """Writes the ``jets`` dataset (and one per object type with tasks: ``tracks``, ``flows``...)
+    batch by batch, in the test file's order."""
 
     def __init__(
         self,
@@ -311,46 +323,66 @@ class PredictionWriter:
                     f"{problem}; expected integer labels for task {self.jet_task.name}."
                 )
         self.jets = self._create("jets", self.jet_fields, (num_jets,), self.jets_src)
-        self.track_fields: list[_Field] = []
-        self.tracks: h5py.Dataset | None = None
+        # per-object outputs: a dataset per object type with tasks (tracks, flows, ...), named
+        # as the test file's, in its slot layout; extra_track_vars writes the tracks' too
+        self.objects: dict[str, _ObjectOutput] = {}
         if write_tracks or extra_track_vars:
-            track_tasks = [t for t in tasks if t.input_type == "tracks"]
-            # the first track classification task is "the" origin task: <model>_p<class>
-            origin = next((t for t in track_tasks if isinstance(t, ClassificationTask)), None)
-            self.tracks_src = _dataset(src, imap["tracks"], self.path)
-            if self.tracks_src.ndim != 2:
-                raise DataError(
-                    f"{self.path}: dataset '{imap['tracks']}' has shape {self.tracks_src.shape}; "
-                    "the predictions' tracks (write_tracks, extra_track_vars) need "
-                    "(n_jets, n_slots)."
+            types = [t for t in run.tagger.object_types if any(k.input_type == t for k in tasks)]
+            if extra_track_vars and "tracks" not in types:
+                types.append("tracks")
+            for input_type in types:
+                extra = extra_track_vars if input_type == "tracks" else ()
+                self.objects[input_type] = self._object_output(
+                    input_type, tasks, imap, num_jets, extra, half_precision
                 )
-            _check_source(self.tracks_src, _denominators(track_tasks), DENOMINATORS, self.path)
-            value_dtype = HALF_DTYPE if half_precision else PROBABILITY_DTYPE
-            track_truth = _unique([*(v for t in track_tasks for v in _truth(t)), VALID])
-            unprefixed = _unprefixed(run.name, track_tasks, origin)
-            self.track_fields = _layout(
-                _prediction_fields(
-                    run.name, track_tasks, unprefixed, TRACK_PROBABILITY_DTYPE, value_dtype
-                ),
-                self.tracks_src,
-                track_truth,
-                "write_tracks (track truth)",
-                self.path,
-            )
-            self.track_fields = _layout(
-                self.track_fields,
-                self.tracks_src,
-                [v for v in _unique(extra_track_vars) if v not in track_truth],
-                "extra_track_vars",
-                self.path,
-            )
-            shape = (num_jets, self.tracks_src.shape[1])
-            self.tracks = self._create("tracks", self.track_fields, shape, self.tracks_src)
         self.num_jets = num_jets
         self._overflow_warned: set[str] = set()
         self.offset = 0
         self._probs: list[np.ndarray] = []
         self._truth: list[np.ndarray] = []
+
+    def _object_output(
+        self,
+        input_type: str,
+        tasks: Sequence[Task],
+        imap: Mapping[str, str],
+        num_jets: int,
+        extra_vars: Sequence[str],
+        half_precision: bool,
+    ) -> _ObjectOutput:
+        """The dataset of one object type's outputs, its truth and ``extra_vars``."""
+        own = [t for t in tasks if t.input_type == input_type]
+        # the first classification task is "the" one of its objects: <model>_p<class>
+        first = next((t for t in own if isinstance(t, ClassificationTask)), None)
+        name = dataset_of(imap, input_type)
+        src = _dataset(self.src, name, self.path)
+        if src.ndim != 2:
+            raise DataError(
+                f"{self.path}: dataset '{name}' has shape {src.shape}; the predictions' "
+                f"{input_type} (write_tracks, extra_track_vars) need (n_jets, n_slots)."
+            )
+        _check_source(src, _denominators(own), DENOMINATORS, self.path)
+        value_dtype = HALF_DTYPE if half_precision else PROBABILITY_DTYPE
+        truth = _unique([*(v for t in own for v in _truth(t)), VALID])
+        unprefixed = _unprefixed(self.run.name, own, first)
+        fields = _layout(
+            _prediction_fields(
+                self.run.name, own, unprefixed, TRACK_PROBABILITY_DTYPE, value_dtype
+            ),
+            src,
+            truth,
+            f"write_tracks ({input_type} truth)",
+            self.path,
+        )
+        fields = _layout(
+            fields,
+            src,
+            [v for v in _unique(extra_vars) if v not in truth],
+            "extra_track_vars",
+            self.path,
+        )
+        shape = (num_jets, src.shape[1])
+        return _ObjectOutput(src, fields, self._create(name, fields, shape, src))
 
     def _create(
         self, name: str, fields: list[_Field], shape: tuple[int, ...], like: h5py.Dataset
@@ -364,7 +396,7 @@ class PredictionWriter:
             ds.attrs[key] = value
         return ds
 
-    def write(self, outputs: Mapping[str, Tensor], pad_mask: Tensor | None) -> None:
+    def write(self, outputs: Mapping[str, Tensor], pad_masks: Mapping[str, Tensor]) -> None:
         """Write the next batch of model outputs (raw, as the tagger returns them)."""
         probs = self.run.tagger.predict(outputs)
         n = len(next(iter(probs.values())))
@@ -373,16 +405,14 @@ class PredictionWriter:
             raise RuntimeError(f"more jets predicted than the {self.num_jets} expected")
         probs = {**probs, **self._regression_values(outputs, rows)}
         self.jets[rows] = self._rows(self.jet_fields, self.jets_src, rows, probs, None)
-        if self.tracks is not None:
-            assert pad_mask is not None
-            if pad_mask.shape[1] != self.tracks.shape[1]:
+        for input_type, obj in self.objects.items():
+            pad_mask = pad_masks[input_type]
+            if pad_mask.shape[1] != obj.dataset.shape[1]:
                 raise RuntimeError(
-                    f"track slots of the batch ({pad_mask.shape[1]}) differ from the file's "
-                    f"({self.tracks.shape[1]}): evaluate with trim_tracks=False"
+                    f"{input_type} slots of the batch ({pad_mask.shape[1]}) differ from the "
+                    f"file's ({obj.dataset.shape[1]}): evaluate with trim_tracks=False"
                 )
-            self.tracks[rows] = self._rows(
-                self.track_fields, self.tracks_src, rows, probs, pad_mask
-            )
+            obj.dataset[rows] = self._rows(obj.fields, obj.src, rows, probs, pad_mask)
         if self.jet_task is not None:
             scores = probs[self.jet_task.name].float().cpu().numpy()
             self._probs.append(scores.astype(self.score_dtype))
@@ -395,13 +425,13 @@ class PredictionWriter:
         """The regression tasks' values in the targets' units: times their denominators, read
         raw from the test file's dataset of the task's objects (jets or tracks)."""
         values = {}
-        written = ("jets", "tracks") if self.tracks is not None else ("jets",)
+        sources = {"jets": self.jets_src, **{t: o.src for t, o in self.objects.items()}}
         for name, task in self.run.tagger.tasks.items():
-            if not isinstance(task, RegressionTask) or task.input_type not in written:
+            if not isinstance(task, RegressionTask) or task.input_type not in sources:
                 continue
             denominators = None
             if task.denominators is not None:
-                src = self.jets_src if task.input_type == "jets" else self.tracks_src
+                src = sources[task.input_type]
                 raw = src.fields(task.denominators)[rows]
                 columns = [raw[d].astype(np.float32) for d in task.denominators]
                 denominators = torch.from_numpy(np.stack(columns, axis=-1))
@@ -522,7 +552,7 @@ def write_predictions(
                 inputs = {k: v.to(run.device) for k, v in batch["inputs"].items()}
                 masks = {k: v.to(run.device) for k, v in batch["pad_masks"].items()}
                 outputs, _ = run.tagger(inputs, masks)
-                writer.write(outputs, masks.get("tracks"))
+                writer.write(outputs, masks)
                 out.check()  # a full disk stops the evaluation now, not after every batch
                 if bar is not None:
                     bar.update(len(next(iter(inputs.values()))))

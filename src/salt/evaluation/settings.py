@@ -44,7 +44,7 @@ class EvaluateConfig:
     run_dir: str | None = None  # the training run directory (logs/<name>_<stamp>)
     ckpt_path: str | None = None  # default: the checkpoint with the lowest validation loss
     data: EvaluationDataConfig = field(default_factory=EvaluationDataConfig)
-    write_tracks: bool = False  # add a `tracks` dataset of per-track outputs and truth
+    write_tracks: bool = False  # per-object outputs and truth: `tracks` (and `flows`...)
     extra_jet_vars: list[str] | None = None  # None: every variable of the test file's jets
     extra_track_vars: list[str] = field(default_factory=list)  # non-empty: writes `tracks`
     half_precision: bool = False  # predictions as float16 (copied variables keep their type)
