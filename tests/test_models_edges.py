@@ -100,15 +100,10 @@ def by_hand(kin: np.ndarray) -> np.ndarray:
             while dphi < -math.pi:
                 dphi += 2 * math.pi
             dr = math.sqrt((eta_j - eta_i) ** 2 + dphi**2)
-            p = [
-                sum(pt * f(x) for pt, f, x in ((pt_i, g, a), (pt_j, g, b)))
-                for g, a, b in (
-                    (math.cos, phi_i, phi_j),
-                    (math.sin, phi_i, phi_j),
-                    (math.sinh, eta_i, eta_j),
-                )
-            ]
-            mass2 = (e_i + e_j) ** 2 - sum(c * c for c in p)
+            px = pt_i * math.cos(phi_i) + pt_j * math.cos(phi_j)
+            py = pt_i * math.sin(phi_i) + pt_j * math.sin(phi_j)
+            pz = pt_i * math.sinh(eta_i) + pt_j * math.sinh(eta_j)
+            mass2 = (e_i + e_j) ** 2 - px**2 - py**2 - pz**2
             with np.errstate(divide="ignore"):
                 values = [
                     np.log(dr),
@@ -310,6 +305,16 @@ def test_varlen_is_refused_and_auto_never_chooses_it() -> None:
         build_tagger(cfg)
     tagger.backend = "auto"
     assert tagger.layout(torch.device("cpu")) == "packed"
+
+
+def test_auto_on_a_gpu_takes_the_padded_layout_with_edges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where `auto` would take varlen (CUDA, bf16 autocast, the kernel there), edges take padded."""
+    monkeypatch.setattr("salt.models.tagger.varlen_kernel", lambda: object())
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *args: True)
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda *args: torch.bfloat16)
+    cuda = torch.device("cuda")
+    assert build_tagger(multi_cfg()).layout(cuda) == "varlen"
+    assert edge_tagger(edge_cfg()).layout(cuda) == "padded"
 
 
 # ---- config errors ----------------------------------------------------------------------------
