@@ -550,11 +550,6 @@ def label_specs(model_cfg: ModelConfig | ModelNode) -> dict[str, dict[str, Label
 def _encoder(cfg: ModelConfig) -> TransformerEncoder:
     enc, att = cfg.encoder, cfg.attention
     num_heads, _ = resolve_heads(cfg.embed_dim, att.num_heads, att.head_dim, "model.attention")
-    edge_bias = None
-    if cfg.edges is not None:
-        edge_bias = EdgeBias(
-            cfg.edges.features, num_heads, cfg.edges.every_layer, **cfg.edges.layers()
-        )
     return TransformerEncoder(
         embed_dim=cfg.embed_dim,
         num_layers=enc.num_layers,
@@ -571,7 +566,6 @@ def _encoder(cfg: ModelConfig) -> TransformerEncoder:
         norm=str(enc.norm),
         norm_type=str(enc.norm_type),
         gated=enc.gated,
-        edge_bias=edge_bias,
     )
 
 
@@ -713,5 +707,11 @@ def build_tagger(
         for name, spec in cfg.tasks.items()
     }
     backend = backend or str(cfg.attention.backend)
-    edge_inputs = EdgeInputs(variables, cfg.edges, input_norm) if cfg.edges is not None else None
+    edge_inputs = None
+    if cfg.edges is not None:
+        # built last: every other weight is drawn as without edges (same seed, same weights)
+        edges = cfg.edges
+        heads = encoder.layers[0].attn.num_heads
+        encoder.edge_bias = EdgeBias(edges.features, heads, edges.every_layer, **edges.layers())
+        edge_inputs = EdgeInputs(variables, edges, input_norm)
     return Tagger(cfg.name, variables, init_nets, encoder, pooling, tasks, backend, edge_inputs)

@@ -229,7 +229,8 @@ class TransformerEncoder(nn.Module):
             if self.num_registers
             else None
         )
-        # last: an encoder without edges draws its weights as before
+        # registered last (built by the caller, `build_tagger`: after every other part, so the
+        # rest of a model with edges starts from the weights it has without them)
         self.edge_bias = edge_bias
 
     def _check_edges(self, edges: Tensor | None) -> None:
