@@ -96,13 +96,21 @@ def compose_evaluate(run_dir: Path, *overrides: str) -> DictConfig:
 
 
 def make_run_dir(
-    tmp: Path, sample: Path, *overrides: str, tasks: dict[str, dict] | None = None
+    tmp: Path,
+    sample: Path,
+    *overrides: str,
+    tasks: dict[str, dict] | None = None,
+    model: dict | None = None,
 ) -> Path:
     """A run directory without training: the composed config (``tasks`` added to the model's:
-    a command line cannot add one), the sample's dicts and a checkpoint of a freshly
+    a command line cannot add one; ``model`` merged into the model node: a command line cannot
+    fill a null one, such as model.edges), the sample's dicts and a checkpoint of a freshly
     initialised tagger (seeded)."""
     files = [f"data.{split}_file={sample / f'{split}.h5'}" for split in ("train", "val", "test")]
     cfg = compose_train(*files, *overrides)
+    if model:
+        with open_dict(cfg):
+            cfg.model = OmegaConf.merge(cfg.model, model)
     with open_dict(cfg.model.tasks):
         for name, task in (tasks or {}).items():
             cfg.model.tasks[name] = OmegaConf.merge(OmegaConf.structured(TaskConfig), task)

@@ -16,7 +16,7 @@ import logging
 import os
 import pwd
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -274,6 +274,21 @@ def norm_arrays(
         mean.append(m)
         inv_std.append(1.0 / s)
     return np.asarray(mean, np.float32), np.asarray(inv_std, np.float32)
+
+
+def input_norm(
+    norm_dict: Mapping, input_map: Mapping[str, str] | None = None, source: str = ""
+) -> Callable[[str, Sequence[str]], tuple[np.ndarray, np.ndarray]]:
+    """``(input_type, variables) -> (mean, 1/std)``: the numbers the loader normalises them
+    with (`norm_arrays` on the type's dataset), for a model that needs its raw inputs back
+    (``model.edges``) without reading the norm_dict itself."""
+    datasets = {**DEFAULT_INPUT_MAP, **dict(input_map or {})}
+
+    def lookup(input_type: str, variables: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        dataset = dataset_of(datasets, input_type)
+        return norm_arrays(norm_dict, input_type, dataset, variables, source)
+
+    return lookup
 
 
 def _as_spec(spec: LabelSpec | Mapping[int, int] | None) -> LabelSpec:

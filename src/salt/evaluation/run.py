@@ -20,7 +20,7 @@ from omegaconf import ListConfig
 from salt import models
 from salt.data.build import DataConfig, resolve_files
 from salt.data.dataset import expand_files
-from salt.data.ftag import DataError, load_yaml_dict, open_h5
+from salt.data.ftag import DataError, input_norm, load_yaml_dict, open_h5
 from salt.errors import ConfigError
 from salt.schema import TrainConfig, read_train_config
 from salt.training import checkpoint as ckpt
@@ -126,7 +126,8 @@ def load_run(run_dir: str | Path, ckpt_path: Any = None, device: Any = "cpu") ->
     if not isinstance(model_cfg, dict):
         raise ckpt.CheckpointError(f"{path}: the stored model config is not a mapping.")
     norm_dict = _norm_dict_of(run_dir, cfg)
-    tagger = models.build_tagger(model_cfg, loss_weights=False)  # inference: no loss
+    norm = input_norm(norm_dict, cfg.data.input_map)  # model.edges un-normalises with it
+    tagger = models.build_tagger(model_cfg, loss_weights=False, input_norm=norm)  # no loss
     try:
         tagger.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as err:

@@ -11,6 +11,11 @@ padded (a jet with no real tracks) receives a zero message instead of the NaN a 
 nothing gives; its gradients stay finite. Queries and keys may come from different sets
 (cross-attention: a class token attending to the tracks).
 
+`bias` (self-attention only: `model.edges`, `salt.models.edges`): a float `[B, H, Tq, Tk]` added
+to every head's logits (scaled dot-product: after the 1/sqrt(d) scaling; GATv2: to its scores);
+padded keys stay excluded (-inf). The packed layout takes it per block of equal-multiplicity
+jets (`[jets, H, n, n]`); the varlen kernel takes none.
+
 `head_norm` (the encoder's hybrid norm placement, `salt.models.transformer`) normalises the
 queries, keys and values of every head over head_dim after their projections (QK-norm and
 V-norm, as the old tool's hybrid layers do): per row and head, so the same on every layout.
@@ -27,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -264,35 +269,53 @@ class MultiheadAttention(nn.Module):
         """`[B, T, H*D] -> [B, H, T, D]`."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, q: Tensor, kv: Tensor | None = None, kv_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        q: Tensor,
+        kv: Tensor | None = None,
+        kv_mask: Tensor | None = None,
+        bias: Tensor | None = None,
+    ) -> Tensor:
         """Attend from `q[B, Tq, E]` to `kv[B, Tk, kv_dim]` (self-attention when kv is None).
 
-        `kv_mask[B, Tk]` is True for padded keys. Returns `[B, Tq, E]`.
+        `kv_mask[B, Tk]` is True for padded keys; `bias[B, H, Tq, Tk]` is added to the logits.
+        Returns `[B, Tq, E]`.
         """
         kv = q if kv is None else kv
         qh = self._heads(self._norm_heads(self.linear_q(q), 0))
         kh = self._heads(self._norm_heads(self.linear_k(kv), 1))
         vh = self._heads(self._norm_heads(self.linear_v(kv), 2))
-        return self._output(self._attend(qh, kh, vh, kv_mask), kv_mask)
+        return self._output(self._attend(qh, kh, vh, kv_mask, bias), kv_mask)
 
-    def forward_packed(self, x: Tensor, packing: Packing, varlen: bool = False) -> Tensor:
+    def forward_packed(
+        self,
+        x: Tensor,
+        packing: Packing,
+        varlen: bool = False,
+        bias: Sequence[Tensor] | None = None,
+    ) -> Tensor:
         """Self-attention of packed tracks `x[N, E]` (see `Packing`) -> `[N, E]`.
 
         Projections run on all tracks at once (one matrix product for q, k and v); the
         attention runs per block of jets with equal multiplicity, without padding, or with
-        `varlen` in one call over all jets (see the module docstring).
+        `varlen` in one call over all jets (see the module docstring). `bias`: one
+        `[jets, H, n, n]` per block, added to the logits (not with varlen).
         """
         weight = torch.cat([self.linear_q.weight, self.linear_k.weight, self.linear_v.weight])
-        bias = torch.cat([self.linear_q.bias, self.linear_k.bias, self.linear_v.bias])
-        qkv = F.linear(x, weight, bias)  # [N, 3E]
+        bias_qkv = torch.cat([self.linear_q.bias, self.linear_k.bias, self.linear_v.bias])
+        qkv = F.linear(x, weight, bias_qkv)  # [N, 3E]
         qkv = self._norm_joined(qkv, first=0)
         if varlen and self.gatv2 is None:
+            if bias is not None:
+                raise ValueError("varlen attention takes no logit bias; use packed or padded")
             return self.linear_out(self._attend_varlen(qkv, packing))
         messages = []
         with _attention_precision(qkv) as dtype:
-            for block in packing.split(qkv.to(dtype)):  # [jets, n, 3E]
+            blocks = packing.split(qkv.to(dtype))  # [jets, n, 3E] each
+            biases = [None] * len(blocks) if bias is None else [b.to(dtype) for b in bias]
+            for block, block_bias in zip(blocks, biases, strict=True):
                 qh, kh, vh = (self._heads(part) for part in block.chunk(3, dim=-1))
-                messages.append(self._attend(qh, kh, vh, None).to(qkv.dtype))
+                messages.append(self._attend(qh, kh, vh, None, block_bias).to(qkv.dtype))
         return self.linear_out(packing.merge(messages))
 
     def _attend_varlen(self, qkv: Tensor, packing: Packing) -> Tensor:
@@ -320,26 +343,39 @@ class MultiheadAttention(nn.Module):
         qh = self._heads(self._norm_heads(self.linear_q(q), 0))
         return self._output(self._attend(qh, kh, vh, packing.pad_mask), packing.pad_mask)
 
-    def _attend(self, qh: Tensor, kh: Tensor, vh: Tensor, kv_mask: Tensor | None) -> Tensor:
-        """Messages `[B, Tq, E]` (heads merged) from heads `[B, H, T, D]`; padded keys ignored.
+    def _attend(
+        self,
+        qh: Tensor,
+        kh: Tensor,
+        vh: Tensor,
+        kv_mask: Tensor | None,
+        bias: Tensor | None = None,
+    ) -> Tensor:
+        """Messages `[B, Tq, E]` (heads merged) from heads `[B, H, T, D]`; padded keys ignored;
+        `bias[B, H, Tq, Tk]` added to the logits.
 
         Queries whose keys are all padded get finite (meaningless) messages: see `_output`.
         """
         dropout = self.dropout if self.training else 0.0
         if self.gatv2 is not None:
             scores = self.gatv2(qh, kh)
+            if bias is not None:
+                scores = scores + bias.to(scores.dtype)
             if kv_mask is None:
                 weights = torch.softmax(scores, dim=-1)
             else:
                 weights = masked_softmax(scores, kv_mask[:, None, None, :])
             out = torch.matmul(F.dropout(weights, dropout, self.training), vh)
         else:
-            attend = None  # SDPA's boolean mask: True = take part in the attention
+            attend = None  # SDPA's boolean mask (True = take part) or float one (added)
             if kv_mask is not None:
                 # A row with nothing to attend gives NaN in some SDPA backends: such rows
                 # attend to all (padded) keys here and their message is zeroed in `_output`.
                 empty = kv_mask.all(dim=-1)
                 attend = (~kv_mask | empty[:, None])[:, None, None, :]
+            if bias is not None:
+                bias = bias.to(qh.dtype)
+                attend = bias if attend is None else bias.masked_fill(~attend, float("-inf"))
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attend, dropout_p=dropout)
         return out.transpose(1, 2).flatten(-2)
 

@@ -8,7 +8,9 @@ variable lists and the chosen parts:
   with several types, a learned embedding of the type is added, and the objects of a jet form
   one sequence (types in the order of `model.variables`);
 - encoder: `embed_dim` -> `encoder.out_dim`, with its register tokens appended to every
-  jet's objects (the pooling sees them, the object tasks do not);
+  jet's objects (the pooling sees them, the object tasks do not); with `edges`, the objects'
+  pair features (from their raw kinematics) as a bias of its attention logits
+  (`salt.models.edges`);
 - track representations: encoder out_dim + len(global variables) (global appended after
   the encoder);
 - pooled jet vector: the track representation size (global_attention) or the pooling's
@@ -37,6 +39,7 @@ from salt.models.attention import (
     varlen_kernel,
 )
 from salt.models.dense import Dense, DenseConfig
+from salt.models.edges import EdgeBias, EdgeConfig, EdgeInputs, InputNorm
 from salt.models.multitask import LOSS_MODE_ALIASES, LOSS_MODES, total_loss
 from salt.models.packing import Packing
 from salt.models.pooling import (
@@ -74,6 +77,7 @@ class ModelConfig:
     pooling: PoolingConfig = MISSING
     tasks: dict[str, TaskConfig] = MISSING
     loss_mode: str = "weighted_sum"  # weighted_sum | GLS (geometric mean; task weights 1)
+    edges: EdgeConfig | None = None  # pair features as an attention bias (null: none)
 
     @classmethod
     def read(cls, node: ModelConfig | ModelNode) -> ModelConfig:
@@ -105,6 +109,14 @@ class ModelConfig:
                 f"{where}.variables must list the variables of at least one object type "
                 "(tracks, flows, ...) besides jets and global"
             )
+        if self.edges is not None:
+            self.edges.check(f"{where}.edges", self.variables)
+            if self.attention.backend == "varlen":
+                raise ModelConfigError(
+                    f"{where}.attention.backend=varlen cannot add {where}.edges' bias to the "
+                    "attention logits (the flash varlen kernel takes none); use auto, packed or "
+                    f"padded, or {where}.edges=null"
+                )
         if not self.tasks:
             raise ModelConfigError(f"{where}.tasks must map task names to task settings")
         for name, task in self.tasks.items():
@@ -149,6 +161,9 @@ class Tagger(nn.Module):
       one graph for `torch.compile`); what tracing (ONNX export) records;
     - `auto`: packed on CPU; on CUDA varlen under fp16/bf16 autocast where torch has the
       kernel and the attention is scaled dot-product, else padded.
+
+    With edge features (`edge_inputs`, the encoder's `edge_bias`), varlen is refused (its
+    kernel adds no bias to the logits) and `auto` never chooses it.
     """
 
     def __init__(
@@ -161,10 +176,15 @@ class Tagger(nn.Module):
         tasks: Mapping[str, Task],
         backend: str = "auto",
         loss_mode: str = "weighted_sum",
+        edge_inputs: EdgeInputs | None = None,
     ) -> None:
         super().__init__()
         self.name = name
-        self.backend = check_backend(backend, encoder.attention_type)
+        if (edge_inputs is None) != (encoder.edge_bias is None):
+            raise ValueError("edge_inputs and the encoder's edge_bias go together")
+        self.has_edges = edge_inputs is not None
+        self._attention_type = encoder.attention_type
+        self.backend = backend
         self.variables = {k: list(v) for k, v in variables.items()}
         self.object_types = object_types(self.variables)
         self.init_nets = nn.ModuleDict({t: init_nets[t] for t in self.object_types})
@@ -177,8 +197,18 @@ class Tagger(nn.Module):
         self.encoder = encoder
         self.pooling = pooling
         self.tasks = nn.ModuleDict(tasks)
+        self.edge_inputs = edge_inputs
         self._register_load_state_dict_pre_hook(_rename_single_init_net)
         self.loss_mode = loss_mode  # how the task losses make "loss" (salt.models.multitask)
+
+    @property
+    def backend(self) -> str:
+        """How the encoder's self-attention is computed (`ATTENTION_BACKENDS`)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = check_backend(value, self._attention_type, self.has_edges)
 
     def _input(self, inputs: Mapping[str, Tensor], input_type: str) -> Tensor:
         """The batch input `input_type`, checked against its variable list."""
@@ -259,8 +289,9 @@ class Tagger(nn.Module):
         parts = [self._embed(k, t, objects[t], jets) for k, t in enumerate(types)]
         x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         pad_mask = masks[types[0]] if len(types) == 1 else torch.cat([masks[t] for t in types], 1)
+        edges = self._edges(objects, jets)
         # x: the objects, then the encoder's registers (seen by the pooling, not the tasks)
-        x, seq_mask = self.encoder(x, pad_mask)
+        x, seq_mask = self.encoder(x, pad_mask, edges)
         if glob is not None:
             glob = glob.to(x.dtype)
             x = _concat_masked(x, glob[:, None, :].expand(-1, x.shape[1], -1), seq_mask)
@@ -279,6 +310,14 @@ class Tagger(nn.Module):
             for name, task in self.tasks.items()
         }
 
+    def _edges(self, objects: Mapping[str, Tensor], jets: Tensor | None) -> Tensor | None:
+        """The objects' edge inputs `[B, T, C]` in the encoder's order (None without edges)."""
+        if self.edge_inputs is None:
+            return None
+        per_type = self.edge_inputs(objects, jets)
+        parts = [per_type[t] for t in self.object_types]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
     def layout(self, device: torch.device) -> str:
         """The layout a forward on `device` runs now: padded, packed or varlen (`backend`)."""
         if torch.jit.is_tracing():
@@ -292,7 +331,7 @@ class Tagger(nn.Module):
             torch.bfloat16,
         )
         varlen = self.encoder.attention_type == "scaled_dot_product" and varlen_kernel()
-        return "varlen" if low_precision and varlen else "padded"
+        return "varlen" if low_precision and varlen and not self.has_edges else "padded"
 
     def compile_for(self, layout: str, backend: str = "inductor") -> None:
         """torch.compile with dynamic shapes: no recompile as batch size and track count vary.
@@ -359,7 +398,11 @@ class Tagger(nn.Module):
         assert x is not None
         if unused:
             x = x + sum(unused)  # adds zero
-        x, seq = self.encoder.forward_packed(x, packing, varlen)  # seq: objects and registers
+        edges = self._edges(objects, jets)  # a few columns: packed from the padded layout
+        if edges is not None:
+            edges = packing.pack(edges)
+        # seq: objects and registers
+        x, seq = self.encoder.forward_packed(x, packing, varlen, edges)
         if glob is not None:
             x = torch.cat([x, seq.per_track(glob.to(x.dtype))], dim=-1)
         pooled = self.pooling.forward_packed(x, seq)
@@ -396,8 +439,8 @@ class Tagger(nn.Module):
         return {name: task.predict(outputs[name]) for name, task in self.tasks.items()}
 
 
-def check_backend(backend: str, attention_type: str) -> str:
-    """`backend` if it is one of ATTENTION_BACKENDS and fits the attention type."""
+def check_backend(backend: str, attention_type: str, edges: bool = False) -> str:
+    """`backend` if it is one of ATTENTION_BACKENDS and fits the attention type and edges."""
     if backend not in ATTENTION_BACKENDS:
         raise ModelConfigError(
             f"model.attention.backend={backend!r}: expected one of "
@@ -407,6 +450,11 @@ def check_backend(backend: str, attention_type: str) -> str:
         raise ModelConfigError(
             f"model.attention.backend=varlen needs scaled_dot_product attention (the flash "
             f"kernel computes no {attention_type} scores); use auto, packed or padded"
+        )
+    if backend == "varlen" and edges:
+        raise ModelConfigError(
+            "model.attention.backend=varlen cannot add model.edges' bias to the attention "
+            "logits (the flash varlen kernel takes none); use auto, packed or padded"
         )
     return str(backend)
 
@@ -671,13 +719,17 @@ def build_tagger(
     class_dict: Mapping[str, Any] | None = None,
     backend: str | None = None,
     loss_weights: bool = True,
+    input_norm: InputNorm | None = None,
 ) -> Tagger:
     """Build the tagger described by the `model` config node.
 
     `class_dict` ({input: {label: [weight per class]}}) supplies the class weights of tasks
     with `use_class_weights: true`; `loss_weights=False` builds for inference only (class
     weights only enter the training loss), without a class_dict. `backend` overrides
-    `model.attention.backend` (see `Tagger`).
+    `model.attention.backend` (see `Tagger`). `input_norm` (`salt.data.ftag.input_norm` of the
+    norm_dict and data.input_map): what the loader normalises the inputs with, for `model.edges`
+    to un-normalise the kinematics; a tagger with edges built without it does not run (its
+    weights are of use: see `EdgeInputs`).
     """
     cfg = ModelConfig.read(model_cfg)
     for name, spec in cfg.tasks.items():
@@ -705,4 +757,21 @@ def build_tagger(
         for name, spec in cfg.tasks.items()
     }
     backend = backend or str(cfg.attention.backend)
-    return Tagger(cfg.name, variables, init_nets, encoder, pooling, tasks, backend, cfg.loss_mode)
+    edge_inputs = None
+    if cfg.edges is not None:
+        # built last: every other weight is drawn as without edges (same seed, same weights)
+        edges = cfg.edges
+        heads = encoder.layers[0].attn.num_heads
+        encoder.edge_bias = EdgeBias(edges.features, heads, edges.every_layer, **edges.layers())
+        edge_inputs = EdgeInputs(variables, edges, input_norm)
+    return Tagger(
+        cfg.name,
+        variables,
+        init_nets,
+        encoder,
+        pooling,
+        tasks,
+        backend,
+        cfg.loss_mode,
+        edge_inputs,
+    )

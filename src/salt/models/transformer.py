@@ -23,6 +23,9 @@ As the old tool's (salt-ml) `Transformer`, which defines GN2 and GN3:
 - the feed-forward block is `W2 act(W1 x)`, or gated (`gated`: `W2 (act(W1 x) * W3 x)`,
   SwiGLU with SiLU; `salt.models.feed_forward`).
 
+With `model.edges` (`salt.models.edges`), an `EdgeBias` turns the objects' pair features into
+a bias of every layer's attention logits (or the first layer's): the registers' pairs get 0.
+
 Padded tracks never act as keys, so real-track outputs do not depend on them; padded outputs
 are set to zero. `forward_packed` computes the same on the real tracks (and the registers)
 only (see `salt.models.packing`): every norm acts on one token at a time, so placement and
@@ -40,10 +43,13 @@ from torch import Tensor, nn
 
 from salt.models.attention import MultiheadAttention
 from salt.models.dropout import Dropout
+from salt.models.edges import EdgeBias
 from salt.models.feed_forward import make_feed_forward
 from salt.models.norms import Norm, make_norm
 from salt.models.packing import Packing
 from salt.utils import typed_config as check
+
+_Bias = Tensor | list[Tensor] | None  # an edge bias: padded, or one per block of a packing
 
 
 class NormType(enum.StrEnum):
@@ -147,18 +153,29 @@ class EncoderLayer(nn.Module):
         for every batch."""
         self._feed_forward = torch.compile(self.feed_forward, dynamic=True, backend=backend)
 
-    def forward(self, x: Tensor, pad_mask: Tensor) -> Tensor:
-        x = self.attention_block(x, lambda h: self.attn(h, kv_mask=pad_mask))
+    def forward(self, x: Tensor, pad_mask: Tensor, bias: Tensor | None = None) -> Tensor:
+        """`bias[B, H, T, T]`: added to the attention logits (edge features)."""
+        x = self.attention_block(x, lambda h: self.attn(h, kv_mask=pad_mask, bias=bias))
         return self._feed_forward(x)
 
-    def forward_packed(self, x: Tensor, packing: Packing, varlen: bool = False) -> Tensor:
-        """The same layer on packed tracks `x[N, embed_dim]` (see `Packing`)."""
-        x = self.attention_block(x, lambda h: self.attn.forward_packed(h, packing, varlen))
+    def forward_packed(
+        self,
+        x: Tensor,
+        packing: Packing,
+        varlen: bool = False,
+        bias: list[Tensor] | None = None,
+    ) -> Tensor:
+        """The same layer on packed tracks `x[N, embed_dim]` (see `Packing`); `bias`: one per
+        block of `packing`."""
+        x = self.attention_block(
+            x, lambda h: self.attn.forward_packed(h, packing, varlen, bias=bias)
+        )
         return self._feed_forward(x)
 
 
 class TransformerEncoder(nn.Module):
-    """Registers, `num_layers` encoder layers, a projection to `out_dim` and a final norm."""
+    """Registers, `num_layers` encoder layers, a projection to `out_dim` and a final norm;
+    with `edge_bias`, the objects' pair features as a bias of the attention logits."""
 
     def __init__(
         self,
@@ -177,6 +194,7 @@ class TransformerEncoder(nn.Module):
         norm: str = Norm.LayerNorm,
         norm_type: str = NormType.pre,
         gated: bool = False,
+        edge_bias: EdgeBias | None = None,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -211,30 +229,68 @@ class TransformerEncoder(nn.Module):
             if self.num_registers
             else None
         )
+        # registered last (built by the caller, `build_tagger`: after every other part, so the
+        # rest of a model with edges starts from the weights it has without them)
+        self.edge_bias = edge_bias
 
-    def forward(self, x: Tensor, pad_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _check_edges(self, edges: Tensor | None) -> None:
+        if (edges is None) != (self.edge_bias is None):
+            raise ValueError(
+                "the encoder's edge inputs and its edge bias go together: "
+                f"edges {'given' if edges is not None else 'missing'}, edge bias "
+                f"{'built' if self.edge_bias is not None else 'not built'}"
+            )
+
+    def forward(
+        self, x: Tensor, pad_mask: Tensor, edges: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """`x[B, T, embed_dim]`, `pad_mask[B, T]` (True = padded) -> the tracks then the
-        registers, `[B, T + num_registers, out_dim]`, and their pad mask."""
+        registers, `[B, T + num_registers, out_dim]`, and their pad mask. `edges[B, T, C]`:
+        the objects' edge inputs (`salt.models.edges.EdgeInputs`), with an edge bias."""
+        self._check_edges(edges)
         if self.registers is not None:
             batch = x.shape[0]
             x = torch.cat([x, self.registers.to(x.dtype).expand(batch, -1, -1)], dim=1)
             pad_mask = torch.cat([pad_mask, pad_mask.new_zeros(batch, self.num_registers)], 1)
-        for layer in self.layers:
-            x = layer(x, pad_mask)
+            if edges is not None:  # registers have no kinematics: no bias on their pairs
+                extra = edges.new_zeros(batch, self.num_registers, edges.shape[-1])
+                edges = torch.cat([edges, extra], dim=1)
+        bias = None
+        if self.edge_bias is not None:
+            assert edges is not None
+            bias = self.edge_bias.padded(edges, pad_mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, pad_mask, self._layer_bias(bias, i))
         x = self.norm(self.out_proj(x))
         return x.masked_fill(pad_mask.unsqueeze(-1), 0.0), pad_mask
 
     def forward_packed(
-        self, x: Tensor, packing: Packing, varlen: bool = False
+        self, x: Tensor, packing: Packing, varlen: bool = False, edges: Tensor | None = None
     ) -> tuple[Tensor, Packing]:
         """The same encoder on packed tracks `x[N, embed_dim]`: the packed tracks and
         registers `[N + B * num_registers, out_dim]` and their packing (see
         `Packing.append_tokens`; its `tracks()` selects the track rows). `varlen`: the
-        self-attention in one varlen call (see `MultiheadAttention.forward_packed`)."""
+        self-attention in one varlen call (see `MultiheadAttention.forward_packed`).
+        `edges[N, C]`: the packed objects' edge inputs, with an edge bias (not with varlen)."""
+        self._check_edges(edges)
         if self.registers is not None:
             packing, order = packing.append_tokens(self.num_registers)
-            tokens = self.registers.to(x.dtype).expand(packing.pad_mask.shape[0], -1, -1)
+            batch = packing.pad_mask.shape[0]
+            tokens = self.registers.to(x.dtype).expand(batch, -1, -1)
             x = torch.cat([x, tokens.flatten(0, 1)]).index_select(0, order)
-        for layer in self.layers:
-            x = layer.forward_packed(x, packing, varlen)
+            if edges is not None:
+                extra = edges.new_zeros(batch * self.num_registers, *edges.shape[1:])
+                edges = torch.cat([edges, extra]).index_select(0, order)
+        bias = None
+        if self.edge_bias is not None:
+            assert edges is not None
+            bias = self.edge_bias.packed(edges, packing)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_packed(x, packing, varlen, self._layer_bias(bias, i))
         return self.norm(self.out_proj(x)), packing
+
+    def _layer_bias(self, bias: _Bias, index: int) -> _Bias:
+        """The edge bias layer `index` adds: every layer's, or the first's only."""
+        if self.edge_bias is None or (index and not self.edge_bias.every_layer):
+            return None
+        return bias

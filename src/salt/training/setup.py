@@ -26,7 +26,7 @@ from salt.data.build import (
 )
 from salt.data.class_names import fill_class_names
 from salt.data.dataset import BatchLoader
-from salt.data.ftag import load_yaml_dict
+from salt.data.ftag import input_norm, load_yaml_dict
 from salt.data.staging import stage, staging_root
 from salt.data.workers import loader_options, resolve_num_workers
 from salt.errors import StagingError
@@ -211,7 +211,11 @@ def setup(
         if files.class_dict
         else None
     )
-    tagger = models.build_tagger(cfg.model, class_dict).to(dist.device)
+    norm = None  # model.edges un-normalises its kinematics as the loader normalised them
+    if cfg.model.edges is not None:
+        norm_dict = load_yaml_dict(files.norm_dict, "norm_dict", "data.norm_dict")
+        norm = input_norm(norm_dict, cfg.data.input_map)
+    tagger = models.build_tagger(cfg.model, class_dict, input_norm=norm).to(dist.device)
     resume_from = resume_source(cfg, requeued, dist)
     # another run's weights for a new run; a resumed one has them in its own checkpoint
     tuned = finetune(tagger, cfg.finetune, dist.device, load=not resume_from)
