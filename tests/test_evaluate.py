@@ -103,8 +103,8 @@ def make_run_dir(
     model: dict | None = None,
 ) -> Path:
     """A run directory without training: the composed config (``tasks`` added to the model's:
-    a command line cannot add one; ``model`` merged into the model node: a command line cannot
-    fill a null one, such as model.edges), the sample's dicts and a checkpoint of a freshly
+    a command line cannot add one; ``model`` merged into the model node, e.g. model.edges
+    whole), the sample's dicts and a checkpoint of a freshly
     initialised tagger (seeded)."""
     files = [f"data.{split}_file={sample / f'{split}.h5'}" for split in ("train", "val", "test")]
     cfg = compose_train(*files, *overrides)

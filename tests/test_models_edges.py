@@ -157,7 +157,7 @@ def test_massless_objects_give_the_same_features_in_float32() -> None:
 def test_raw_kinematics_from_the_normalised_inputs() -> None:
     """`EdgeInputs` undoes the loader's normalisation; `jet_eta` adds the jet's eta."""
     cfg = ModelConfig.read(edge_cfg(jet_eta="eta"))
-    assert cfg.edges is not None
+    assert cfg.edges.enabled
     raw = torch.tensor(four_vectors(OBJECTS), dtype=torch.float32)[None]  # one jet
     flows = torch.zeros(1, len(OBJECTS), TYPES["flows"])
     norm = NORM["flows"]
@@ -328,7 +328,10 @@ def test_auto_on_a_gpu_takes_the_padded_layout_with_edges(monkeypatch: pytest.Mo
     ("edges", "message"),
     [
         ({"features": ["dR", "dEta"]}, r"^model\.edges\.features: Invalid value 'dEta'"),
-        ({"features": []}, r"^model\.edges\.features: choose at least one of \['dR'"),
+        (
+            {"features": []},
+            r"^model\.edges\.features is empty \(edges off\) but model\.edges\.kinematics is set",
+        ),
         ({"features": ["z", "z"]}, r"^model\.edges\.features: duplicated feature\(s\) \['z'\]"),
         (
             {
@@ -376,11 +379,32 @@ def test_config_errors_name_the_key(edges: dict, message: str) -> None:
 
 
 def test_edges_off_is_every_model_as_before() -> None:
-    """null (the configs' default) builds nothing: no edge module, parameter or buffer."""
+    """No features (the configs' default) builds nothing: no edge module, parameter or
+    buffer."""
     tagger = build_tagger(multi_cfg())
     assert tagger.edge_inputs is None and tagger.encoder.edge_bias is None
     assert not any("edge" in name for name in tagger.state_dict())
-    assert ModelConfig.read(multi_cfg()).plain()["edges"] is None
+    assert ModelConfig.read(multi_cfg()).plain()["edges"]["features"] == []
+
+
+def test_edges_are_switched_on_from_the_command_line() -> None:
+    """Key by key, a new object type's kinematics added with `+` (no config file needed)."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    overrides = [
+        "model=GN3",
+        "model.edges.features=[dR,kt,z,mass]",
+        "model.edges.jet_eta=eta_btagJes",
+        "+model.edges.kinematics.flows={pt: pt, eta: deta, phi: dphi, energy: energy}",
+    ]
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("train", overrides=overrides)
+    edges = ModelConfig.read(cfg.model).edges
+    assert edges.enabled and dict(edges.kinematics["flows"])["energy"] == "energy"
+    tagger = build_tagger(cfg.model, loss_weights=False)
+    assert tagger.edge_inputs is not None and tagger.encoder.edge_bias is not None
 
 
 # ---- training and export on the built-in sample ----------------------------------------------
@@ -399,8 +423,8 @@ SAMPLE_EDGES = {
 
 
 def test_training_with_edges_reduces_the_loss(tmp_path: Path, sample_cache: Path) -> None:
-    """A model config with edges (as a user writes one, in a config directory of their own: a
-    command line cannot fill the null model.edges), set up as `salt.train` does (the norm_dict
+    """A model config with edges (as a user may write one, in a config directory of their
+    own), set up as `salt.train` does (the norm_dict
     reaches the edges), then steps on one batch."""
     model = {"defaults": ["GN2", "_self_"], "variables": SAMPLE_OBJECTS, "edges": SAMPLE_EDGES}
     (tmp_path / "conf" / "model").mkdir(parents=True)

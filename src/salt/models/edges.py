@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from salt.errors import ModelConfigError
 from salt.models.dense import Dense, DenseConfig
 from salt.models.packing import Packing
+from salt.utils.names import did_you_mean
 
 
 class EdgeFeature(enum.StrEnum):
@@ -80,25 +81,19 @@ InputNorm = Callable[[str, Sequence[str]], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
-class KinematicsConfig:
-    """`model.edges.kinematics.<type>`: which of the type's input variables hold each quantity
-    (null: the type has none; features needing it cannot be chosen)."""
-
-    pt: str | None = None
-    eta: str | None = None  # eta, or deta to the jet axis (see EdgeConfig.jet_eta)
-    phi: str | None = None  # phi, or dphi to the jet axis
-    energy: str | None = None
-
-
-@dataclass
 class EdgeConfig(DenseConfig):
-    """`model.edges` (null: no edge features). The pair MLP's settings are a `DenseConfig`'s
+    """`model.edges` (no `features`: no edge features; a node, not null, so a command line can
+    switch them on key by key). The pair MLP's settings are a `DenseConfig`'s
     (`hidden_layers`, `activation`, `norm` after each hidden layer, `dropout`); its input size
     is the number of features, its output size the number of attention heads."""
 
-    features: list[EdgeFeature] = field(default_factory=lambda: list(EdgeFeature))
+    features: list[EdgeFeature] = field(default_factory=list)  # []: off
     # object type -> its kinematic variables; types not listed get no bias
-    kinematics: dict[str, KinematicsConfig] = field(default_factory=dict)
+    # object type -> which of its input variables hold pt, eta (or deta to the jet axis: see
+    # jet_eta), phi (or dphi) and energy; a quantity left out: features needing it cannot be
+    # chosen. Plain mappings, checked here: a typed node could not take a new type from the
+    # command line (+model.edges.kinematics.flows={pt: pt, ...})
+    kinematics: dict[str, dict[str, str | None]] = field(default_factory=dict)
     # a jets variable with the jet's eta, when the kinematics' eta are deta to the jet axis
     # (object eta - jet eta, as FTAG's deta): the mass needs the absolute eta (p_z); dR, kt and
     # z only differences. null: the eta given are absolute.
@@ -107,14 +102,22 @@ class EdgeConfig(DenseConfig):
     hidden_layers: list[int] = field(default_factory=lambda: [64, 64, 64])  # ParT's
     activation: str = "GELU"  # ParT's
 
+    @property
+    def enabled(self) -> bool:
+        return bool(self.features)
+
     def check(self, where: str, variables: Mapping[str, Sequence[str]] | None = None) -> None:
         """The settings; with the model's `variables`, that each name is one of its inputs and
         each type gives what the features need."""
         super().check(where)
         if not self.features:
-            raise ModelConfigError(
-                f"{where}.features: choose at least one of {[str(f) for f in EdgeFeature]}"
-            )
+            if self.kinematics:
+                raise ModelConfigError(
+                    f"{where}.features is empty (edges off) but {where}.kinematics is set; "
+                    f"choose features from {[str(f) for f in EdgeFeature]}"
+                )
+            return  # off
+
         doubled = sorted({str(f) for f in self.features if self.features.count(f) > 1})
         if doubled:
             raise ModelConfigError(f"{where}.features: duplicated feature(s) {doubled}")
@@ -134,8 +137,14 @@ class EdgeConfig(DenseConfig):
                     f"{at}: {input_type!r} is not an object type of the model; its object types "
                     f"are {types}"
                 )
+            for key in kin:
+                if key not in KINEMATICS:
+                    raise ModelConfigError(
+                        f"{at}.{key}: unknown key{did_you_mean(str(key), list(KINEMATICS))} "
+                        f"Its keys: {', '.join(KINEMATICS)}."
+                    )
             for quantity in KINEMATICS:
-                name = getattr(kin, quantity)
+                name = kin.get(quantity)
                 if name is None:
                     if quantity in needed:
                         users = [str(f) for f in self.features if quantity in NEEDS[f]]
@@ -262,7 +271,7 @@ class EdgeInputs(nn.Module):
         # per type: the input column of each quantity (None: not given)
         self.columns: dict[str, list[int | None]] = {}
         for input_type, kin in config.kinematics.items():
-            names = [getattr(kin, q) for q in KINEMATICS]
+            names = [kin.get(q) for q in KINEMATICS]
             self.columns[input_type] = [
                 None if n is None else list(variables[input_type]).index(n) for n in names
             ]

@@ -77,7 +77,8 @@ class ModelConfig:
     pooling: PoolingConfig = MISSING
     tasks: dict[str, TaskConfig] = MISSING
     loss_mode: str = "weighted_sum"  # weighted_sum | GLS (geometric mean; task weights 1)
-    edges: EdgeConfig | None = None  # pair features as an attention bias (null: none)
+    # pair features as an attention bias (features: []: none)
+    edges: EdgeConfig = field(default_factory=EdgeConfig)
 
     @classmethod
     def read(cls, node: ModelConfig | ModelNode) -> ModelConfig:
@@ -109,14 +110,13 @@ class ModelConfig:
                 f"{where}.variables must list the variables of at least one object type "
                 "(tracks, flows, ...) besides jets and global"
             )
-        if self.edges is not None:
-            self.edges.check(f"{where}.edges", self.variables)
-            if self.attention.backend == "varlen":
-                raise ModelConfigError(
-                    f"{where}.attention.backend=varlen cannot add {where}.edges' bias to the "
-                    "attention logits (the flash varlen kernel takes none); use auto, packed or "
-                    f"padded, or {where}.edges=null"
-                )
+        self.edges.check(f"{where}.edges", self.variables)
+        if self.edges.enabled and self.attention.backend == "varlen":
+            raise ModelConfigError(
+                f"{where}.attention.backend=varlen cannot add {where}.edges' bias to the "
+                "attention logits (the flash varlen kernel takes none); use auto, packed or "
+                f"padded, or {where}.edges.features=[]"
+            )
         if not self.tasks:
             raise ModelConfigError(f"{where}.tasks must map task names to task settings")
         for name, task in self.tasks.items():
@@ -758,7 +758,7 @@ def build_tagger(
     }
     backend = backend or str(cfg.attention.backend)
     edge_inputs = None
-    if cfg.edges is not None:
+    if cfg.edges.enabled:
         # built last: every other weight is drawn as without edges (same seed, same weights)
         edges = cfg.edges
         heads = encoder.layers[0].attn.num_heads

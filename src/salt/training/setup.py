@@ -212,7 +212,7 @@ def setup(
         else None
     )
     norm = None  # model.edges un-normalises its kinematics as the loader normalised them
-    if cfg.model.edges is not None:
+    if cfg.model.edges.enabled:
         norm_dict = load_yaml_dict(files.norm_dict, "norm_dict", "data.norm_dict")
         norm = input_norm(norm_dict, cfg.data.input_map)
     tagger = models.build_tagger(cfg.model, class_dict, input_norm=norm).to(dist.device)
