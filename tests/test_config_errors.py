@@ -304,3 +304,17 @@ def test_a_wrong_type_on_the_command_line_is_one_line(override: str, named: str)
 def test_a_key_below_a_null_node_names_the_node() -> None:
     message = error("train", "data=ftag", "data.sample.num_jets=10")  # data=ftag: sample null
     assert message.startswith("data.sample.num_jets=10: 'data.sample' is null in this config")
+
+
+def test_a_null_node_set_whole_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """OmegaConf fails with an AttributeError (a traceback from Hydra) when an override sets a
+    null structured node whole; the check names the override and what to do instead."""
+    with pytest.raises(SystemExit) as info:
+        check_command_line("train", ["data=ftag", "data.sample={num_jets: 10}"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "salt: error: data.sample={num_jets: 10}: data.sample is null in this config and cannot "
+        "be set whole from the command line (an OmegaConf limitation); choose the config option "
+        "that defines it (e.g. data=sample), or set it in a config file of your own"
+    ]

@@ -47,7 +47,15 @@ NO_RUN_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "experi
 # What a failed compose raises for a user's mistake (anything else: a bug, left to Hydra).
 # (OmegaConf asserts when a key is set below a null node: e.g. data.sample.num_jets=10 under
 # data=ftag, where data.sample is null.)
-COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError, KeyError, AssertionError)
+# AttributeError: OmegaConf's own failure when an override sets a null structured node whole
+COMPOSE_ERRORS = (
+    HydraException,
+    OmegaConfBaseException,
+    ValueError,
+    KeyError,
+    AssertionError,
+    AttributeError,
+)
 
 
 def command(
@@ -246,6 +254,13 @@ def _raise_for_first_failing(config_name: str, overrides: list[Override], err: A
     for i, o in enumerate(overrides):
         _, first_err = _compose(config_name, [_first_value(x) for x in overrides[: i + 1]])
         if first_err is not None:
+            if isinstance(first_err, AttributeError):  # not a message for a user
+                raise ConfigError(
+                    f"{o.input_line}: {o.key_or_group} is null in this config and cannot be "
+                    "set whole from the command line (an OmegaConf limitation); choose the "
+                    "config option that defines it (e.g. data=sample), or set it in a config "
+                    "file of your own"
+                ) from first_err
             raise ConfigError(f"{o.input_line}: {_one_line(first_err)}") from first_err
     raise ConfigError(_one_line(err)) from err
 
