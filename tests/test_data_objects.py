@@ -149,8 +149,9 @@ def test_option_errors_name_the_key_and_the_file(sample: Path) -> None:
 
 
 def test_class_names_come_from_the_file(sample: Path) -> None:
-    from salt.data.class_names import canonical, fill_class_names
+    from salt.data.class_names import fill_class_names
     from salt.models.tasks import TaskConfig
+    from salt.utils.flavours import canonical_name
 
     def task(names):
         return TaskConfig(
@@ -160,7 +161,7 @@ def test_class_names_come_from_the_file(sample: Path) -> None:
     tasks = {"jet_classification": task(None)}
     fill_class_names(tasks, sample / "train.h5", {})
     assert tasks["jet_classification"].class_names == ["bjets", "cjets", "ujets", "taujets"]
-    assert canonical("b") == canonical("bjets") == "bjets"
+    assert canonical_name("b") == canonical_name("bjets") == "bjets"
     fill_class_names({"t": task(["b", "c", "u", "tau"])}, sample / "train.h5", {})  # agree
     fill_class_names({"t": task(["b", "c", "u"])}, sample / "train.h5", {})  # no tau class
     with pytest.raises(

@@ -17,6 +17,7 @@ from typing import Any
 
 from salt.data.ftag import dataset_of, open_h5
 from salt.errors import ConfigError
+from salt.utils.flavours import canonical_name
 
 log = logging.getLogger("salt")
 
@@ -33,20 +34,10 @@ def file_class_names(path: Path, dataset: str, label: str) -> list[str] | None:
         return None
 
 
-def canonical(name: str) -> str:
-    """ftag's name of a flavour (``b`` and ``bjets`` -> ``bjets``); other names unchanged."""
-    from ftag import Flavours
-
-    for candidate in (name, f"{name}jets"):
-        if candidate in Flavours:
-            return Flavours[candidate].name
-    return name
-
-
 def _disagree(given: list[str], stored: list[str]) -> bool:
     """Whether a class index names another class in the config than in the file (one list may
     be longer: a file without taus, a model without a tau class)."""
-    return any(canonical(a) != canonical(b) for a, b in zip(given, stored, strict=False))
+    return any(canonical_name(a) != canonical_name(b) for a, b in zip(given, stored, strict=False))
 
 
 def fill_class_names(tasks: Mapping[str, Any], train_file: Path, input_map: Mapping[str, str]):

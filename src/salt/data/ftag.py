@@ -29,12 +29,10 @@ import yaml
 from salt.data.labels import LabelsConfig, LabelSpec, class_indices
 from salt.data.selections import Cut
 from salt.errors import DataError
+from salt.utils.input_types import is_object_type, object_types
 from salt.utils.names import closest_available
 
 DEFAULT_INPUT_MAP: dict[str, str] = {"jets": "jets", "tracks": "tracks", "global": "jets"}
-# input types read as one row per jet; every other one is an object type, read as a sequence
-# per jet. Their datasets must have the matching shape: (n_jets,) or (n_jets, n_slots).
-JET_INPUTS: tuple[str, ...] = ("jets", "global")
 VALID = "valid"
 FLOAT32_EXACT = 2**24  # float32 holds every integer up to this exactly
 NO_TRACKS_PROBE = 100  # jets read at open to warn about a file without any real track
@@ -50,11 +48,6 @@ YAML_LAYOUT = {
     "class_dict": "a mapping of input -> label -> [weight per class]",
 }
 MAX_YAML_BYTES = 64 << 20  # a norm/class dict is kilobytes; a larger file is the wrong file
-
-
-def is_object_type(input_type: str) -> bool:
-    """Tracks, flows, electrons...: a sequence of objects per jet (not jets or global)."""
-    return input_type not in JET_INPUTS
 
 
 def dataset_of(input_map: Mapping[str, str], input_type: str) -> str:
@@ -438,7 +431,7 @@ class FTAGReader:
         ):
             for input_type in per_type:
                 if input_type not in variables or not is_object_type(input_type):
-                    objects = [t for t in variables if is_object_type(t)]
+                    objects = object_types(variables)
                     raise DataError(
                         f"data.{key}.{input_type}: the model reads no objects of type "
                         f"'{input_type}'; its object types are {objects}"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from salt.errors import ConfigError
+from salt.utils.input_types import is_object_type
 
 OPERATORS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
     "<=": operator.le,
@@ -62,7 +63,7 @@ def parse_selections(
     """``{object type: [cut, ...]}`` parsed; jet-level types take no selection."""
     out: dict[str, list[Cut]] = {}
     for input_type, cuts in (selections or {}).items():
-        if input_type in ("jets", "global"):
+        if not is_object_type(input_type):
             raise ConfigError(
                 f"{where}.{input_type}: selections drop objects of a jet (tracks, flows, ...); "
                 "a jet-level selection is the job of the sample's preprocessing"

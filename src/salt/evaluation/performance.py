@@ -46,11 +46,11 @@ from matplotlib.figure import Figure
 from salt.errors import ConfigError
 from salt.evaluation.predictions import JetScores
 from salt.utils.atomic import yaml_text
+from salt.utils.flavours import SHORT_NAMES, flavour_of
 
 WORKING_POINTS = (60, 70, 77, 85)
 EPSILON = 1e-10  # ftag's default: keeps the log finite where a probability underflows to 0
 SIGNAL = "bjets"
-SHORT_NAMES = {"b": "bjets", "c": "cjets", "u": "ujets", "tau": "taujets"}  # salt's class names
 # in the results, in this order
 RESULT_NAMES = {"bjets": "b", "ujets": "light", "cjets": "c", "taujets": "tau"}
 REQUIRED_CLASSES = ("b", "c", "u")  # in salt's names; ftag's bjets, cjets, ujets do as well
@@ -59,14 +59,6 @@ REJECTION_ERR = (
     "statistical (binomial): rej^2 sqrt(eff (1 - eff) / N), eff = 1 / rej, N the flavour's "
     "jets; null where no jet passes the cut"
 )
-
-
-def flavour_of(class_name: str) -> Label | None:
-    """The ftag flavour of a jet class: ``b`` or ``bjets`` -> ``Flavours["bjets"]``; None for
-    a class ftag does not know."""
-    name = SHORT_NAMES.get(class_name, class_name)
-    # LabelContainer has no .get: its attributes are flavour names
-    return Flavours[name] if name in Flavours else None  # noqa: SIM401
 
 
 def check_settings(f_c: float, working_points: Sequence[float], f_tau: float = 0.0) -> None:

@@ -62,7 +62,6 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from ftag import Flavours
 from torch import Tensor
 
 import salt
@@ -78,6 +77,7 @@ from salt.models.tasks import (
     regression_output_names,
 )
 from salt.models.vertices import vertex_groups
+from salt.utils.flavours import probability_name
 from salt.utils.h5_output import H5Output
 from salt.utils.names import closest_available
 
@@ -110,7 +110,7 @@ def predictions_path(ckpt_path: str | Path, test_file: str | Path, suffix: str =
 def class_field(model: str, class_name: str, task: str | None = None) -> str:
     """``GN2_pb`` (the main task of its kind) or ``GN2_<task>_pb``; a class named as an ftag
     flavour gets that flavour's name (``bjets`` -> ``pb``), the one puma looks for."""
-    px = Flavours[class_name].px if class_name in Flavours else f"p{class_name}"
+    px = probability_name(class_name)
     return f"{model}_{px}" if task is None else f"{model}_{task}_{px}"
 
 

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from salt.errors import ModelConfigError
 from salt.models.dense import Dense, DenseConfig
 from salt.models.packing import Packing
+from salt.utils.input_types import is_object_type, object_types
 from salt.utils.names import did_you_mean
 
 
@@ -131,8 +132,8 @@ class EdgeConfig(DenseConfig):
         needed = sorted({q for f in self.features for q in NEEDS[EdgeFeature(f)]})
         for input_type, kin in self.kinematics.items():
             at = f"{where}.kinematics.{input_type}"
-            if input_type in ("jets", "global") or input_type not in variables:
-                types = [t for t in variables if t not in ("jets", "global")]
+            if not is_object_type(input_type) or input_type not in variables:
+                types = object_types(variables)
                 raise ModelConfigError(
                     f"{at}: {input_type!r} is not an object type of the model; its object types "
                     f"are {types}"

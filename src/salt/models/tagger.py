@@ -58,8 +58,8 @@ from salt.models.tasks import (
 )
 from salt.models.transformer import EncoderConfig, TransformerEncoder
 from salt.utils import typed_config
+from salt.utils.input_types import object_types
 
-JET_INPUTS = ("jets", "global")  # one row per jet; every other input type is an object type
 ModelNode = DictConfig | Mapping[str, Any]  # a `model` node as composed or saved
 
 
@@ -460,11 +460,6 @@ def check_backend(backend: str, attention_type: str, edges: bool = False) -> str
 
 
 ALL_OBJECTS = "objects"  # the key of the combined sequence's counts (see `_counts_by_type`)
-
-
-def object_types(variables: Mapping[str, Sequence[str] | None]) -> list[str]:
-    """The object types of a variable map (every input type but jets and global), in order."""
-    return [t for t, names in variables.items() if t not in JET_INPUTS and names]
 
 
 def _counts_by_type(

@@ -97,15 +97,6 @@ def default_model_name(model_name: str) -> str:
     return re.sub(r"[_-]", "", model_name)
 
 
-def probability_name(class_name: str) -> str:
-    """``pb`` for class ``b`` or ftag's ``bjets``; ``p<class>`` for others."""
-    from ftag import Flavours  # FTAG's own names, so puma finds the outputs
-
-    if class_name in Flavours:
-        return Flavours[class_name].px
-    return f"p{class_name}"
-
-
 def track_output(task_name: str) -> str:
     """``TrackOrigin`` for ``track_origin``; CamelCase of other track task names."""
     return TRACK_OUTPUTS.get(task_name) or "".join(p.capitalize() for p in task_name.split("_"))

@@ -35,6 +35,8 @@ from salt.models.tasks import (
 from salt.models.vertices import ONNX_ROUNDS, vertex_groups
 from salt.onnx import interface as names
 from salt.onnx.interface import Combination
+from salt.utils.flavours import probability_name
+from salt.utils.input_types import JET_INPUTS
 
 OPSET = 20
 INSTALL_HINT = "ONNX export needs the onnx and onnxruntime packages: pip install onnx onnxruntime"
@@ -89,8 +91,7 @@ class OnnxTagger(nn.Module):
                 f"{input_map['global']!r}, not the jets'; Athena's interface feeds only the jet "
                 "and its object sequences."
             )
-        object_types = [t for t in self.variables if t not in ("jets", "global")]
-        self.features = names.feature_map(object_types, track_selection)
+        self.features = names.feature_map(run.tagger.object_types, track_selection)
         self.jet_columns = jet_input_variables(self.variables)
         self.norm: dict[str, dict[str, dict[str, float]]] = {}
         for input_type, vars_ in self.variables.items():
@@ -99,12 +100,14 @@ class OnnxTagger(nn.Module):
             )
             self.register_buffer(f"mean_{input_type}", torch.from_numpy(mean))
             self.register_buffer(f"inv_std_{input_type}", torch.from_numpy(inv_std))
+            # the metadata carries the norm_dict's own numbers (the graph holds float32 copies)
             key = input_type if input_type in run.norm_dict else dataset_of(input_map, input_type)
+            section = run.norm_dict[key]
             self.norm[input_type] = {
-                v: {"mean": float(run.norm_dict[key][v]["mean"]), "std": float(s)}
-                for v, s in ((v, run.norm_dict[key][v]["std"]) for v in vars_)
+                v: {"mean": float(section[v]["mean"]), "std": float(section[v]["std"])}
+                for v in vars_
             }
-        for input_type in ("jets", "global"):
+        for input_type in JET_INPUTS:
             if input_type in self.variables:
                 cols = [self.jet_columns.index(v) for v in self.variables[input_type]]
                 self.register_buffer(f"columns_{input_type}", torch.tensor(cols))
@@ -167,7 +170,7 @@ class OnnxTagger(nn.Module):
             if isinstance(task, ClassificationTask):
                 prefix = "" if task is flavour else f"{task_name}_"
                 for i, cls in enumerate(task.class_names or []):
-                    outputs.append((prefix + names.probability_name(cls), task_name, i))
+                    outputs.append((prefix + probability_name(cls), task_name, i))
             elif isinstance(task, RegressionTask):  # the targets, then their widths
                 outputs += [(n, task_name, i) for i, n in enumerate(regression[task_name])]
             else:
@@ -221,7 +224,7 @@ class OnnxTagger(nn.Module):
         named = dict(zip(self.input_names, args, strict=True))
         jet = named["jet_features"].float()
         inputs: dict[str, Tensor] = {}
-        for input_type in ("jets", "global"):
+        for input_type in JET_INPUTS:
             if input_type in self.variables:
                 cols = getattr(self, f"columns_{input_type}")
                 inputs[input_type] = self._normalised(jet.index_select(1, cols), input_type)
@@ -236,21 +239,40 @@ class OnnxTagger(nn.Module):
             inputs[feature.salt], masks[feature.salt] = x[None], padded[None]
             counts[feature.salt] = named[feature.onnx].shape[0]
         outputs, _ = self.tagger(inputs, masks)
-        probs = self.tagger.predict(outputs)
-        jet_values = {k: v[0] for k, v in self.jet_values(outputs, probs, jet).items()}
-        result = [jet_values[n] for n, _, _ in self.jet_outputs]
-        for combination in self.combine:
-            result.append(sum(scale * jet_values[term] for scale, term in combination.terms))
-        for name, task_name in self.track_outputs:
-            task = self.tagger.tasks[task_name]
-            n = counts[task.input_type]
-            if name == names.VERTEX_OUTPUT:
-                groups = vertex_groups(probs[task_name], masks[task.input_type], rounds=ONNX_ROUNDS)
-                value = groups[0, :n]
+        values = self.named_outputs(outputs, masks, jet, rounds=ONNX_ROUNDS)
+        per_object = dict(self.track_outputs)
+        result = []
+        for name, value in values.items():
+            if name in per_object:  # the jet's real objects, without the padded slot
+                n = counts[self.tagger.tasks[per_object[name]].input_type]
+                result.append(value[0, :n].to(torch.int8))
             else:
-                value = probs[task_name][0, :n].argmax(dim=-1)
-            result.append(value.to(torch.int8))
+                result.append(value[0])
         return tuple(result)
+
+    def named_outputs(
+        self,
+        outputs: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor],
+        raw_jets: Tensor,
+        rounds: int | None = None,
+    ) -> dict[str, Tensor]:
+        """Every output of the graph from the tagger's batched ``outputs``, by name without
+        the model prefix and in the graph's order: jet values ``[B]`` (renamed, then the
+        combinations), per-object classes and vertex groups ``[B, T]``. ``rounds``: see
+        `vertex_groups` (the graph's constant)."""
+        probs = self.tagger.predict(outputs)
+        jet = self.jet_values(outputs, probs, raw_jets)
+        result = {self.rename.get(n, n): v for n, v in jet.items()}
+        for combination in self.combine:
+            result[combination.name] = sum(s * jet[t] for s, t in combination.terms)
+        for name, task_name in self.track_outputs:
+            mask = masks[self.tagger.tasks[task_name].input_type]
+            if name == names.VERTEX_OUTPUT:
+                result[name] = vertex_groups(probs[task_name], mask, rounds=rounds)
+            else:
+                result[name] = probs[task_name].argmax(dim=-1)
+        return result
 
     def jet_values(
         self, outputs: Mapping[str, Tensor], probs: Mapping[str, Tensor], raw_jets: Tensor

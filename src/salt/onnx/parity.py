@@ -28,7 +28,7 @@ from salt.data.build import make_loader
 from salt.data.ftag import DEFAULT_INPUT_MAP, VALID, dataset_of, open_h5
 from salt.evaluation.run import LoadedRun
 from salt.models.tasks import RegressionTask
-from salt.models.vertices import VERTEX_THRESHOLD, vertex_groups
+from salt.models.vertices import VERTEX_THRESHOLD
 from salt.onnx import interface as names
 from salt.onnx.model import OnnxTagger, require_onnx
 
@@ -120,18 +120,8 @@ def _torch_outputs(
     values ``[B, T]``; regression in the targets' units, with the denominators from the raw
     jet features ``raw_jets``), and the tagger's probabilities (for the tie checks)."""
     outputs, _ = run.tagger(inputs, masks)
-    probs = run.tagger.predict(outputs)
-    jet = wrapper.jet_values(outputs, probs, raw_jets)
-    result = {wrapper.rename.get(n, n): v for n, v in jet.items()}
-    for combination in wrapper.combine:
-        result[combination.name] = sum(s * jet[t] for s, t in combination.terms)
-    for name, task_name in wrapper.track_outputs:
-        mask = masks[run.tagger.tasks[task_name].input_type]
-        if name == names.VERTEX_OUTPUT:
-            result[name] = vertex_groups(probs[task_name], mask)
-        else:
-            result[name] = probs[task_name].argmax(dim=-1)
-    return {f"{wrapper.model_name}_{k}": v for k, v in result.items()}, probs
+    result = wrapper.named_outputs(outputs, masks, raw_jets)
+    return {f"{wrapper.model_name}_{k}": v for k, v in result.items()}, run.tagger.predict(outputs)
 
 
 def _tie(
